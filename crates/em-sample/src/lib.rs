@@ -1,0 +1,101 @@
+//! Sampling and scoring with GGUF models through llama.cpp.
+//!
+//! Architecture invariant: this crate knows llama.cpp and nothing of candle or of training; callers
+//! hand it a GGUF path and token ids or text.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+/// Errors of this crate; each names the model file where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error("{path}: llama.cpp could not load the model: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Run { path: PathBuf, message: String },
+    #[error("llama.cpp backend: {0}")]
+    Backend(String),
+}
+
+/// llama.cpp's process-wide backend, initialised once.
+pub fn backend() -> Result<&'static LlamaBackend, SampleError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            if std::env::var_os("EM_LLAMA_LOGS").is_none() {
+                backend.void_logs();
+            }
+            Ok(backend)
+        })
+        .as_ref()
+        .map_err(|e| SampleError::Backend(e.clone()))
+}
+
+/// A thread count that does not collapse on a busy machine: all cores but one, at least one.
+pub fn default_threads() -> i32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_sub(1).max(1) as i32
+}
+
+/// A GGUF model loaded into llama.cpp (CPU).
+pub struct GgufModel {
+    model: LlamaModel,
+    path: PathBuf,
+}
+
+impl GgufModel {
+    /// Loads `path`; errors name the file.
+    pub fn load(path: &Path) -> Result<Self, SampleError> {
+        if !path.is_file() {
+            return Err(SampleError::Load { path: path.into(), message: "no such file".into() });
+        }
+        let model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
+            .map_err(|e| SampleError::Load { path: path.into(), message: e.to_string() })?;
+        Ok(Self { model, path: path.into() })
+    }
+
+    /// The underlying llama.cpp model.
+    pub fn inner(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.model.n_vocab() as usize
+    }
+
+    /// Token ids of `text`, special tokens parsed, BOS added only if `add_bos` and the model wants it.
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Vec<u32> {
+        let vocab = self.model.vocab();
+        let add_special = add_bos && vocab.should_add_bos();
+        vocab.tokenize(text.as_bytes(), add_special, true).into_iter().map(|t| t.0 as u32).collect()
+    }
+
+    /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one sequence).
+    pub fn logits(&self, tokens: &[u32], threads: i32) -> Result<Vec<Vec<f32>>, SampleError> {
+        let n = tokens.len();
+        let run_err = |message: String| SampleError::Run { path: self.path.clone(), message };
+        let n_ctx = (n.max(1) as u32).next_multiple_of(256);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let mut ctx = self.model.new_context(backend()?, params).map_err(|e| run_err(e.to_string()))?;
+        let mut batch = LlamaBatch::new(n.max(1), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch.add(LlamaToken(t as i32), i as i32, &[0], true).map_err(|e| run_err(e.to_string()))?;
+        }
+        ctx.decode(&mut batch).map_err(|e| run_err(e.to_string()))?;
+        Ok((0..n).map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect())
+    }
+}
