@@ -19,6 +19,8 @@ pub enum Command {
     Convert(crate::convert::ConvertArgs),
     /// Regenerate a fixture model (seeded, deterministic).
     Fixture(crate::fixture::FixtureArgs),
+    /// Print benchmark figures (ratios against a baseline run in the same command).
+    Bench(crate::bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -26,5 +28,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Fetch(args) => crate::fetch::run(&args),
         Command::Convert(args) => crate::convert::run(&args),
         Command::Fixture(args) => crate::fixture::run(&args),
+        Command::Bench(args) => crate::bench::run(&args),
     }
 }

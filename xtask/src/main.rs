@@ -6,7 +6,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = xtask::cli::Cli::parse();
-    if let Err(e) = xtask::cli::run(cli) {
+    let result = xtask::cli::run(cli);
+    if std::env::var_os("EM_REPORT_PEAK_RSS").is_some() {
+        if let Some(mb) = xtask::bench::peak_rss_mb() {
+            eprintln!("peak_rss_mb={mb:.1}");
+        }
+    }
+    if let Err(e) = result {
         // One line, naming the file and what is wrong (the context chain joined by ": ").
         let msg = format!("{e:#}").replace('\n', " ");
         eprintln!("error: {msg}");
