@@ -119,3 +119,83 @@ fn gguf_to_hf_to_gguf_is_lossless_for_f32_and_f16() {
         assert!(err <= bound, "{outtype:?}: HF round trip changed the logits by {err}");
     }
 }
+
+/// The fixture rewritten as users also have models: untied `lm_head`, f32, sharded with an index.
+fn sharded_untied_copy(dst: &Path) {
+    use xtask::convert::safetensors_io::{HfTensors, SafetensorsWriter};
+    let src = tiny_qwen2();
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["tie_word_embeddings"] = false.into();
+    std::fs::write(dst.join("config.json"), config.to_string()).unwrap();
+
+    let mut tensors = HfTensors::open(&src).unwrap().load_all_f32().unwrap();
+    let embed = tensors["model.embed_tokens.weight"].clone();
+    tensors.insert("lm_head.weight".into(), (embed.flip_rows() * 0.5).unwrap());
+    let mut names: Vec<String> = tensors.keys().cloned().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in [first, second].into_iter().enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let specs: Vec<(String, Vec<usize>)> = shard.iter().map(|n| (n.clone(), tensors[n].dims().to_vec())).collect();
+        let mut w = SafetensorsWriter::create(&dst.join(&file), &specs, safetensors_dtype_f32()).unwrap();
+        for n in shard {
+            let v: Vec<f32> = tensors[n].flatten_all().unwrap().to_vec1().unwrap();
+            w.write_tensor(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+        w.finish().unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dst.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+fn safetensors_dtype_f32() -> xtask::convert::safetensors_io::Dtype {
+    xtask::convert::safetensors_io::Dtype::F32
+}
+
+trait FlipRows {
+    fn flip_rows(&self) -> Tensor;
+}
+
+impl FlipRows for Tensor {
+    /// Reverses the row order, so an untied head differs from the embeddings.
+    fn flip_rows(&self) -> Tensor {
+        let n = self.dim(0).unwrap();
+        let idx = Tensor::arange(0u32, n as u32, &Device::Cpu).unwrap();
+        let rev: Vec<u32> = idx.to_vec1::<u32>().unwrap().into_iter().rev().collect();
+        self.index_select(&Tensor::new(rev.as_slice(), &Device::Cpu).unwrap(), 0).unwrap()
+    }
+}
+
+#[test]
+fn sharded_untied_f32_checkpoint_converts_and_matches_candle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("sharded");
+    sharded_untied_copy(&dir);
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let ids: Vec<u32> = tokenizer.encode(PROMPT, false).unwrap().get_ids().to_vec();
+    let reference = candle_logits(&dir, &ids);
+    let tied_reference = candle_logits(&tiny_qwen2(), &ids);
+    assert!(relative_error(reference.last().unwrap(), tied_reference.last().unwrap()) > 0.1, "lm_head is not used");
+
+    let gguf = tmp.path().join("sharded.gguf");
+    convert(&dir, &gguf, OutType::F16);
+    let names = xtask::convert::gguf::GgufFile::open(&gguf).unwrap().tensor_names();
+    assert!(names.iter().any(|n| n == "output.weight"), "untied head missing from the GGUF");
+    let logits = GgufModel::load(&gguf).unwrap().logits(&ids, 1).unwrap();
+    let err = relative_error(logits.last().unwrap(), reference.last().unwrap());
+    assert!(err <= 1e-2, "sharded untied f16: error {err}");
+
+    // And back: the HF directory keeps the untied head.
+    let hf = tmp.path().join("back");
+    convert(&gguf, &hf, OutType::F16);
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["tie_word_embeddings"], false);
+    let back = candle_logits(&hf, &ids);
+    assert!(relative_error(back.last().unwrap(), reference.last().unwrap()) <= 1e-2);
+}

@@ -11,6 +11,7 @@ use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::SafeTensors;
+pub use safetensors::Dtype;
 
 /// The safetensors files of an HF model directory, memory-mapped.
 pub struct HfTensors {
