@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The committed tiny qwen2 fixture.
@@ -19,15 +22,30 @@ pub fn asset(path: PathBuf, fetch_name: &str) -> Option<PathBuf> {
         return Some(path);
     }
     if std::env::var_os("EM_REQUIRE_ASSETS").is_some() {
-        panic!("{} is missing: run `cargo xtask fetch {fetch_name}`", path.display());
+        panic!(
+            "{} is missing: run `cargo xtask fetch {fetch_name}`",
+            path.display()
+        );
     }
-    eprintln!("SKIPPED: {} is missing; run `cargo xtask fetch {fetch_name}` to run this test", path.display());
+    eprintln!(
+        "SKIPPED: {} is missing; run `cargo xtask fetch {fetch_name}` to run this test",
+        path.display()
+    );
     None
 }
 
 /// Index of the largest value.
 pub fn argmax(xs: &[f32]) -> usize {
-    xs.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+    xs.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 {
+                (i, x)
+            } else {
+                best
+            }
+        })
+        .0
 }
 
 /// Text with math, unicode and odd whitespace, for tokenizer comparisons.

@@ -24,7 +24,10 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
-    let work = args.work_dir.clone().unwrap_or_else(|| PathBuf::from("target/bench"));
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/bench"));
     std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create", work.display()))?;
     match args.kind {
         BenchKind::Convert => bench_convert(&work),
@@ -75,7 +78,10 @@ fn dir_size(path: &Path) -> u64 {
 fn bench_convert(work: &Path) -> Result<()> {
     let gguf = smollm2_path(&cache_dir());
     if !gguf.exists() {
-        bail!("{}: missing; run `cargo xtask fetch smollm2-135m` first", gguf.display());
+        bail!(
+            "{}: missing; run `cargo xtask fetch smollm2-135m` first",
+            gguf.display()
+        );
     }
     let hf = work.join("smollm2-hf");
     let (secs, rss) = timed_convert(&gguf, &hf, &[])?;
@@ -92,11 +98,17 @@ fn bench_convert(work: &Path) -> Result<()> {
     let copy_mbs = st_mb / copy_secs;
 
     println!("SmolLM2-135M: HF f32 safetensors {st_mb:.0} MB; baseline copy {copy_mbs:.0} MB/s ({copy_secs:.2} s)");
-    println!("| conversion | wall s | MB/s (of f32 input) | vs copy | peak RSS MB | RSS / f32 model |");
+    println!(
+        "| conversion | wall s | MB/s (of f32 input) | vs copy | peak RSS MB | RSS / f32 model |"
+    );
     println!("|---|---|---|---|---|---|");
     let row = |name: &str, secs: f64, rss: f64| {
         let mbs = st_mb / secs;
-        println!("| {name} | {secs:.2} | {mbs:.0} | {:.2}x | {rss:.0} | {:.2} |", mbs / copy_mbs, rss / st_mb);
+        println!(
+            "| {name} | {secs:.2} | {mbs:.0} | {:.2}x | {rss:.0} | {:.2} |",
+            mbs / copy_mbs,
+            rss / st_mb
+        );
     };
     row("GGUF Q4_1 -> HF f32", secs, rss);
     for outtype in ["f16", "q4_k_m"] {

@@ -17,6 +17,8 @@ pub enum Command {
     Fetch(crate::fetch::FetchArgs),
     /// Convert an HF safetensors directory to GGUF, or a GGUF file to an HF directory.
     Convert(crate::convert::ConvertArgs),
+    /// Grade model responses against gold answers (JSONL in, verdicts and a summary out).
+    Grade(crate::grade::GradeArgs),
     /// Regenerate a fixture model (seeded, deterministic).
     Fixture(crate::fixture::FixtureArgs),
     /// Print benchmark figures (ratios against a baseline run in the same command).
@@ -27,6 +29,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Fetch(args) => crate::fetch::run(&args),
         Command::Convert(args) => crate::convert::run(&args),
+        Command::Grade(args) => crate::grade::run(&args),
         Command::Fixture(args) => crate::fixture::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
     }

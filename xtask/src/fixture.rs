@@ -12,11 +12,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::models::TrainerWrapper;
 use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::models::TrainerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use crate::convert::safetensors_io::SafetensorsWriter;
@@ -46,7 +46,10 @@ pub struct FixtureArgs {
 }
 
 pub fn run(args: &FixtureArgs) -> Result<()> {
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from("fixtures/tiny-qwen2"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("fixtures/tiny-qwen2"));
     match args.kind {
         FixtureKind::TinyQwen2 => write_tiny_qwen2(&out, args.seed)?,
     }
@@ -64,7 +67,14 @@ pub struct TinyConfig {
     pub kv_heads: usize,
 }
 
-pub const TINY: TinyConfig = TinyConfig { vocab_size: 512, hidden: 256, intermediate: 512, layers: 2, heads: 4, kv_heads: 2 };
+pub const TINY: TinyConfig = TinyConfig {
+    vocab_size: 512,
+    hidden: 256,
+    intermediate: 512,
+    layers: 2,
+    heads: 4,
+    kv_heads: 2,
+};
 
 /// Writes config.json, tokenizer files and model.safetensors (bf16) of the tiny qwen2 model.
 pub fn write_tiny_qwen2(out: &Path, seed: u64) -> Result<()> {
@@ -125,12 +135,19 @@ pub fn write_tiny_qwen2(out: &Path, seed: u64) -> Result<()> {
         "initializer_range": 0.02,
         "use_cache": true
     });
-    fs::write(out.join("tokenizer_config.json"), serde_json::to_string_pretty(&tokenizer_config)? + "\n")?;
-    fs::write(out.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
+    fs::write(
+        out.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tokenizer_config)? + "\n",
+    )?;
+    fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)? + "\n",
+    )?;
 
     let (h, ff, kv) = (TINY.hidden, TINY.intermediate, TINY.kv_heads * head_dim);
     // (name, shape, std, mean): embeddings wide enough that logits spread over several units.
-    let mut specs: Vec<(String, Vec<usize>, f32, f32)> = vec![("model.embed_tokens.weight".into(), vec![vocab, h], 0.2, 0.0)];
+    let mut specs: Vec<(String, Vec<usize>, f32, f32)> =
+        vec![("model.embed_tokens.weight".into(), vec![vocab, h], 0.2, 0.0)];
     for i in 0..TINY.layers {
         let p = |s: &str| format!("model.layers.{i}.{s}");
         specs.extend([
@@ -149,8 +166,15 @@ pub fn write_tiny_qwen2(out: &Path, seed: u64) -> Result<()> {
         ]);
     }
     specs.push(("model.norm.weight".into(), vec![h], 0.1, 1.0));
-    let shapes: Vec<(String, Vec<usize>)> = specs.iter().map(|(n, s, _, _)| (n.clone(), s.clone())).collect();
-    let mut writer = SafetensorsWriter::create(&out.join("model.safetensors"), &shapes, safetensors::Dtype::BF16)?;
+    let shapes: Vec<(String, Vec<usize>)> = specs
+        .iter()
+        .map(|(n, s, _, _)| (n.clone(), s.clone()))
+        .collect();
+    let mut writer = SafetensorsWriter::create(
+        &out.join("model.safetensors"),
+        &shapes,
+        safetensors::Dtype::BF16,
+    )?;
     for (_, shape, std, mean) in &specs {
         let n: usize = shape.iter().product();
         let bytes: Vec<u8> = (0..n)
@@ -170,16 +194,41 @@ fn normal(rng: &mut StdRng) -> f32 {
 
 /// Worked arithmetic in the style the project's math prompts use, with some non-ASCII text.
 pub fn math_corpus(rng: &mut StdRng, n: usize) -> Vec<String> {
-    let words = ["Let's think step by step.", "The answer is", "Therefore", "so the total is", "naïve café", "größer", "日本語", "π ≈ 3.14159", "x² + y² = r²"];
+    let words = [
+        "Let's think step by step.",
+        "The answer is",
+        "Therefore",
+        "so the total is",
+        "naïve café",
+        "größer",
+        "日本語",
+        "π ≈ 3.14159",
+        "x² + y² = r²",
+    ];
     (0..n)
         .map(|_| {
             let (a, b): (u32, u32) = (rng.gen_range(1..1000), rng.gen_range(1..1000));
             let w = words[rng.gen_range(0..words.len())];
             match rng.gen_range(0..4) {
-                0 => format!("What is {a} + {b}? {w} {a} + {b} = {}. The final answer is $\\boxed{{{}}}$.", a + b, a + b),
-                1 => format!("Compute {a} \\times {b}.\n{w} {a} \\cdot {b} = {}\n\\boxed{{{}}}", a * b, a * b),
-                2 => format!("\\frac{{{a}}}{{{b}}} + \\frac{{1}}{{2}} = \\frac{{{}}}{{{}}}  {w}", 2 * a + b, 2 * b),
-                _ => format!("If x = {a} and y = {b}, then x - y = {}.\t{w}\n\n", a as i64 - b as i64),
+                0 => format!(
+                    "What is {a} + {b}? {w} {a} + {b} = {}. The final answer is $\\boxed{{{}}}$.",
+                    a + b,
+                    a + b
+                ),
+                1 => format!(
+                    "Compute {a} \\times {b}.\n{w} {a} \\cdot {b} = {}\n\\boxed{{{}}}",
+                    a * b,
+                    a * b
+                ),
+                2 => format!(
+                    "\\frac{{{a}}}{{{b}}} + \\frac{{1}}{{2}} = \\frac{{{}}}{{{}}}  {w}",
+                    2 * a + b,
+                    2 * b
+                ),
+                _ => format!(
+                    "If x = {a} and y = {b}, then x - y = {}.\t{w}\n\n",
+                    a as i64 - b as i64
+                ),
             }
         })
         .collect()
@@ -188,13 +237,25 @@ pub fn math_corpus(rng: &mut StdRng, n: usize) -> Vec<String> {
 /// Trains a Qwen2-style byte-level BPE tokenizer (NFC, Qwen2 split regex, byte-level) on `corpus`.
 pub fn train_tokenizer(corpus: &[String], vocab_size: usize) -> Result<Tokenizer> {
     let mut tokenizer = Tokenizer::new(BPE::default());
-    tokenizer.with_normalizer(Some(NFC)).map_err(|e| anyhow::anyhow!("normalizer: {e}"))?;
-    let split = Split::new(SplitPattern::Regex(QWEN2_REGEX.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
-    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()])));
+    tokenizer
+        .with_normalizer(Some(NFC))
+        .map_err(|e| anyhow::anyhow!("normalizer: {e}"))?;
+    let split = Split::new(
+        SplitPattern::Regex(QWEN2_REGEX.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, false, false).into(),
+    ])));
     tokenizer.with_post_processor(Some(ByteLevel::new(false, false, false)));
     tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
-    let specials: Vec<AddedToken> = SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect();
+    let specials: Vec<AddedToken> = SPECIAL_TOKENS
+        .iter()
+        .map(|t| AddedToken::from(*t, true))
+        .collect();
     let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
         .vocab_size(vocab_size)
         .min_frequency(2)

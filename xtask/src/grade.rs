@@ -41,7 +41,8 @@ fn golds(v: &Value) -> Option<Vec<String>> {
 /// Grade every line of `args.input`; print the summary `{"n", "correct", "accuracy"}` last.
 pub fn run(args: &GradeArgs) -> Result<()> {
     let input = &args.input;
-    let file = std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
+    let file =
+        std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
     let mut lines_out = Vec::new();
     let (mut n, mut correct) = (0usize, 0usize);
     for (k, line) in BufReader::new(file).lines().enumerate() {
@@ -50,12 +51,16 @@ pub fn run(args: &GradeArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let v: Value = serde_json::from_str(&line).with_context(|| format!("{}: invalid JSON", at()))?;
+        let v: Value =
+            serde_json::from_str(&line).with_context(|| format!("{}: invalid JSON", at()))?;
         let Some(response) = v.get("response").and_then(Value::as_str) else {
             bail!("{}: no string field `response`", at());
         };
         let Some(gold) = v.get("answer").and_then(golds) else {
-            bail!("{}: `answer` must be a string, a number or a list of them", at());
+            bail!(
+                "{}: `answer` must be a string, a number or a list of them",
+                at()
+            );
         };
         let verdict = em_grade::grade(response, &gold);
         n += 1;
@@ -73,8 +78,15 @@ pub fn run(args: &GradeArgs) -> Result<()> {
             w.flush()?;
         }
     }
-    let accuracy = if n == 0 { 0.0 } else { correct as f64 / n as f64 };
-    println!("{}", json!({ "n": n, "correct": correct, "accuracy": accuracy }));
+    let accuracy = if n == 0 {
+        0.0
+    } else {
+        correct as f64 / n as f64
+    };
+    println!(
+        "{}",
+        json!({ "n": n, "correct": correct, "accuracy": accuracy, "ci95": em_grade::wilson_interval(correct, n) })
+    );
     Ok(())
 }
 
@@ -84,8 +96,14 @@ fn write_atomic(path: &Path, lines: &[String]) -> Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = path.file_name().with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = write_then_rename(&tmp, path, lines);
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -94,14 +112,16 @@ fn write_atomic(path: &Path, lines: &[String]) -> Result<()> {
 }
 
 fn write_then_rename(tmp: &Path, path: &Path, lines: &[String]) -> Result<()> {
-    let f = std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let f =
+        std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let mut w = BufWriter::new(f);
     for l in lines {
         writeln!(w, "{l}")?;
     }
     let f = w.into_inner().map_err(|e| e.into_error())?;
     f.sync_all()?;
-    std::fs::rename(tmp, path).with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
+    std::fs::rename(tmp, path)
+        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
 }
 
 #[cfg(test)]
@@ -125,15 +145,29 @@ mod tests {
         )
         .unwrap();
         let output = dir.path().join("out.jsonl");
-        run(&GradeArgs { input: input.clone(), output: Some(output.clone()) }).unwrap();
+        run(&GradeArgs {
+            input: input.clone(),
+            output: Some(output.clone()),
+        })
+        .unwrap();
         let out = std::fs::read_to_string(&output).unwrap();
-        let rows: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let rows: Vec<Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0], json!({"pred": "\\frac12", "correct": true}));
         assert_eq!(rows[1], json!({"pred": "3", "correct": false}));
         assert_eq!(rows[2], json!({"pred": null, "correct": false}));
         std::fs::write(&input, "{\"response\": \"x\"}\n").unwrap();
-        let e = format!("{:#}", run(&GradeArgs { input: input.clone(), output: None }).unwrap_err());
+        let e = format!(
+            "{:#}",
+            run(&GradeArgs {
+                input: input.clone(),
+                output: None
+            })
+            .unwrap_err()
+        );
         assert!(e.contains("in.jsonl:1") && e.contains("answer"), "{e}");
     }
 }

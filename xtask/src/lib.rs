@@ -8,3 +8,4 @@ pub mod cli;
 pub mod convert;
 pub mod fetch;
 pub mod fixture;
+pub mod grade;

@@ -31,13 +31,19 @@ impl Arch {
             "qwen2" => Arch::Qwen2,
             "llama" => Arch::Llama,
             "gemma3" => Arch::Gemma3,
-            other => bail!("{}: unsupported architecture {other:?} (supported: qwen2, llama, gemma3)", path.display()),
+            other => bail!(
+                "{}: unsupported architecture {other:?} (supported: qwen2, llama, gemma3)",
+                path.display()
+            ),
         })
     }
 
     /// From config.json's `model_type`.
     pub fn from_hf_config(config: &Json, path: &Path) -> Result<Self> {
-        let model_type = config.get("model_type").and_then(Json::as_str).unwrap_or("");
+        let model_type = config
+            .get("model_type")
+            .and_then(Json::as_str)
+            .unwrap_or("");
         Ok(match model_type {
             "qwen2" => Arch::Qwen2,
             "llama" => Arch::Llama,
@@ -107,7 +113,10 @@ impl Hparams {
         let hidden_size = get_usize(config, "hidden_size", path)?;
         let num_heads = get_usize(config, "num_attention_heads", path)?;
         let num_layers = get_usize(config, "num_hidden_layers", path)?;
-        let num_kv_heads = config.get("num_key_value_heads").and_then(Json::as_u64).map_or(num_heads, |v| v as usize);
+        let num_kv_heads = config
+            .get("num_key_value_heads")
+            .and_then(Json::as_u64)
+            .map_or(num_heads, |v| v as usize);
         if num_heads == 0 || num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("{}: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}", path.display());
         }
@@ -120,31 +129,61 @@ impl Hparams {
         let rope_scaling = config.get("rope_scaling").filter(|v| !v.is_null());
         let mut rope_linear_factor = None;
         if let Some(scaling) = rope_scaling {
-            let kind = scaling.get("rope_type").or_else(|| scaling.get("type")).and_then(Json::as_str).unwrap_or("");
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(Json::as_str)
+                .unwrap_or("");
             match (arch, kind) {
-                (Arch::Gemma3, "linear") => rope_linear_factor = scaling.get("factor").and_then(Json::as_f64),
+                (Arch::Gemma3, "linear") => {
+                    rope_linear_factor = scaling.get("factor").and_then(Json::as_f64)
+                }
                 (_, "default") => {}
-                _ => bail!("{}: rope_scaling type {kind:?} is not supported for {}", path.display(), arch.gguf_name()),
+                _ => bail!(
+                    "{}: rope_scaling type {kind:?} is not supported for {}",
+                    path.display(),
+                    arch.gguf_name()
+                ),
             }
         }
         let (sliding_window, sliding_layers, rope_local_base_freq) = if arch == Arch::Gemma3 {
-            let window = config.get("sliding_window").and_then(Json::as_u64).map(|v| v as usize);
+            let window = config
+                .get("sliding_window")
+                .and_then(Json::as_u64)
+                .map(|v| v as usize);
             let layers: Vec<bool> = match config.get("layer_types").and_then(Json::as_array) {
-                Some(types) => types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect(),
+                Some(types) => types
+                    .iter()
+                    .map(|t| t.as_str() == Some("sliding_attention"))
+                    .collect(),
                 None => {
-                    let pattern = config.get("sliding_window_pattern").and_then(Json::as_u64).unwrap_or(6) as usize;
+                    let pattern = config
+                        .get("sliding_window_pattern")
+                        .and_then(Json::as_u64)
+                        .unwrap_or(6) as usize;
                     (0..num_layers).map(|i| (i + 1) % pattern != 0).collect()
                 }
             };
             if layers.len() != num_layers {
-                bail!("{}: layer_types has {} entries for {num_layers} layers", path.display(), layers.len());
+                bail!(
+                    "{}: layer_types has {} entries for {num_layers} layers",
+                    path.display(),
+                    layers.len()
+                );
             }
             (window, layers, Some(f("rope_local_base_freq", 10_000.0)))
         } else {
-            if config.get("sliding_window").and_then(Json::as_u64).is_some()
+            if config
+                .get("sliding_window")
+                .and_then(Json::as_u64)
+                .is_some()
                 && config.get("use_sliding_window").and_then(Json::as_bool) == Some(true)
             {
-                bail!("{}: sliding-window attention is not supported for {}", path.display(), arch.gguf_name());
+                bail!(
+                    "{}: sliding-window attention is not supported for {}",
+                    path.display(),
+                    arch.gguf_name()
+                );
             }
             (None, vec![], None)
         };
@@ -158,10 +197,16 @@ impl Hparams {
             num_heads,
             num_kv_heads,
             head_dim,
-            max_position_embeddings: config.get("max_position_embeddings").and_then(Json::as_u64).unwrap_or(2048) as usize,
+            max_position_embeddings: config
+                .get("max_position_embeddings")
+                .and_then(Json::as_u64)
+                .unwrap_or(2048) as usize,
             rms_norm_eps: f("rms_norm_eps", 1e-6),
             rope_theta: f("rope_theta", 10_000.0),
-            tie_word_embeddings: config.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(default_tie),
+            tie_word_embeddings: config
+                .get("tie_word_embeddings")
+                .and_then(Json::as_bool)
+                .unwrap_or(default_tie),
             sliding_window,
             sliding_layers,
             rope_local_base_freq,
@@ -184,7 +229,10 @@ impl Hparams {
             (k("attention.key_length"), u(self.head_dim)),
             (k("attention.value_length"), u(self.head_dim)),
             (k("rope.freq_base"), Value::F32(self.rope_theta as f32)),
-            (k("attention.layer_norm_rms_epsilon"), Value::F32(self.rms_norm_eps as f32)),
+            (
+                k("attention.layer_norm_rms_epsilon"),
+                Value::F32(self.rms_norm_eps as f32),
+            ),
             (k("vocab_size"), u(self.vocab_size)),
         ];
         if self.arch == Arch::Llama {
@@ -195,7 +243,12 @@ impl Hparams {
                 m.push((k("attention.sliding_window"), u(window)));
                 m.push((
                     k("attention.sliding_window_pattern"),
-                    Value::Array(self.sliding_layers.iter().map(|&b| Value::Bool(b)).collect()),
+                    Value::Array(
+                        self.sliding_layers
+                            .iter()
+                            .map(|&b| Value::Bool(b))
+                            .collect(),
+                    ),
                 ));
             }
             if let Some(base) = self.rope_local_base_freq {
@@ -219,11 +272,22 @@ impl Hparams {
         let a = arch.gguf_name();
         let num = |key: &str| -> Result<usize> {
             let full = format!("{a}.{key}");
-            let v = md.get(&full).with_context(|| format!("{}: missing {full}", path.display()))?;
-            as_u64(v).map(|x| x as usize).with_context(|| format!("{}: {full} is not an integer", path.display()))
+            let v = md
+                .get(&full)
+                .with_context(|| format!("{}: missing {full}", path.display()))?;
+            as_u64(v)
+                .map(|x| x as usize)
+                .with_context(|| format!("{}: {full} is not an integer", path.display()))
         };
-        let opt_num = |key: &str| md.get(&format!("{a}.{key}")).and_then(as_u64).map(|x| x as usize);
-        let float = |key: &str| md.get(&format!("{a}.{key}")).and_then(|v| v.to_f32().ok().map(f64::from).or(v.to_f64().ok()));
+        let opt_num = |key: &str| {
+            md.get(&format!("{a}.{key}"))
+                .and_then(as_u64)
+                .map(|x| x as usize)
+        };
+        let float = |key: &str| {
+            md.get(&format!("{a}.{key}"))
+                .and_then(|v| v.to_f32().ok().map(f64::from).or(v.to_f64().ok()))
+        };
         let hidden_size = num("embedding_length")?;
         let num_heads = num("attention.head_count")?;
         let num_layers = num("block_count")?;
@@ -233,7 +297,12 @@ impl Hparams {
                 .get("tokenizer.ggml.tokens")
                 .and_then(|t| t.to_vec().ok())
                 .map(Vec::len)
-                .with_context(|| format!("{}: no {a}.vocab_size and no tokenizer.ggml.tokens", path.display()))?,
+                .with_context(|| {
+                    format!(
+                        "{}: no {a}.vocab_size and no tokenizer.ggml.tokens",
+                        path.display()
+                    )
+                })?,
         };
         let head_dim = opt_num("attention.key_length")
             .or(opt_num("rope.dimension_count").filter(|_| arch == Arch::Llama))
@@ -241,17 +310,25 @@ impl Hparams {
         let (sliding_window, sliding_layers) = if arch == Arch::Gemma3 {
             let window = opt_num("attention.sliding_window");
             let layers = match md.get(&format!("{a}.attention.sliding_window_pattern")) {
-                Some(Value::Array(flags)) => flags.iter().map(|f| matches!(f, Value::Bool(true))).collect(),
+                Some(Value::Array(flags)) => flags
+                    .iter()
+                    .map(|f| matches!(f, Value::Bool(true)))
+                    .collect(),
                 other => {
                     let pattern = other.and_then(as_u64).unwrap_or(6) as usize;
-                    (0..num_layers).map(|i| window.is_some() && (i + 1) % pattern != 0).collect()
+                    (0..num_layers)
+                        .map(|i| window.is_some() && (i + 1) % pattern != 0)
+                        .collect()
                 }
             };
             (window, layers)
         } else {
             (None, vec![])
         };
-        let rope_linear_factor = match md.get(&format!("{a}.rope.scaling.type")).and_then(|v| v.to_string().ok()) {
+        let rope_linear_factor = match md
+            .get(&format!("{a}.rope.scaling.type"))
+            .and_then(|v| v.to_string().ok())
+        {
             Some(t) if t == "linear" => float("rope.scaling.factor"),
             Some(t) if t == "none" => None,
             Some(t) => bail!("{}: rope scaling {t:?} is not supported", path.display()),
@@ -272,7 +349,8 @@ impl Hparams {
             tie_word_embeddings: !has_output,
             sliding_window,
             sliding_layers,
-            rope_local_base_freq: (arch == Arch::Gemma3).then(|| float("rope.freq_base_swa").unwrap_or(10_000.0)),
+            rope_local_base_freq: (arch == Arch::Gemma3)
+                .then(|| float("rope.freq_base_swa").unwrap_or(10_000.0)),
             rope_linear_factor,
         })
     }
@@ -322,15 +400,27 @@ impl Hparams {
                 let types: Vec<&str> = self
                     .sliding_layers
                     .iter()
-                    .map(|&s| if s { "sliding_attention" } else { "full_attention" })
+                    .map(|&s| {
+                        if s {
+                            "sliding_attention"
+                        } else {
+                            "full_attention"
+                        }
+                    })
                     .collect();
                 o.insert("layer_types".into(), json!(types));
-                o.insert("rope_local_base_freq".into(), json!(self.rope_local_base_freq));
+                o.insert(
+                    "rope_local_base_freq".into(),
+                    json!(self.rope_local_base_freq),
+                );
                 o.insert("final_logit_softcapping".into(), json!(null));
                 o.insert("attn_logit_softcapping".into(), json!(null));
                 o.insert("attention_bias".into(), json!(false));
                 if let Some(factor) = self.rope_linear_factor {
-                    o.insert("rope_scaling".into(), json!({"rope_type": "linear", "factor": factor}));
+                    o.insert(
+                        "rope_scaling".into(),
+                        json!({"rope_type": "linear", "factor": factor}),
+                    );
                 }
             }
         }
@@ -340,7 +430,10 @@ impl Hparams {
     /// The row-major shape an HF tensor must have, or None for a name this architecture lacks.
     pub fn expected_shape(&self, hf_name: &str) -> Option<Vec<usize>> {
         let (h, v, ff) = (self.hidden_size, self.vocab_size, self.intermediate_size);
-        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
         match hf_name {
             "model.embed_tokens.weight" | "lm_head.weight" => return Some(vec![v, h]),
             "model.norm.weight" => return Some(vec![h]),
@@ -354,7 +447,9 @@ impl Hparams {
         let bias_ok = self.arch == Arch::Qwen2;
         Some(match rest {
             "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
-            "pre_feedforward_layernorm.weight" | "post_feedforward_layernorm.weight" if gemma => vec![h],
+            "pre_feedforward_layernorm.weight" | "post_feedforward_layernorm.weight" if gemma => {
+                vec![h]
+            }
             "self_attn.q_norm.weight" | "self_attn.k_norm.weight" if gemma => vec![self.head_dim],
             "self_attn.q_proj.weight" => vec![q, h],
             "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
@@ -382,7 +477,11 @@ impl Hparams {
             "mlp.down_proj.weight",
         ];
         match self.arch {
-            Arch::Qwen2 => per_layer.extend(["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]),
+            Arch::Qwen2 => per_layer.extend([
+                "self_attn.q_proj.bias",
+                "self_attn.k_proj.bias",
+                "self_attn.v_proj.bias",
+            ]),
             Arch::Gemma3 => per_layer.extend([
                 "pre_feedforward_layernorm.weight",
                 "post_feedforward_layernorm.weight",
@@ -469,7 +568,11 @@ impl Hparams {
     pub fn hf_to_gguf_values(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         match self.arch {
             Arch::Llama if is_q_or_k(hf_name) => {
-                let heads = if hf_name.contains("q_proj") { self.num_heads } else { self.num_kv_heads };
+                let heads = if hf_name.contains("q_proj") {
+                    self.num_heads
+                } else {
+                    self.num_kv_heads
+                };
                 permute_rope_rows(&t, heads, false)
             }
             Arch::Gemma3 if hf_name.ends_with("norm.weight") => t + 1.0,
@@ -481,7 +584,11 @@ impl Hparams {
     pub fn gguf_to_hf_values(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         match self.arch {
             Arch::Llama if is_q_or_k(hf_name) => {
-                let heads = if hf_name.contains("q_proj") { self.num_heads } else { self.num_kv_heads };
+                let heads = if hf_name.contains("q_proj") {
+                    self.num_heads
+                } else {
+                    self.num_kv_heads
+                };
                 permute_rope_rows(&t, heads, true)
             }
             Arch::Gemma3 if hf_name.ends_with("norm.weight") => t - 1.0,
@@ -526,7 +633,11 @@ fn permute_rope_rows(t: &Tensor, heads: usize, inverse: bool) -> candle_core::Re
     let mut split_inv = vec![heads, half, 2];
     split.extend(&rest);
     split_inv.extend(&rest);
-    let shaped = if inverse { t.reshape(split_inv)? } else { t.reshape(split)? };
+    let shaped = if inverse {
+        t.reshape(split_inv)?
+    } else {
+        t.reshape(split)?
+    };
     shaped.transpose(1, 2)?.contiguous()?.reshape(dims)
 }
 
@@ -538,16 +649,34 @@ mod tests {
     #[test]
     fn rope_permutation_is_inverted_and_moves_rows_like_llama_cpp() {
         // 2 heads of 4 rows, 1 column: HF rows [0,1,2,3 | 4,5,6,7] -> GGUF [0,2,1,3 | 4,6,5,7].
-        let t = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap().reshape((8, 1)).unwrap();
+        let t = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((8, 1))
+            .unwrap();
         let g = permute_rope_rows(&t, 2, false).unwrap();
-        assert_eq!(g.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![0., 2., 1., 3., 4., 6., 5., 7.]);
+        assert_eq!(
+            g.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![0., 2., 1., 3., 4., 6., 5., 7.]
+        );
         let back = permute_rope_rows(&g, 2, true).unwrap();
-        assert_eq!(back.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), (0..8).map(|x| x as f32).collect::<Vec<_>>());
+        assert_eq!(
+            back.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            (0..8).map(|x| x as f32).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn tensor_names_round_trip_for_every_architecture() {
-        for (model_type, arch) in [("qwen2", Arch::Qwen2), ("llama", Arch::Llama), ("gemma3_text", Arch::Gemma3)] {
+        for (model_type, arch) in [
+            ("qwen2", Arch::Qwen2),
+            ("llama", Arch::Llama),
+            ("gemma3_text", Arch::Gemma3),
+        ] {
             let config = json!({"model_type": model_type, "hidden_size": 8, "num_attention_heads": 2, "num_hidden_layers": 2,
                 "intermediate_size": 16, "vocab_size": 10, "head_dim": 4, "tie_word_embeddings": false});
             let hp = Hparams::from_hf_config(&config, Path::new("config.json")).unwrap();
@@ -555,7 +684,9 @@ mod tests {
             let mut gguf_names = std::collections::HashSet::new();
             for hf in hp.required_hf_names() {
                 assert!(hp.expected_shape(&hf).is_some(), "{hf}");
-                let g = hp.hf_to_gguf_name(&hf).unwrap_or_else(|| panic!("{hf} has no GGUF name"));
+                let g = hp
+                    .hf_to_gguf_name(&hf)
+                    .unwrap_or_else(|| panic!("{hf} has no GGUF name"));
                 assert!(gguf_names.insert(g.clone()), "two HF names map to {g}");
                 assert_eq!(hp.gguf_to_hf_name(&g).as_deref(), Some(hf.as_str()));
             }

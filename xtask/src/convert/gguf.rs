@@ -43,8 +43,13 @@ pub struct GgufWriter {
 
 impl GgufWriter {
     /// Writes the header of `path`; tensors must then be written in `specs` order.
-    pub fn create(path: &Path, metadata: &[(String, Value)], specs: Vec<TensorSpec>) -> Result<Self> {
-        let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+    pub fn create(
+        path: &Path,
+        metadata: &[(String, Value)],
+        specs: Vec<TensorSpec>,
+    ) -> Result<Self> {
+        let file =
+            File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 22, file);
         let w = &mut out;
         w.write_all(&0x4655_4747u32.to_le_bytes())?; // "GGUF"
@@ -60,7 +65,13 @@ impl GgufWriter {
         for spec in &specs {
             let block = spec.dtype.block_size();
             if spec.shape.last().is_some_and(|&d| d % block != 0) {
-                bail!("{}: tensor {} of shape {:?} cannot be stored as {:?}", path.display(), spec.name, spec.shape, spec.dtype);
+                bail!(
+                    "{}: tensor {} of shape {:?} cannot be stored as {:?}",
+                    path.display(),
+                    spec.name,
+                    spec.shape,
+                    spec.dtype
+                );
             }
             write_string(w, &spec.name)?;
             w.write_all(&(spec.shape.len() as u32).to_le_bytes())?;
@@ -73,13 +84,21 @@ impl GgufWriter {
         }
         let pos = out.stream_position()?;
         out.write_all(&vec![0u8; (align(pos) - pos) as usize])?;
-        Ok(Self { out, specs, next: 0, path: path.to_path_buf() })
+        Ok(Self {
+            out,
+            specs,
+            next: 0,
+            path: path.to_path_buf(),
+        })
     }
 
     /// Appends the data of the next tensor, which must be exactly its spec's size.
     pub fn write_tensor(&mut self, data: &[u8]) -> Result<()> {
         let Some(spec) = self.specs.get(self.next) else {
-            bail!("{}: more tensors written than announced", self.path.display());
+            bail!(
+                "{}: more tensors written than announced",
+                self.path.display()
+            );
         };
         if data.len() as u64 != spec.n_bytes() {
             bail!(
@@ -100,7 +119,12 @@ impl GgufWriter {
     /// Flushes and syncs; fails if a tensor announced in the header was never written.
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.specs.len() {
-            bail!("{}: {} of {} tensors written", self.path.display(), self.next, self.specs.len());
+            bail!(
+                "{}: {} of {} tensors written",
+                self.path.display(),
+                self.next,
+                self.specs.len()
+            );
         }
         self.out.flush()?;
         self.out.get_ref().sync_all()?;
@@ -151,7 +175,10 @@ fn write_value(w: &mut impl Write, v: &Value) -> Result<()> {
         Value::Bool(x) => w.write_all(&[*x as u8])?,
         Value::String(s) => write_string(w, s)?,
         Value::Array(items) => {
-            let elem_type = items.first().map(value_type).unwrap_or(value_type(&Value::U8(0)));
+            let elem_type = items
+                .first()
+                .map(value_type)
+                .unwrap_or(value_type(&Value::U8(0)));
             if items.iter().any(|x| value_type(x) != elem_type) {
                 bail!("GGUF arrays must hold values of one type");
             }
@@ -196,23 +223,43 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and parses the header; errors name the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| anyhow::anyhow!("{}: not a valid GGUF file: {}", path.display(), one_line(&e.to_string())))?;
+        let mut file =
+            File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a valid GGUF file: {}",
+                path.display(),
+                one_line(&e.to_string())
+            )
+        })?;
         let size = file.metadata()?.len();
         for (name, info) in &content.tensor_infos {
-            let spec = TensorSpec { name: name.clone(), shape: info.shape.dims().to_vec(), dtype: info.ggml_dtype };
+            let spec = TensorSpec {
+                name: name.clone(),
+                shape: info.shape.dims().to_vec(),
+                dtype: info.ggml_dtype,
+            };
             let end = content.tensor_data_offset + info.offset + spec.n_bytes();
             if end > size {
-                bail!("{}: truncated: tensor {name} ends at byte {end}, file has {size}", path.display());
+                bail!(
+                    "{}: truncated: tensor {name} ends at byte {end}, file has {size}",
+                    path.display()
+                );
             }
         }
-        Ok(Self { path: path.to_path_buf(), content, file })
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            file,
+        })
     }
 
     /// A metadata value, or an error naming the file and key.
     pub fn get(&self, key: &str) -> Result<&Value> {
-        self.content.metadata.get(key).with_context(|| format!("{}: missing metadata key {key}", self.path.display()))
+        self.content
+            .metadata
+            .get(key)
+            .with_context(|| format!("{}: missing metadata key {key}", self.path.display()))
     }
 
     pub fn metadata(&self) -> &HashMap<String, Value> {
@@ -223,12 +270,23 @@ impl GgufFile {
     pub fn tensor(&mut self, name: &str) -> Result<QTensor> {
         self.content
             .tensor(&mut self.file, name, &Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {}", self.path.display(), one_line(&e.to_string())))
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: tensor {name}: {}",
+                    self.path.display(),
+                    one_line(&e.to_string())
+                )
+            })
     }
 
     /// Tensor names in file order.
     pub fn tensor_names(&self) -> Vec<String> {
-        let mut names: Vec<_> = self.content.tensor_infos.iter().map(|(n, i)| (i.offset, n.clone())).collect();
+        let mut names: Vec<_> = self
+            .content
+            .tensor_infos
+            .iter()
+            .map(|(n, i)| (i.offset, n.clone()))
+            .collect();
         names.sort();
         names.into_iter().map(|(_, n)| n).collect()
     }

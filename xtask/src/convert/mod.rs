@@ -76,7 +76,10 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
 /// Converts in the direction the input implies.
 pub fn convert(args: &ConvertArgs) -> Result<Report> {
     if args.output.exists() && !args.force {
-        bail!("{}: already exists (use --force to replace it)", args.output.display());
+        bail!(
+            "{}: already exists (use --force to replace it)",
+            args.output.display()
+        );
     }
     if args.input.is_dir() {
         hf_to_gguf(&args.input, &args.output, args.outtype)
@@ -89,8 +92,10 @@ pub fn convert(args: &ConvertArgs) -> Result<Report> {
 
 /// Reads and parses a JSON file, naming it in every error.
 pub fn read_json(path: &Path) -> Result<Json> {
-    let text = fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: malformed JSON: {e}", path.display()))
+    let text =
+        fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: malformed JSON: {e}", path.display()))
 }
 
 fn write_json(path: &Path, value: &Json) -> Result<()> {
@@ -107,7 +112,9 @@ struct Staged {
 
 impl Staged {
     fn new(dest: &Path) -> Result<Self> {
-        let name = dest.file_name().with_context(|| format!("{}: not a file name", dest.display()))?;
+        let name = dest
+            .file_name()
+            .with_context(|| format!("{}: not a file name", dest.display()))?;
         let parent = match dest.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -115,8 +122,16 @@ impl Staged {
         if !parent.is_dir() {
             bail!("{}: parent directory does not exist", dest.display());
         }
-        let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-        Ok(Self { tmp, dest: dest.to_path_buf(), done: false })
+        let tmp = parent.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            done: false,
+        })
     }
 
     fn commit(mut self) -> Result<()> {
@@ -125,7 +140,8 @@ impl Staged {
         } else if self.dest.exists() {
             fs::remove_file(&self.dest)?;
         }
-        fs::rename(&self.tmp, &self.dest).with_context(|| format!("{}: cannot move into place", self.dest.display()))?;
+        fs::rename(&self.tmp, &self.dest)
+            .with_context(|| format!("{}: cannot move into place", self.dest.display()))?;
         self.done = true;
         Ok(())
     }
@@ -144,18 +160,26 @@ impl Drop for Staged {
 pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
     let config_path = dir.join("config.json");
     if !config_path.exists() {
-        bail!("{}: missing (an HF model directory needs config.json)", config_path.display());
+        bail!(
+            "{}: missing (an HF model directory needs config.json)",
+            config_path.display()
+        );
     }
     let config = read_json(&config_path)?;
     let hp = Hparams::from_hf_config(&config, &config_path)?;
     let tokenizer_path = dir.join("tokenizer.json");
     if !tokenizer_path.exists() {
-        bail!("{}: missing (the GGUF needs the tokenizer)", tokenizer_path.display());
+        bail!(
+            "{}: missing (the GGUF needs the tokenizer)",
+            tokenizer_path.display()
+        );
     }
     let tokenizer_config_path = dir.join("tokenizer_config.json");
     let tokenizer_md = tokenizer::hf_to_gguf(
         &tokenizer_path,
-        tokenizer_config_path.exists().then_some(tokenizer_config_path.as_path()),
+        tokenizer_config_path
+            .exists()
+            .then_some(tokenizer_config_path.as_path()),
         hp.arch.gguf_name(),
     )?;
     let tensors = HfTensors::open(dir)?;
@@ -163,7 +187,11 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
     // Check names and shapes against config.json before writing anything.
     for name in hp.required_hf_names() {
         if !tensors.contains(&name) {
-            bail!("{}: missing tensor {name} (config.json describes {} layers)", dir.display(), hp.num_layers);
+            bail!(
+                "{}: missing tensor {name} (config.json describes {} layers)",
+                dir.display(),
+                hp.num_layers
+            );
         }
     }
     let mut plan: Vec<(String, String, Vec<usize>)> = vec![]; // (hf, gguf, shape)
@@ -173,7 +201,11 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
-            bail!("{}: tensor {name} is not part of a {} model", tensors.file_of(&name).display(), hp.arch.gguf_name());
+            bail!(
+                "{}: tensor {name} is not part of a {} model",
+                tensors.file_of(&name).display(),
+                hp.arch.gguf_name()
+            );
         };
         if name == "lm_head.weight" && hp.tie_word_embeddings {
             continue; // tied: llama.cpp reuses token_embd
@@ -184,7 +216,9 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
                 tensors.file_of(&name).display()
             );
         }
-        let gguf_name = hp.hf_to_gguf_name(&name).expect("every expected tensor has a GGUF name");
+        let gguf_name = hp
+            .hf_to_gguf_name(&name)
+            .expect("every expected tensor has a GGUF name");
         plan.push((name, gguf_name, shape));
     }
     plan.sort_by_key(|(_, g, _)| gguf_order(g));
@@ -195,18 +229,38 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
     for (_, gguf_name, shape) in &plan {
         let choice = quant::choose(
             outtype,
-            &quant::TensorRole { gguf_name, shape, has_output, n_layers: hp.num_layers },
+            &quant::TensorRole {
+                gguf_name,
+                shape,
+                has_output,
+                n_layers: hp.num_layers,
+            },
         );
         if choice.dtype != choice.wanted {
-            report.fallbacks.push((gguf_name.clone(), choice.wanted, choice.dtype));
+            report
+                .fallbacks
+                .push((gguf_name.clone(), choice.wanted, choice.dtype));
         }
-        specs.push(TensorSpec { name: gguf_name.clone(), shape: shape.clone(), dtype: choice.dtype });
+        specs.push(TensorSpec {
+            name: gguf_name.clone(),
+            shape: shape.clone(),
+            dtype: choice.dtype,
+        });
     }
 
-    let model_name = dir.canonicalize().ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let model_name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
     let mut metadata: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), Value::String(hp.arch.gguf_name().into())),
-        ("general.name".into(), Value::String(model_name.unwrap_or_else(|| "model".into()))),
+        (
+            "general.architecture".into(),
+            Value::String(hp.arch.gguf_name().into()),
+        ),
+        (
+            "general.name".into(),
+            Value::String(model_name.unwrap_or_else(|| "model".into())),
+        ),
         ("general.file_type".into(), Value::U32(outtype.file_type())),
     ];
     if outtype.is_quantized() {
@@ -223,7 +277,8 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
         let t = hp
             .hf_to_gguf_values(hf_name, t)
             .with_context(|| format!("{}: tensor {hf_name}", tensors.file_of(hf_name).display()))?;
-        let bytes = encode(&t, spec.dtype).with_context(|| format!("tensor {hf_name} as {:?}", spec.dtype))?;
+        let bytes = encode(&t, spec.dtype)
+            .with_context(|| format!("tensor {hf_name} as {:?}", spec.dtype))?;
         report.bytes_out += bytes.len() as u64;
         writer.write_tensor(&bytes)?;
     }
@@ -239,7 +294,11 @@ fn gguf_order(name: &str) -> (usize, usize, String) {
         return (0, 0, name.into());
     }
     if let Some(rest) = name.strip_prefix("blk.") {
-        let layer = rest.split('.').next().and_then(|l| l.parse().ok()).unwrap_or(0);
+        let layer = rest
+            .split('.')
+            .next()
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(0);
         return (1, layer, name.into());
     }
     (2, 0, name.into())
@@ -249,9 +308,23 @@ fn gguf_order(name: &str) -> (usize, usize, String) {
 fn encode(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>> {
     let flat = t.flatten_all()?;
     Ok(match dtype {
-        GgmlDType::F32 => flat.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        GgmlDType::F16 => flat.to_dtype(DType::F16)?.to_vec1::<half::f16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        GgmlDType::BF16 => flat.to_dtype(DType::BF16)?.to_vec1::<half::bf16>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        GgmlDType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        GgmlDType::F16 => flat
+            .to_dtype(DType::F16)?
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        GgmlDType::BF16 => flat
+            .to_dtype(DType::BF16)?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
         q => QTensor::quantize(t, q)?.data()?.into_owned(),
     })
 }
@@ -262,27 +335,46 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
     let names = gguf.tensor_names();
     let has_output = names.iter().any(|n| n == "output.weight");
     let hp = Hparams::from_gguf(gguf.metadata(), has_output, path)?;
-    let (tokenizer_json, tokenizer_config) =
-        tokenizer::gguf_to_hf(gguf.metadata()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let (tokenizer_json, tokenizer_config) = tokenizer::gguf_to_hf(gguf.metadata())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let token_id = |key: &str| gguf.metadata().get(key).and_then(|v| v.to_u32().ok());
-    let (bos, eos) = (token_id("tokenizer.ggml.bos_token_id"), token_id("tokenizer.ggml.eos_token_id"));
+    let (bos, eos) = (
+        token_id("tokenizer.ggml.bos_token_id"),
+        token_id("tokenizer.ggml.eos_token_id"),
+    );
 
     let mut plan = vec![];
     for name in &names {
         let Some(hf_name) = hp.gguf_to_hf_name(name) else {
-            bail!("{}: tensor {name} has no HF equivalent for {} (unsupported)", path.display(), hp.arch.gguf_name());
+            bail!(
+                "{}: tensor {name} has no HF equivalent for {} (unsupported)",
+                path.display(),
+                hp.arch.gguf_name()
+            );
         };
         let shape = gguf.content.tensor_infos[name].shape.dims().to_vec();
         if let Some(expected) = hp.expected_shape(&hf_name) {
             if shape != expected {
-                bail!("{}: tensor {name} has shape {shape:?}, the metadata implies {expected:?}", path.display());
+                bail!(
+                    "{}: tensor {name} has shape {shape:?}, the metadata implies {expected:?}",
+                    path.display()
+                );
             }
         }
         plan.push((name.clone(), hf_name, shape));
     }
-    let present: std::collections::HashSet<&str> = plan.iter().map(|(_, h, _)| h.as_str()).collect();
-    if let Some(missing) = hp.required_hf_names().into_iter().find(|n| !present.contains(n.as_str())) {
-        bail!("{}: missing tensor {}", path.display(), hp.hf_to_gguf_name(&missing).unwrap_or(missing));
+    let present: std::collections::HashSet<&str> =
+        plan.iter().map(|(_, h, _)| h.as_str()).collect();
+    if let Some(missing) = hp
+        .required_hf_names()
+        .into_iter()
+        .find(|n| !present.contains(n.as_str()))
+    {
+        bail!(
+            "{}: missing tensor {}",
+            path.display(),
+            hp.hf_to_gguf_name(&missing).unwrap_or(missing)
+        );
     }
     plan.sort_by(|a, b| a.1.cmp(&b.1));
 
@@ -293,8 +385,12 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
         HfDtype::Bf16 => (safetensors::Dtype::BF16, "bfloat16"),
     };
     let mut report = Report::default();
-    let specs: Vec<(String, Vec<usize>)> = plan.iter().map(|(_, h, s)| (h.clone(), s.clone())).collect();
-    let mut writer = SafetensorsWriter::create(&staged.tmp.join("model.safetensors"), &specs, st_dtype)?;
+    let specs: Vec<(String, Vec<usize>)> = plan
+        .iter()
+        .map(|(_, h, s)| (h.clone(), s.clone()))
+        .collect();
+    let mut writer =
+        SafetensorsWriter::create(&staged.tmp.join("model.safetensors"), &specs, st_dtype)?;
     for (name, hf_name, _) in &plan {
         let q = gguf.tensor(name)?;
         report.bytes_in += q.storage_size_in_bytes() as u64;
@@ -308,7 +404,10 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
         writer.write_tensor(&bytes)?;
     }
     writer.finish()?;
-    write_json(&staged.tmp.join("config.json"), &hp.to_hf_config(bos, eos, torch_dtype))?;
+    write_json(
+        &staged.tmp.join("config.json"),
+        &hp.to_hf_config(bos, eos, torch_dtype),
+    )?;
     write_json(
         &staged.tmp.join("generation_config.json"),
         &serde_json::json!({"bos_token_id": bos, "eos_token_id": eos}),

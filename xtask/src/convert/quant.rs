@@ -59,9 +59,13 @@ pub struct Choice {
 pub fn choose(out: OutType, role: &TensorRole) -> Choice {
     let f32_ = GgmlDType::F32;
     if role.shape.len() < 2 || !role.gguf_name.ends_with(".weight") {
-        return Choice { dtype: f32_, wanted: f32_ };
+        return Choice {
+            dtype: f32_,
+            wanted: f32_,
+        };
     }
-    let is_output = role.gguf_name == "output.weight" || (!role.has_output && role.gguf_name == "token_embd.weight");
+    let is_output = role.gguf_name == "output.weight"
+        || (!role.has_output && role.gguf_name == "token_embd.weight");
     let wanted = match out {
         OutType::F32 => f32_,
         OutType::F16 => GgmlDType::F16,
@@ -73,20 +77,26 @@ pub fn choose(out: OutType, role: &TensorRole) -> Choice {
         OutType::Q4KM if is_output => GgmlDType::Q6K,
         OutType::Q4KM => {
             let layer = layer_index(role.gguf_name);
-            let more_bits = |i: usize, n: usize| i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize) % 3 == 2;
-            let sensitive = role.gguf_name.contains("attn_v.weight") || role.gguf_name.contains("ffn_down");
+            let more_bits = |i: usize, n: usize| {
+                i < n / 8 || i >= 7 * n / 8 || (i as isize - (n / 8) as isize) % 3 == 2
+            };
+            let sensitive =
+                role.gguf_name.contains("attn_v.weight") || role.gguf_name.contains("ffn_down");
             match layer {
                 Some(i) if sensitive && more_bits(i, role.n_layers) => GgmlDType::Q6K,
                 _ => GgmlDType::Q4K,
             }
         }
     };
-    Choice { dtype: fallback(wanted, role.shape[role.shape.len() - 1]), wanted }
+    Choice {
+        dtype: fallback(wanted, role.shape[role.shape.len() - 1]),
+        wanted,
+    }
 }
 
 /// llama.cpp's fallback when the row length is not a multiple of the type's block.
 fn fallback(wanted: GgmlDType, row: usize) -> GgmlDType {
-    if row % wanted.block_size() == 0 {
+    if row.is_multiple_of(wanted.block_size()) {
         return wanted;
     }
     let next = match wanted {
@@ -95,7 +105,7 @@ fn fallback(wanted: GgmlDType, row: usize) -> GgmlDType {
         GgmlDType::Q6K => GgmlDType::Q8_0,
         _ => GgmlDType::F16,
     };
-    if row % next.block_size() == 0 {
+    if row.is_multiple_of(next.block_size()) {
         next
     } else {
         GgmlDType::F16
@@ -103,7 +113,12 @@ fn fallback(wanted: GgmlDType, row: usize) -> GgmlDType {
 }
 
 fn layer_index(gguf_name: &str) -> Option<usize> {
-    gguf_name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+    gguf_name
+        .strip_prefix("blk.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 #[cfg(test)]
@@ -111,7 +126,15 @@ mod tests {
     use super::*;
 
     fn pick(out: OutType, name: &str, shape: &[usize], has_output: bool) -> Choice {
-        choose(out, &TensorRole { gguf_name: name, shape, has_output, n_layers: 24 })
+        choose(
+            out,
+            &TensorRole {
+                gguf_name: name,
+                shape,
+                has_output,
+                n_layers: 24,
+            },
+        )
     }
 
     #[test]
@@ -119,26 +142,57 @@ mod tests {
         let q = |name: &str| pick(OutType::Q4KM, name, &[512, 512], true).dtype;
         assert_eq!(q("output.weight"), GgmlDType::Q6K);
         assert_eq!(q("token_embd.weight"), GgmlDType::Q4K);
-        assert_eq!(pick(OutType::Q4KM, "token_embd.weight", &[512, 512], false).dtype, GgmlDType::Q6K);
+        assert_eq!(
+            pick(OutType::Q4KM, "token_embd.weight", &[512, 512], false).dtype,
+            GgmlDType::Q6K
+        );
         assert_eq!(q("blk.0.attn_q.weight"), GgmlDType::Q4K);
         // use_more_bits(i, 24): i < 3, i >= 21, or (i - 3) % 3 == 2.
-        for (i, more) in [(0, true), (2, true), (3, false), (5, true), (6, false), (8, true), (20, true), (21, true), (23, true)] {
+        for (i, more) in [
+            (0, true),
+            (2, true),
+            (3, false),
+            (5, true),
+            (6, false),
+            (8, true),
+            (20, true),
+            (21, true),
+            (23, true),
+        ] {
             let want = if more { GgmlDType::Q6K } else { GgmlDType::Q4K };
             assert_eq!(q(&format!("blk.{i}.attn_v.weight")), want, "attn_v {i}");
             assert_eq!(q(&format!("blk.{i}.ffn_down.weight")), want, "ffn_down {i}");
             assert_eq!(q(&format!("blk.{i}.ffn_up.weight")), GgmlDType::Q4K);
         }
-        assert_eq!(pick(OutType::Q4KM, "blk.0.attn_norm.weight", &[512], true).dtype, GgmlDType::F32);
-        assert_eq!(pick(OutType::Q4KM, "blk.0.attn_q.bias", &[512], true).dtype, GgmlDType::F32);
+        assert_eq!(
+            pick(OutType::Q4KM, "blk.0.attn_norm.weight", &[512], true).dtype,
+            GgmlDType::F32
+        );
+        assert_eq!(
+            pick(OutType::Q4KM, "blk.0.attn_q.bias", &[512], true).dtype,
+            GgmlDType::F32
+        );
     }
 
     #[test]
     fn shapes_a_type_cannot_take_fall_back_like_llama_cpp() {
         let c = pick(OutType::Q4KM, "blk.1.attn_q.weight", &[64, 576], true);
         assert_eq!((c.dtype, c.wanted), (GgmlDType::Q5_0, GgmlDType::Q4K));
-        assert_eq!(pick(OutType::Q4KM, "output.weight", &[64, 576], true).dtype, GgmlDType::Q8_0);
-        assert_eq!(pick(OutType::Q6K, "blk.1.ffn_up.weight", &[64, 48], true).dtype, GgmlDType::F16);
-        assert_eq!(pick(OutType::Q8_0, "blk.1.ffn_up.weight", &[64, 40], true).dtype, GgmlDType::F16);
-        assert_eq!(pick(OutType::Q8_0, "blk.1.ffn_up.weight", &[64, 64], true).dtype, GgmlDType::Q8_0);
+        assert_eq!(
+            pick(OutType::Q4KM, "output.weight", &[64, 576], true).dtype,
+            GgmlDType::Q8_0
+        );
+        assert_eq!(
+            pick(OutType::Q6K, "blk.1.ffn_up.weight", &[64, 48], true).dtype,
+            GgmlDType::F16
+        );
+        assert_eq!(
+            pick(OutType::Q8_0, "blk.1.ffn_up.weight", &[64, 40], true).dtype,
+            GgmlDType::F16
+        );
+        assert_eq!(
+            pick(OutType::Q8_0, "blk.1.ffn_up.weight", &[64, 64], true).dtype,
+            GgmlDType::Q8_0
+        );
     }
 }

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
-use safetensors::SafeTensors;
 pub use safetensors::Dtype;
+use safetensors::SafeTensors;
 
 /// The safetensors files of an HF model directory, memory-mapped.
 pub struct HfTensors {
@@ -30,7 +30,10 @@ impl HfTensors {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .with_context(|| format!("{}: no \"weight_map\" object", index_path.display()))?;
-            let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+            let mut files: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect();
             files.sort();
             files.dedup();
             files.into_iter().map(|f| dir.join(f)).collect()
@@ -50,15 +53,22 @@ impl HfTensors {
         let mut files = vec![];
         let mut index = BTreeMap::new();
         for path in paths {
-            let file = File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
+            let file =
+                File::open(&path).with_context(|| format!("{}: cannot open", path.display()))?;
             // SAFETY: the file is opened read-only; a concurrent writer is the user's error, as with any mmap reader.
-            let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-            let st = SafeTensors::deserialize(&mmap)
-                .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display()))?;
+            let mmap = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("{}: cannot map", path.display()))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                anyhow::anyhow!("{}: not a valid safetensors file: {e}", path.display())
+            })?;
             for name in st.names() {
                 if let Some(prev) = index.insert(name.to_string(), files.len()) {
                     let prev: &(PathBuf, Mmap) = &files[prev];
-                    bail!("{}: tensor {name} also in {}", path.display(), prev.0.display());
+                    bail!(
+                        "{}: tensor {name} also in {}",
+                        path.display(),
+                        prev.0.display()
+                    );
                 }
             }
             files.push((path, mmap));
@@ -76,14 +86,21 @@ impl HfTensors {
 
     /// The file holding `name`.
     pub fn file_of(&self, name: &str) -> &Path {
-        self.index.get(name).map_or(Path::new("?"), |&i| self.files[i].0.as_path())
+        self.index
+            .get(name)
+            .map_or(Path::new("?"), |&i| self.files[i].0.as_path())
     }
 
     fn view(&self, name: &str) -> Result<(safetensors::tensor::TensorView<'_>, &Path)> {
-        let &i = self.index.get(name).with_context(|| format!("no tensor {name}"))?;
+        let &i = self
+            .index
+            .get(name)
+            .with_context(|| format!("no tensor {name}"))?;
         let (path, mmap) = &self.files[i];
         let st = SafeTensors::deserialize(mmap).expect("validated in open");
-        let view = st.tensor(name).map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        let view = st
+            .tensor(name)
+            .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", path.display()))?;
         Ok((view, path))
     }
 
@@ -99,8 +116,14 @@ impl HfTensors {
     pub fn load_f32(&self, name: &str) -> Result<Tensor> {
         let (view, path) = self.view(name)?;
         match view.dtype() {
-            safetensors::Dtype::F32 | safetensors::Dtype::F16 | safetensors::Dtype::BF16 | safetensors::Dtype::F64 => {}
-            other => bail!("{}: tensor {name} has dtype {other:?}; expected a float type", path.display()),
+            safetensors::Dtype::F32
+            | safetensors::Dtype::F16
+            | safetensors::Dtype::BF16
+            | safetensors::Dtype::F64 => {}
+            other => bail!(
+                "{}: tensor {name} has dtype {other:?}; expected a float type",
+                path.display()
+            ),
         }
         let t = view
             .load(&Device::Cpu)
@@ -110,7 +133,10 @@ impl HfTensors {
 
     /// Every tensor as f32, by name (for tests and small models).
     pub fn load_all_f32(&self) -> Result<HashMap<String, Tensor>> {
-        self.names().into_iter().map(|n| Ok((n.clone(), self.load_f32(&n)?))).collect()
+        self.names()
+            .into_iter()
+            .map(|n| Ok((n.clone(), self.load_f32(&n)?)))
+            .collect()
     }
 }
 
@@ -123,7 +149,11 @@ pub struct SafetensorsWriter {
 }
 
 impl SafetensorsWriter {
-    pub fn create(path: &Path, specs: &[(String, Vec<usize>)], dtype: safetensors::Dtype) -> Result<Self> {
+    pub fn create(
+        path: &Path,
+        specs: &[(String, Vec<usize>)],
+        dtype: safetensors::Dtype,
+    ) -> Result<Self> {
         let elem = match dtype {
             safetensors::Dtype::F32 => 4,
             safetensors::Dtype::BF16 | safetensors::Dtype::F16 => 2,
@@ -145,19 +175,32 @@ impl SafetensorsWriter {
         }
         let mut header = serde_json::to_vec(&serde_json::Value::Object(header))?;
         header.resize(header.len().div_ceil(8) * 8, b' ');
-        let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
         let mut out = BufWriter::with_capacity(1 << 22, file);
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
-        Ok(Self { out, sizes, next: 0, path: path.to_path_buf() })
+        Ok(Self {
+            out,
+            sizes,
+            next: 0,
+            path: path.to_path_buf(),
+        })
     }
 
     pub fn write_tensor(&mut self, data: &[u8]) -> Result<()> {
         let Some((name, n)) = self.sizes.get(self.next) else {
-            bail!("{}: more tensors written than announced", self.path.display());
+            bail!(
+                "{}: more tensors written than announced",
+                self.path.display()
+            );
         };
         if data.len() != *n {
-            bail!("{}: tensor {name} has {} bytes, expected {n}", self.path.display(), data.len());
+            bail!(
+                "{}: tensor {name} has {} bytes, expected {n}",
+                self.path.display(),
+                data.len()
+            );
         }
         self.out.write_all(data)?;
         self.next += 1;
@@ -166,7 +209,12 @@ impl SafetensorsWriter {
 
     pub fn finish(mut self) -> Result<()> {
         if self.next != self.sizes.len() {
-            bail!("{}: {} of {} tensors written", self.path.display(), self.next, self.sizes.len());
+            bail!(
+                "{}: {} of {} tensors written",
+                self.path.display(),
+                self.next,
+                self.sizes.len()
+            );
         }
         self.out.flush()?;
         self.out.get_ref().sync_all()?;

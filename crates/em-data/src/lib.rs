@@ -1,0 +1,13 @@
+//! Math benchmark and prompt-pool loading, and chat prompt rendering.
+//!
+//! Architecture invariant: this crate knows file formats and prompt templates, nothing about
+//! grading; it does not depend on em-grade (the one piece they share, "content of the last
+//! `\boxed{}`" for gold answers stored in solutions, is a ten-line function here).
+
+mod load;
+mod prompt;
+
+pub use load::{last_boxed, load_pool, load_suite, DataError, Problem};
+pub use prompt::{
+    render_prompt, ChatTemplate, PromptError, PromptStyle, QWEN_MATH_COT_SYSTEM, STEP_BY_STEP,
+};

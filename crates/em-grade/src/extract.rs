@@ -1,0 +1,199 @@
+//! Answer extraction from a model response, in the toolkit's order.
+
+/// Longest response scanned; longer responses are scanned only in their last part.
+const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// The final answer of `response`: Minerva's "final answer is $…$. I hope", else the last
+/// `\boxed{}`/`\fbox{}` (None when that box is unclosed), else "the answer is …", else the last number.
+pub fn extract_answer(response: &str) -> Option<String> {
+    let text = tail(response, MAX_RESPONSE_BYTES);
+    let raw = if let Some(a) = minerva(text) {
+        Some(a.to_string())
+    } else if let Some(b) = last_box(text) {
+        b
+    } else if let Some(a) = after_phrase(text, "he answer is") {
+        Some(a)
+    } else if let Some(a) = after_phrase(text, "final answer is") {
+        Some(a)
+    } else {
+        last_number(text)
+    };
+    let cleaned = tidy(&raw?);
+    if cleaned.is_empty() {
+        None
+    } else {
+        Some(cleaned)
+    }
+}
+
+/// The content of the last `\boxed{}` (or `\fbox{}`) of `text`; None when there is none or it is unclosed.
+pub fn last_boxed(text: &str) -> Option<String> {
+    last_box(text).flatten()
+}
+
+fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+fn minerva(text: &str) -> Option<&str> {
+    let start = text.find("final answer is $")? + "final answer is $".len();
+    let rest = &text[start..];
+    let end = rest.find("$. I hope")?;
+    Some(rest[..end].trim())
+}
+
+/// Outer None: no box at all. Inner None: the last box is unclosed or empty.
+fn last_box(text: &str) -> Option<Option<String>> {
+    let b = text.rfind("boxed");
+    let f = text.rfind("fbox");
+    let (pos, len) = match (b, f) {
+        (Some(b), Some(f)) if f > b => (f, 4),
+        (Some(b), _) => (b, 5),
+        (None, Some(f)) => (f, 4),
+        (None, None) => return None,
+    };
+    let rest = &text[pos + len..];
+    let rest_trim = rest.trim_start_matches([' ', '\t']);
+    if let Some(inner) = rest_trim.strip_prefix('{') {
+        let mut depth = 1usize;
+        for (i, c) in inner.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        return Some(Some(inner[..i].to_string()));
+                    }
+                }
+                _ => {}
+            }
+        }
+        Some(None)
+    } else {
+        // `\boxed 5$`: up to the closing dollar or the end of the line.
+        let end = rest.find(['$', '\n']).unwrap_or(rest.len());
+        let a = rest[..end].trim();
+        Some(if a.is_empty() {
+            None
+        } else {
+            Some(a.to_string())
+        })
+    }
+}
+
+fn after_phrase(text: &str, phrase: &str) -> Option<String> {
+    let pos = text.rfind(phrase)?;
+    let rest = text[pos + phrase.len()..].trim_start();
+    let rest = rest.strip_prefix(':').unwrap_or(rest).trim_start();
+    // The answer is the rest of the paragraph, or its first math span when it has one.
+    let para = rest.split("\n\n").next().unwrap_or("");
+    let para = para.lines().next().unwrap_or("");
+    for (open, close) in [("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")] {
+        if let Some(s) = para.find(open) {
+            let inner = &para[s + open.len()..];
+            if let Some(e) = inner.find(close) {
+                return Some(inner[..e].to_string());
+            }
+        }
+    }
+    let mut a = para.trim();
+    // A sentence continues after ". "; keep the first sentence only.
+    if let Some(i) = a.find(". ") {
+        a = &a[..i];
+    }
+    Some(a.to_string())
+}
+
+fn last_number(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut i = b.len();
+    // Scan backwards for the last digit, then widen to the number around it.
+    while i > 0 && !b[i - 1].is_ascii_digit() {
+        i -= 1;
+    }
+    if i == 0 {
+        return None;
+    }
+    let end = i;
+    let mut start = end;
+    loop {
+        while start > 0 && b[start - 1].is_ascii_digit() {
+            start -= 1;
+        }
+        // thousands separator, decimal point or fraction bar followed by digits
+        if start >= 2 && matches!(b[start - 1], b',' | b'.' | b'/') && b[start - 2].is_ascii_digit()
+        {
+            start -= 1;
+            continue;
+        }
+        break;
+    }
+    if start >= 1 && b[start - 1] == b'.' {
+        start -= 1;
+    }
+    if start >= 1 && b[start - 1] == b'-' {
+        start -= 1;
+    }
+    let num: String = text[start..end].chars().filter(|&c| c != ',').collect();
+    Some(num)
+}
+
+/// The toolkit's light clean-up of an extracted answer: join lines, drop a leading ':' and a
+/// trailing '.' or '/'.
+fn tidy(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            while chars.peek().is_some_and(|c| c.is_whitespace()) {
+                chars.next();
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    let mut t = out.trim();
+    t = t.strip_prefix(':').unwrap_or(t).trim();
+    t = t.strip_suffix('.').unwrap_or(t);
+    t = t.strip_suffix('/').unwrap_or(t);
+    t.trim().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_and_forms() {
+        let ex = |s: &str| extract_answer(s);
+        assert_eq!(
+            ex("so the final answer is $12$. I hope it is correct. \\boxed{3}").as_deref(),
+            Some("12")
+        );
+        assert_eq!(
+            ex("a \\boxed{1} then \\boxed{\\frac{1}{2}}.").as_deref(),
+            Some("\\frac{1}{2}")
+        );
+        assert_eq!(ex("\\fbox{7}").as_deref(), Some("7"));
+        assert_eq!(ex("\\boxed{\\boxed{5}}").as_deref(), Some("5"));
+        assert_eq!(ex("so \\boxed{5").as_deref(), None);
+        assert_eq!(ex("$\\boxed 5$").as_deref(), Some("5"));
+        assert_eq!(ex("Thus the answer is $x=3$. Done").as_deref(), Some("x=3"));
+        assert_eq!(ex("The answer is 42.").as_deref(), Some("42"));
+        assert_eq!(
+            ex("We get 3 apples and 1,250 pears.").as_deref(),
+            Some("1250")
+        );
+        assert_eq!(ex("it is -0.5").as_deref(), Some("-0.5"));
+        assert_eq!(ex("ratio 3/4").as_deref(), Some("3/4"));
+        assert_eq!(ex("no digits here"), None);
+        assert_eq!(ex("\\boxed{}"), None);
+    }
+}

@@ -1,0 +1,507 @@
+//! Differentiable building blocks shared by every architecture: linear and embedding layers, RMS
+//! norm, rotary position embedding, causal (optionally sliding-window) grouped-query attention and
+//! the gated MLP.
+//!
+//! Everything here is composed of candle primitives that have a backward pass. candle 0.11's fused
+//! `rms_norm`, `softmax_last_dim` and `rotary_emb::rope*` silently cut gradients (METHOD.md, "Known
+//! traps"), so none of them is used. Norms and softmax run in f32 when the model is in bf16/f16,
+//! as transformers does; in f32 and f64 everything stays in the model dtype.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+/// The dtype in which norms and softmax run for a model stored in `dtype`.
+pub fn compute_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        d => d,
+    }
+}
+
+/// A dense layer `y = x Wᵀ + b` with a trainable weight `[out, in]` and optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Var,
+    bias: Option<Var>,
+}
+
+impl Linear {
+    /// Wraps a weight `[out, in]` and an optional bias `[out]`.
+    pub fn new(weight: Var, bias: Option<Var>) -> Self {
+        Self { weight, bias }
+    }
+
+    /// The weight `[out, in]`.
+    pub fn weight(&self) -> &Var {
+        &self.weight
+    }
+
+    /// Applies the layer to the last dimension of `x` (any number of leading dimensions).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let w = self.weight.as_tensor();
+        let (out_dim, in_dim) = w.dims2()?;
+        let mut dims = x.dims().to_vec();
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b.as_tensor())?,
+            None => y,
+        };
+        if let Some(last) = dims.last_mut() {
+            *last = out_dim;
+        }
+        y.reshape(dims)
+    }
+}
+
+/// A token embedding table `[vocab, hidden]`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Var,
+}
+
+impl Embedding {
+    /// Wraps a table `[vocab, hidden]`.
+    pub fn new(weight: Var) -> Self {
+        Self { weight }
+    }
+
+    /// The table `[vocab, hidden]`.
+    pub fn weight(&self) -> &Var {
+        &self.weight
+    }
+
+    /// Looks up `ids` (`[batch, seq]`, u32) and returns `[batch, seq, hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let w = self.weight.as_tensor();
+        let hidden = w.dim(1)?;
+        let mut dims = ids.dims().to_vec();
+        let flat = ids.flatten_all()?;
+        let rows = w.index_select(&flat, 0)?;
+        dims.push(hidden);
+        rows.reshape(dims)
+    }
+}
+
+/// Root-mean-square normalisation over the last dimension, with a trainable scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Var,
+    eps: f64,
+    unit_offset: bool,
+}
+
+impl RmsNorm {
+    /// Llama/Qwen2 style: `w · (x / rms(x))`, the product taken after casting back to the input dtype.
+    pub fn new(weight: Var, eps: f64) -> Self {
+        Self {
+            weight,
+            eps,
+            unit_offset: false,
+        }
+    }
+
+    /// Gemma style: `(1 + w) · (x / rms(x))`, the product taken in the compute dtype.
+    pub fn new_unit_offset(weight: Var, eps: f64) -> Self {
+        Self {
+            weight,
+            eps,
+            unit_offset: true,
+        }
+    }
+
+    /// Normalises `x` over its last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let cdt = compute_dtype(dtype);
+        let xf = x.to_dtype(cdt)?;
+        let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
+        let w = self.weight.as_tensor();
+        if self.unit_offset {
+            let scale = (w.to_dtype(cdt)? + 1.0)?;
+            normed.broadcast_mul(&scale)?.to_dtype(dtype)
+        } else {
+            normed.to_dtype(dtype)?.broadcast_mul(w)
+        }
+    }
+}
+
+/// How rotary frequencies are rescaled for long contexts (HF `rope_scaling`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// `rope_type: "linear"`: every frequency divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// `rope_type: "llama3"`: low frequencies divided by `factor`, high ones kept, smooth between.
+    Llama3 {
+        /// The divisor for low frequencies.
+        factor: f64,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// The context length of pre-training.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Rotary position embedding parameters: base and optional scaling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeParams {
+    /// The base θ of the frequencies.
+    pub theta: f64,
+    /// Optional long-context rescaling.
+    pub scaling: Option<RopeScaling>,
+}
+
+/// Rotary position embedding in the "rotate half" layout of HF Llama, Qwen2 and Gemma3.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    inv_freq: Vec<f64>,
+}
+
+impl RotaryEmbedding {
+    /// Frequencies for a head of `head_dim` (even) under `params`.
+    pub fn new(head_dim: usize, params: &RopeParams) -> Self {
+        let base: Vec<f64> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / params.theta.powf(i as f64 / head_dim as f64))
+            .collect();
+        let inv_freq = match &params.scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let old_ctx = *original_max_position_embeddings as f64;
+                let low_freq_wavelen = old_ctx / low_freq_factor;
+                let high_freq_wavelen = old_ctx / high_freq_factor;
+                base.iter()
+                    .map(|&freq| {
+                        let wavelen = 2.0 * std::f64::consts::PI / freq;
+                        if wavelen < high_freq_wavelen {
+                            freq
+                        } else if wavelen > low_freq_wavelen {
+                            freq / factor
+                        } else {
+                            let smooth = (old_ctx / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * freq / factor + smooth * freq
+                        }
+                    })
+                    .collect()
+            }
+        };
+        Self { inv_freq }
+    }
+
+    /// The inverse frequencies, one per pair of dimensions.
+    pub fn inv_freq(&self) -> &[f64] {
+        &self.inv_freq
+    }
+
+    /// `(cos, sin)` of shape `[seq_len, head_dim]` for positions `0..seq_len`, in `dtype`.
+    pub fn cos_sin(
+        &self,
+        seq_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(seq_len * 2 * half);
+        let mut sin = Vec::with_capacity(seq_len * 2 * half);
+        for pos in 0..seq_len {
+            for _ in 0..2 {
+                for f in &self.inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (seq_len, 2 * half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (seq_len, 2 * half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Rotates `x` (`[batch, heads, seq, head_dim]`) by `cos`/`sin` (`[seq, head_dim]`, from
+/// [`RotaryEmbedding::cos_sin`]): `x·cos + rotate_half(x)·sin`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let head_dim = x.dim(D::Minus1)?;
+    let half = head_dim / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, head_dim - half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// Additive attention mask `[seq, seq]` in `dtype`: 0 where query `i` may see key `j`, −∞ elsewhere.
+///
+/// Causal: `j ≤ i`. With `window = Some(w)` also `i − j < w` (each query sees itself and the
+/// `w − 1` tokens before it, as HF's sliding-window layers do).
+pub fn attention_mask(
+    seq_len: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..seq_len)
+        .flat_map(|i| {
+            (0..seq_len).map(move |j| {
+                let visible = j <= i && window.is_none_or(|w| i - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
+}
+
+/// Multi-head self-attention with grouped key/value heads, optional per-head q/k RMS norms,
+/// rotary embedding and optional logit soft-capping.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection `[heads·head_dim, hidden]`.
+    pub q_proj: Linear,
+    /// Key projection `[kv_heads·head_dim, hidden]`.
+    pub k_proj: Linear,
+    /// Value projection `[kv_heads·head_dim, hidden]`.
+    pub v_proj: Linear,
+    /// Output projection `[hidden, heads·head_dim]`.
+    pub o_proj: Linear,
+    /// RMS norm over each query head (Gemma3).
+    pub q_norm: Option<RmsNorm>,
+    /// RMS norm over each key head (Gemma3).
+    pub k_norm: Option<RmsNorm>,
+    /// Number of query heads.
+    pub num_heads: usize,
+    /// Number of key/value heads (divides `num_heads`).
+    pub num_kv_heads: usize,
+    /// Size of each head.
+    pub head_dim: usize,
+    /// Factor applied to `q·k` before the softmax.
+    pub scale: f64,
+    /// `tanh` soft-capping of attention logits (Gemma).
+    pub softcap: Option<f64>,
+}
+
+impl Attention {
+    /// Attends over `x` (`[batch, seq, hidden]`) with rope tables from [`RotaryEmbedding::cos_sin`]
+    /// and an additive `mask` `[seq, seq]` from [`attention_mask`] in the compute dtype.
+    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let rep = h / kv;
+        let heads = |t: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let t = t.reshape((b, s, n, d))?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            t.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.q_proj.forward(x)?, h, self.q_norm.as_ref())?;
+        let k = heads(self.k_proj.forward(x)?, kv, self.k_norm.as_ref())?;
+        let v = heads(self.v_proj.forward(x)?, kv, None)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+
+        // Query heads j·rep .. (j+1)·rep share key/value head j (HF `repeat_kv`): fold them into
+        // the sequence axis instead of repeating K and V.
+        let q = q.reshape((b, kv, rep * s, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
+        let scores = (scores * self.scale)?;
+        let scores = match self.softcap {
+            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+            None => scores,
+        };
+        let dtype = x.dtype();
+        let scores = scores.to_dtype(compute_dtype(dtype))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let out = probs.reshape((b, kv, rep * s, s))?.matmul(&v)?;
+        let out = out
+            .reshape((b, h, s, d))?
+            .transpose(1, 2)?
+            .reshape((b, s, h * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// The non-linearity of the gated MLP (HF `hidden_act` / `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `x · sigmoid(x)` ("silu", "swish").
+    Silu,
+    /// GELU with the tanh approximation ("gelu_pytorch_tanh", "gelu_new", "gelu_fast").
+    GeluTanh,
+    /// Exact GELU with erf ("gelu").
+    Gelu,
+}
+
+impl Activation {
+    /// Parses an HF activation name.
+    pub fn from_hf_name(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
+            "gelu" => Some(Self::Gelu),
+            _ => None,
+        }
+    }
+
+    /// Applies the activation element-wise.
+    ///
+    /// GELU is composed from `tanh`/`erf` because candle's fused GELU backward uses constants
+    /// rounded to six digits.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => x.silu(),
+            Self::GeluTanh => {
+                let c = (2.0 / std::f64::consts::PI).sqrt();
+                let cube = (x.sqr()? * x)?;
+                let inner = ((x + (cube * 0.044715)?)? * c)?;
+                ((inner.tanh()? + 1.0)? * x)? * 0.5
+            }
+            Self::Gelu => {
+                let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+                (cdf * x)? * 0.5
+            }
+        }
+    }
+}
+
+/// The gated feed-forward block `down(act(gate(x)) · up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Gate projection `[intermediate, hidden]`.
+    pub gate_proj: Linear,
+    /// Up projection `[intermediate, hidden]`.
+    pub up_proj: Linear,
+    /// Down projection `[hidden, intermediate]`.
+    pub down_proj: Linear,
+    /// The non-linearity applied to the gate.
+    pub act: Activation,
+}
+
+impl Mlp {
+    /// Applies the block to `x` (`[.., hidden]`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&(gate * up)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sliding_mask_shows_exactly_the_window() -> Result<()> {
+        let m = attention_mask(5, Some(2), DType::F32, &Device::Cpu)?.to_vec2::<f32>()?;
+        for (i, row) in m.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                let visible = j <= i && i - j < 2;
+                assert_eq!(v == 0.0, visible, "mask[{i}][{j}] = {v}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gelu_tanh_matches_candle_forward() -> Result<()> {
+        let x = Tensor::new(&[-3.0f64, -1.0, -0.1, 0.0, 0.3, 2.0, 5.0], &Device::Cpu)?;
+        let ours = Activation::GeluTanh.forward(&x)?.to_vec1::<f64>()?;
+        let theirs = x.gelu()?.to_vec1::<f64>()?;
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        let ours = Activation::Gelu.forward(&x)?.to_vec1::<f64>()?;
+        let theirs = x.gelu_erf()?.to_vec1::<f64>()?;
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rope_rotates_dimension_pairs_i_and_i_plus_half() -> Result<()> {
+        let rotary = RotaryEmbedding::new(
+            4,
+            &RopeParams {
+                theta: 100.0,
+                scaling: None,
+            },
+        );
+        let (cos, sin) = rotary.cos_sin(3, DType::F64, &Device::Cpu)?;
+        let x = [0.3f64, -1.2, 0.7, 2.0];
+        let xt = Tensor::new(&x, &Device::Cpu)?
+            .reshape((1, 1, 1, 4))?
+            .repeat((1, 1, 3, 1))?;
+        let y = apply_rope(&xt, &cos, &sin)?
+            .reshape((3, 4))?
+            .to_vec2::<f64>()?;
+        for (p, row) in y.iter().enumerate() {
+            for i in 0..2 {
+                let a = p as f64 / 100f64.powf(2.0 * i as f64 / 4.0);
+                let (c, s) = (a.cos(), a.sin());
+                assert!((row[i] - (x[i] * c - x[i + 2] * s)).abs() < 1e-14);
+                assert!((row[i + 2] - (x[i + 2] * c + x[i] * s)).abs() < 1e-14);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norms_match_their_formulas() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = [1.0f64, -2.0, 3.0, 0.5];
+        let w = [0.5f64, 1.0, -1.0, 2.0];
+        let rms = (x.iter().map(|v| v * v).sum::<f64>() / 4.0 + 1e-6).sqrt();
+        let xt = Tensor::new(&x, &dev)?;
+        let plain = RmsNorm::new(Var::new(&w, &dev)?, 1e-6)
+            .forward(&xt)?
+            .to_vec1::<f64>()?;
+        let gemma = RmsNorm::new_unit_offset(Var::new(&w, &dev)?, 1e-6)
+            .forward(&xt)?
+            .to_vec1::<f64>()?;
+        for i in 0..4 {
+            assert!((plain[i] - w[i] * x[i] / rms).abs() < 1e-14);
+            assert!((gemma[i] - (1.0 + w[i]) * x[i] / rms).abs() < 1e-14);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn llama3_rope_scaling_keeps_high_and_divides_low_frequencies() {
+        let params = RopeParams {
+            theta: 500_000.0,
+            scaling: Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            }),
+        };
+        let plain = RotaryEmbedding::new(
+            128,
+            &RopeParams {
+                theta: 500_000.0,
+                scaling: None,
+            },
+        );
+        let scaled = RotaryEmbedding::new(128, &params);
+        assert_eq!(scaled.inv_freq()[0], plain.inv_freq()[0]);
+        let last = plain.inv_freq().len() - 1;
+        assert!((scaled.inv_freq()[last] - plain.inv_freq()[last] / 8.0).abs() < 1e-20);
+    }
+}

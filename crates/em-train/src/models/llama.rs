@@ -1,0 +1,279 @@
+//! Llama 2/3 and SmolLM2 (`LlamaForCausalLM`): pre-norm decoder, SwiGLU MLP, GQA, rotary embedding
+//! with optional "linear" or "llama3" scaling. The decoder here also serves Qwen2.
+
+use candle_core::{Result, Tensor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{
+    parse_activation, parse_rope, parse_section, Architecture, ConfigSource, ModelConfig,
+    ModelError, Weights,
+};
+use crate::layers::{
+    attention_mask, compute_dtype, Attention, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
+};
+
+/// The fields of a Llama config.json, with the defaults of transformers' `LlamaConfig`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    /// Vocabulary size.
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    /// Residual width.
+    #[serde(default = "default_hidden_size")]
+    pub hidden_size: usize,
+    /// MLP width.
+    #[serde(default = "default_intermediate_size")]
+    pub intermediate_size: usize,
+    /// Decoder layers.
+    #[serde(default = "default_layers")]
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    #[serde(default = "default_heads")]
+    pub num_attention_heads: usize,
+    /// Key/value heads (defaults to the query heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Head size (defaults to `hidden_size / num_attention_heads`).
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    /// MLP activation.
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    /// Context length.
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// RMS norm epsilon.
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    /// Whether the LM head is the embedding.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Rotary base.
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    /// Rotary scaling.
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    /// Rotary parameters in the transformers 5 layout (overrides the two above).
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    /// Bias on q/k/v/o.
+    #[serde(default)]
+    pub attention_bias: bool,
+    /// Bias on the MLP projections.
+    #[serde(default)]
+    pub mlp_bias: bool,
+}
+
+fn default_vocab_size() -> usize {
+    32_000
+}
+fn default_hidden_size() -> usize {
+    4096
+}
+fn default_intermediate_size() -> usize {
+    11_008
+}
+fn default_layers() -> usize {
+    32
+}
+fn default_heads() -> usize {
+    32
+}
+fn default_act() -> String {
+    "silu".to_string()
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+
+impl Config {
+    /// Reads the Llama fields of `raw` and resolves them into a [`ModelConfig`].
+    pub fn resolve(src: &ConfigSource) -> std::result::Result<ModelConfig, ModelError> {
+        let (raw, origin) = (src.raw, src.origin);
+        let c: Config = parse_section(src)?;
+        let head_dim = c
+            .head_dim
+            .unwrap_or(c.hidden_size / c.num_attention_heads.max(1));
+        let rope = match &c.rope_parameters {
+            Some(p) => parse_rope(c.rope_theta, Some(p), origin)?,
+            None => parse_rope(c.rope_theta, c.rope_scaling.as_ref(), origin)?,
+        };
+        Ok(ModelConfig {
+            architecture: Architecture::Llama,
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim,
+            hidden_act: parse_activation(&c.hidden_act, origin)?,
+            rms_norm_eps: c.rms_norm_eps,
+            tie_word_embeddings: c.tie_word_embeddings,
+            qkv_bias: c.attention_bias,
+            o_bias: c.attention_bias,
+            mlp_bias: c.mlp_bias,
+            local_rope: rope.clone(),
+            rope,
+            layer_windows: vec![None; c.num_hidden_layers],
+            query_pre_attn_scalar: head_dim as f64,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            max_position_embeddings: c.max_position_embeddings,
+            raw: raw.clone(),
+        })
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+    window: Option<usize>,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+        let x = (x + h)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        x + h
+    }
+}
+
+/// Attention and MLP of layer `i` (`model.layers.{i}.self_attn`, `.mlp`), biases as `cfg` says.
+pub(crate) fn load_attention_and_mlp(
+    cfg: &ModelConfig,
+    w: &mut Weights,
+    i: usize,
+) -> std::result::Result<(Attention, Mlp), ModelError> {
+    let p = format!("model.layers.{i}");
+    let (hs, hd) = (cfg.hidden_size, cfg.head_dim);
+    let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+    let attn = Attention {
+        q_proj: w.linear(&format!("{p}.self_attn.q_proj"), hs, nh * hd, cfg.qkv_bias)?,
+        k_proj: w.linear(&format!("{p}.self_attn.k_proj"), hs, nkv * hd, cfg.qkv_bias)?,
+        v_proj: w.linear(&format!("{p}.self_attn.v_proj"), hs, nkv * hd, cfg.qkv_bias)?,
+        o_proj: w.linear(&format!("{p}.self_attn.o_proj"), nh * hd, hs, cfg.o_bias)?,
+        q_norm: None,
+        k_norm: None,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: hd,
+        scale: 1.0 / cfg.query_pre_attn_scalar.sqrt(),
+        softcap: cfg.attn_logit_softcapping,
+    };
+    let im = cfg.intermediate_size;
+    let mlp = Mlp {
+        gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), hs, im, cfg.mlp_bias)?,
+        up_proj: w.linear(&format!("{p}.mlp.up_proj"), hs, im, cfg.mlp_bias)?,
+        down_proj: w.linear(&format!("{p}.mlp.down_proj"), im, hs, cfg.mlp_bias)?,
+        act: cfg.hidden_act,
+    };
+    Ok((attn, mlp))
+}
+
+/// The LM head: `lm_head.weight`, or the embedding table when tied.
+pub(crate) fn load_lm_head(
+    cfg: &ModelConfig,
+    w: &mut Weights,
+    embed: &Embedding,
+) -> std::result::Result<Linear, ModelError> {
+    if cfg.tie_word_embeddings {
+        Ok(Linear::new(embed.weight().clone(), None))
+    } else {
+        w.linear("lm_head", cfg.hidden_size, cfg.vocab_size, false)
+    }
+}
+
+/// The Llama-family decoder (also Qwen2) and its LM head.
+#[derive(Debug, Clone)]
+pub struct Model {
+    embed_tokens: Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: RotaryEmbedding,
+}
+
+impl Model {
+    /// Takes every weight `cfg` needs from `w`.
+    pub fn load(cfg: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, ModelError> {
+        let (hs, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        let embed_tokens =
+            Embedding::new(w.var("model.embed_tokens.weight", &[cfg.vocab_size, hs])?);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for (i, window) in cfg.layer_windows.iter().enumerate() {
+            let input_layernorm =
+                w.rms_norm(&format!("model.layers.{i}.input_layernorm"), hs, eps)?;
+            let (self_attn, mlp) = load_attention_and_mlp(cfg, w, i)?;
+            let post_attention_layernorm = w.rms_norm(
+                &format!("model.layers.{i}.post_attention_layernorm"),
+                hs,
+                eps,
+            )?;
+            layers.push(DecoderLayer {
+                input_layernorm,
+                self_attn,
+                post_attention_layernorm,
+                mlp,
+                window: *window,
+            });
+        }
+        let norm = w.rms_norm("model.norm", hs, eps)?;
+        let lm_head = load_lm_head(cfg, w, &embed_tokens)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: RotaryEmbedding::new(cfg.head_dim, &cfg.rope),
+        })
+    }
+
+    /// Final-norm hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`.
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, seq) = ids.dims2()?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        let (dtype, device) = (x.dtype(), x.device().clone());
+        let (cos, sin) = self.rotary.cos_sin(seq, dtype, &device)?;
+        let full = attention_mask(seq, None, compute_dtype(dtype), &device)?;
+        let mut sliding = None;
+        for layer in &self.layers {
+            let mask = match layer.window {
+                None => &full,
+                Some(wnd) => match &sliding {
+                    Some(m) => m,
+                    None => sliding.insert(attention_mask(
+                        seq,
+                        Some(wnd),
+                        compute_dtype(dtype),
+                        &device,
+                    )?),
+                },
+            };
+            x = layer.forward(&x, &cos, &sin, mask)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits `[.., vocab]` from final hidden states.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+}

@@ -1,0 +1,218 @@
+//! Reading HF safetensors checkpoints and turning named tensors into trainable [`Var`]s.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::Value;
+
+use super::{json_error, ModelError};
+use crate::layers::{Linear, RmsNorm};
+
+/// Hands out named weights as [`Var`]s, checking shapes, and remembers every one handed out.
+#[derive(Debug)]
+pub struct Weights {
+    tensors: Option<HashMap<String, Tensor>>,
+    dtype: DType,
+    device: Device,
+    source_name: String,
+    parameters: Vec<(String, Var)>,
+    shapes: Vec<(String, Vec<usize>)>,
+}
+
+impl Weights {
+    /// Serves `tensors` (HF names), converted to `dtype` on `device`; `source_name` appears in errors.
+    pub fn new(
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: Device,
+        source_name: String,
+    ) -> Self {
+        Self {
+            tensors: Some(tensors),
+            dtype,
+            device,
+            source_name,
+            parameters: Vec::new(),
+            shapes: Vec::new(),
+        }
+    }
+
+    /// A source that only records the names and shapes asked for (see [`super::ModelConfig::tensor_shapes`]).
+    pub(crate) fn shape_recorder() -> Self {
+        Self {
+            tensors: None,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            source_name: "the shape recorder".to_string(),
+            parameters: Vec::new(),
+            shapes: Vec::new(),
+        }
+    }
+
+    /// The names and shapes asked for so far.
+    pub(crate) fn recorded_shapes(self) -> Vec<(String, Vec<usize>)> {
+        self.shapes
+    }
+
+    /// Names of tensors that were provided but never asked for.
+    pub fn unused_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tensors
+            .iter()
+            .flat_map(|t| t.keys().cloned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The parameters handed out, in order.
+    pub fn into_parameters(self) -> Vec<(String, Var)> {
+        self.parameters
+    }
+
+    /// The tensor `name`, which must have `shape`, as a new trainable [`Var`].
+    pub fn var(&mut self, name: &str, shape: &[usize]) -> Result<Var, ModelError> {
+        self.shapes.push((name.to_string(), shape.to_vec()));
+        let candle_err = |source| ModelError::Candle {
+            context: format!("converting tensor \"{name}\""),
+            source,
+        };
+        let Some(tensors) = self.tensors.as_mut() else {
+            return Var::zeros(1, self.dtype, &self.device).map_err(candle_err);
+        };
+        let tensor = tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+                source_name: self.source_name.clone(),
+            })?;
+        if tensor.dims() != shape {
+            return Err(ModelError::WrongShape {
+                name: name.to_string(),
+                source_name: self.source_name.clone(),
+                got: tensor.dims().to_vec(),
+                expected: shape.to_vec(),
+            });
+        }
+        let tensor = tensor
+            .to_dtype(self.dtype)
+            .and_then(|t| t.to_device(&self.device))
+            .map_err(candle_err)?;
+        let var = Var::from_tensor(&tensor).map_err(candle_err)?;
+        self.parameters.push((name.to_string(), var.clone()));
+        Ok(var)
+    }
+
+    /// `{prefix}.weight` `[out, in]` and, if `bias`, `{prefix}.bias` `[out]`.
+    pub fn linear(
+        &mut self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
+        let weight = self.var(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(self.var(&format!("{prefix}.bias"), &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// `{prefix}.weight` `[dim]` as a Llama-style RMS norm.
+    pub fn rms_norm(&mut self, prefix: &str, dim: usize, eps: f64) -> Result<RmsNorm, ModelError> {
+        Ok(RmsNorm::new(
+            self.var(&format!("{prefix}.weight"), &[dim])?,
+            eps,
+        ))
+    }
+
+    /// `{prefix}.weight` `[dim]` as a Gemma-style `(1 + w)` RMS norm.
+    pub fn rms_norm_unit_offset(
+        &mut self,
+        prefix: &str,
+        dim: usize,
+        eps: f64,
+    ) -> Result<RmsNorm, ModelError> {
+        Ok(RmsNorm::new_unit_offset(
+            self.var(&format!("{prefix}.weight"), &[dim])?,
+            eps,
+        ))
+    }
+}
+
+/// The safetensors files of an HF directory: those named by model.safetensors.index.json, else
+/// model.safetensors, else every *.safetensors file.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.is_file() {
+        let text = std::fs::read_to_string(&index_path).map_err(|source| ModelError::Io {
+            path: index_path.clone(),
+            source,
+        })?;
+        let index: Value = serde_json::from_str(&text).map_err(|e| json_error(e, &index_path))?;
+        let bad = |message: String| ModelError::BadIndex {
+            path: index_path.clone(),
+            message,
+        };
+        let map = index
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("no \"weight_map\" object".to_string()))?;
+        let mut files = BTreeSet::new();
+        for (tensor, file) in map {
+            let file = file
+                .as_str()
+                .ok_or_else(|| bad(format!("tensor \"{tensor}\" maps to a non-string")))?;
+            files.insert(file.to_string());
+        }
+        let mut paths = Vec::new();
+        for file in files {
+            let path = dir.join(&file);
+            if !path.is_file() {
+                return Err(bad(format!("shard \"{file}\" is not in {}", dir.display())));
+            }
+            paths.push(path);
+        }
+        return Ok(paths);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| ModelError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors") && p.is_file())
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(ModelError::NoWeights {
+            dir: dir.to_path_buf(),
+        });
+    }
+    Ok(paths)
+}
+
+/// Every tensor of the HF checkpoint in `dir`, on `device`, in its stored dtype.
+pub(crate) fn load_hf_tensors(
+    dir: &Path,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>, ModelError> {
+    let mut tensors = HashMap::new();
+    for path in weight_files(dir)? {
+        let shard = candle_core::safetensors::load(&path, device).map_err(|source| {
+            ModelError::Safetensors {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        tensors.extend(shard);
+    }
+    Ok(tensors)
+}
