@@ -128,7 +128,28 @@ impl HfTensors {
         let t = view
             .load(&Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", path.display()))?;
+        self.release_pages(name, view.data());
         Ok(t.to_dtype(DType::F32)?)
+    }
+
+    /// Drops the mapped pages of a tensor already copied out, so that streaming a model through a
+    /// conversion keeps about one tensor resident rather than the whole file.
+    fn release_pages(&self, name: &str, data: &[u8]) {
+        #[cfg(unix)]
+        if let Some(&i) = self.index.get(name) {
+            let mmap = &self.files[i].1;
+            let start = data.as_ptr() as usize - mmap.as_ptr() as usize;
+            let page = 4096;
+            let aligned = start / page * page;
+            let len = start + data.len() - aligned;
+            // SAFETY: the mapping is a read-only file mapping and the data was copied out above;
+            // MADV_DONTNEED only makes later reads fault the pages in from the file again.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, aligned, len)
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = (name, data);
     }
 
     /// Every tensor as f32, by name (for tests and small models).
