@@ -13,6 +13,10 @@ use crate::fetch::{cache_dir, smollm2_path};
 pub enum BenchKind {
     /// Converting SmolLM2-135M: GGUF -> HF f32, then HF -> GGUF f16 and q4_k_m.
     Convert,
+    /// One EM update on SmolLM2-135M (8 responses × 256 tokens), against PyTorch when installed.
+    EmStep,
+    /// Batched sampling vs llama.cpp's own batched throughput on SmolLM2-135M, in the same command.
+    Sample,
 }
 
 #[derive(clap::Args, Debug)]
@@ -31,6 +35,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create", work.display()))?;
     match args.kind {
         BenchKind::Convert => bench_convert(&work),
+        BenchKind::EmStep => crate::bench_train::bench_em_step(&work),
+        BenchKind::Sample => crate::bench_sample::bench_sample(&work),
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod load;
 mod prompt;
+pub mod synthetic;
 
 pub use load::{last_boxed, load_pool, load_suite, DataError, Problem};
 pub use prompt::{

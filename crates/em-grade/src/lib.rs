@@ -14,7 +14,9 @@ mod stats;
 
 pub use equiv::is_equivalent;
 pub use extract::{extract_answer, last_boxed};
-pub use stats::wilson_interval;
+pub use stats::{
+    mcnemar_exact_p, mean_interval, paired_difference, wilson_interval, wilson_interval_p,
+};
 
 use serde::{Deserialize, Serialize};
 

@@ -2,6 +2,16 @@
 //!
 //! Architecture invariant: this crate knows llama.cpp and nothing of candle or of training; callers
 //! hand it a GGUF path and token ids or text.
+//!
+//! [`Engine`] samples many prompts × many answers at once ([`Sampler`] is the seam for other
+//! backends); [`sampler`] holds the sampling math, matching Hugging Face `generate`.
+
+pub mod batch;
+pub mod request;
+pub mod sampler;
+
+pub use batch::{Engine, EngineConfig, Event, RunStats, Sampler};
+pub use request::{FinishReason, Prompt, Request, Sample, SamplingParams, TokenStats};
 
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -21,6 +31,12 @@ pub enum SampleError {
     Load { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     Run { path: PathBuf, message: String },
+    #[error("{path}: request {request}: {message}")]
+    Request {
+        path: PathBuf,
+        request: usize,
+        message: String,
+    },
     #[error("llama.cpp backend: {0}")]
     Backend(String),
 }
@@ -56,11 +72,20 @@ impl GgufModel {
     /// Loads `path`; errors name the file.
     pub fn load(path: &Path) -> Result<Self, SampleError> {
         if !path.is_file() {
-            return Err(SampleError::Load { path: path.into(), message: "no such file".into() });
+            return Err(SampleError::Load {
+                path: path.into(),
+                message: "no such file".into(),
+            });
         }
         let model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
-            .map_err(|e| SampleError::Load { path: path.into(), message: e.to_string() })?;
-        Ok(Self { model, path: path.into() })
+            .map_err(|e| SampleError::Load {
+                path: path.into(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            model,
+            path: path.into(),
+        })
     }
 
     /// The underlying llama.cpp model.
@@ -68,6 +93,32 @@ impl GgufModel {
         &self.model
     }
 
+    /// A GGUF metadata value as text (e.g. `tokenizer.chat_template`), if present.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        self.model.meta_val_str(key).ok()
+    }
+
+    /// The text of token `id`, special tokens rendered.
+    pub fn token_text(&self, id: u32) -> String {
+        let bytes = self
+            .model
+            .vocab()
+            .token_to_piece(LlamaToken(id as i32), true, None);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The BOS and EOS token ids.
+    pub fn bos_eos(&self) -> (u32, u32) {
+        let vocab = self.model.vocab();
+        (vocab.bos().0 as u32, vocab.eos().0 as u32)
+    }
+
+    /// The GGUF file this was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the vocabulary (length of a logit vector).
     pub fn n_vocab(&self) -> usize {
         self.model.n_vocab() as usize
     }
@@ -76,13 +127,20 @@ impl GgufModel {
     pub fn tokenize(&self, text: &str, add_bos: bool) -> Vec<u32> {
         let vocab = self.model.vocab();
         let add_special = add_bos && vocab.should_add_bos();
-        vocab.tokenize(text.as_bytes(), add_special, true).into_iter().map(|t| t.0 as u32).collect()
+        vocab
+            .tokenize(text.as_bytes(), add_special, true)
+            .into_iter()
+            .map(|t| t.0 as u32)
+            .collect()
     }
 
     /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one sequence).
     pub fn logits(&self, tokens: &[u32], threads: i32) -> Result<Vec<Vec<f32>>, SampleError> {
         let n = tokens.len();
-        let run_err = |message: String| SampleError::Run { path: self.path.clone(), message };
+        let run_err = |message: String| SampleError::Run {
+            path: self.path.clone(),
+            message,
+        };
         let n_ctx = (n.max(1) as u32).next_multiple_of(256);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
@@ -90,12 +148,19 @@ impl GgufModel {
             .with_n_ubatch(n_ctx)
             .with_n_threads(threads)
             .with_n_threads_batch(threads);
-        let mut ctx = self.model.new_context(backend()?, params).map_err(|e| run_err(e.to_string()))?;
+        let mut ctx = self
+            .model
+            .new_context(backend()?, params)
+            .map_err(|e| run_err(e.to_string()))?;
         let mut batch = LlamaBatch::new(n.max(1), 1);
         for (i, &t) in tokens.iter().enumerate() {
-            batch.add(LlamaToken(t as i32), i as i32, &[0], true).map_err(|e| run_err(e.to_string()))?;
+            batch
+                .add(LlamaToken(t as i32), i as i32, &[0], true)
+                .map_err(|e| run_err(e.to_string()))?;
         }
         ctx.decode(&mut batch).map_err(|e| run_err(e.to_string()))?;
-        Ok((0..n).map(|i| ctx.get_logits_ith(i as i32).to_vec()).collect())
+        Ok((0..n)
+            .map(|i| ctx.get_logits_ith(i as i32).to_vec())
+            .collect())
     }
 }

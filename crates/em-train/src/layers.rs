@@ -317,9 +317,9 @@ impl Attention {
 
         // Query heads j·rep .. (j+1)·rep share key/value head j (HF `repeat_kv`): fold them into
         // the sequence axis instead of repeating K and V.
-        let q = q.reshape((b, kv, rep * s, d))?;
+        // Scaling q rather than the scores saves one [batch, heads, seq, seq] activation.
+        let q = (q * self.scale)?.reshape((b, kv, rep * s, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, h, s, s))?;
-        let scores = (scores * self.scale)?;
         let scores = match self.softcap {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
             None => scores,

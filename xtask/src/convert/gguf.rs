@@ -59,7 +59,14 @@ impl GgufWriter {
         for (key, value) in metadata {
             write_string(w, key)?;
             w.write_all(&value_type(value).to_le_bytes())?;
-            write_value(w, value)?;
+            match value {
+                // An empty array carries no element type; llama.cpp checks it, so use the key's.
+                Value::Array(items) if items.is_empty() => {
+                    w.write_all(&empty_array_element_type(key).to_le_bytes())?;
+                    w.write_all(&0u64.to_le_bytes())?;
+                }
+                _ => write_value(w, value)?,
+            }
         }
         let mut offset = 0u64;
         for spec in &specs {
@@ -139,6 +146,19 @@ fn align(n: u64) -> u64 {
 fn write_string(w: &mut impl Write, s: &str) -> std::io::Result<()> {
     w.write_all(&(s.len() as u64).to_le_bytes())?;
     w.write_all(s.as_bytes())
+}
+
+/// The element type llama.cpp expects for array keys that may be empty (e.g. the merges of a
+/// byte-level tokenizer without merges).
+fn empty_array_element_type(key: &str) -> u32 {
+    match key {
+        "tokenizer.ggml.tokens" | "tokenizer.ggml.merges" => {
+            value_type(&Value::String(String::new()))
+        }
+        "tokenizer.ggml.token_type" => value_type(&Value::I32(0)),
+        "tokenizer.ggml.scores" => value_type(&Value::F32(0.0)),
+        _ => value_type(&Value::U8(0)),
+    }
 }
 
 /// GGUF metadata value type ids (gguf.h).

@@ -21,7 +21,8 @@ pub struct HfTensors {
 }
 
 impl HfTensors {
-    /// Opens `model.safetensors.index.json`'s shards if present, else every `*.safetensors` in `dir`.
+    /// Opens the shards of `model.safetensors.index.json`, else `model.safetensors`, else every
+    /// `*.safetensors` in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         let index_path = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if index_path.exists() {
@@ -37,6 +38,9 @@ impl HfTensors {
             files.sort();
             files.dedup();
             files.into_iter().map(|f| dir.join(f)).collect()
+        } else if dir.join("model.safetensors").is_file() {
+            // As transformers does: a single-file checkpoint wins over other safetensors beside it.
+            vec![dir.join("model.safetensors")]
         } else {
             let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
                 .with_context(|| format!("{}: cannot read directory", dir.display()))?

@@ -1,0 +1,192 @@
+//! `cargo xtask train` on the tiny qwen2 fixture: a few on-policy updates lower the entropy,
+//! checkpoints are HF directories that convert to GGUF and load in llama.cpp with the logits candle
+//! computes, and a run stopped after 2 steps and resumed to 3 equals an uninterrupted 3-step run.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use em_sample::GgufModel;
+use em_tests::tiny_qwen2;
+use em_train::models::CausalLm;
+use serde_json::Value;
+use xtask::convert::{hf_to_gguf, OutType};
+use xtask::em_loss::ModelDtype;
+use xtask::train::{run, TrainArgs};
+
+fn args(prompt: &Path, out: &Path, stop_after: Option<usize>) -> TrainArgs {
+    TrainArgs {
+        model: tiny_qwen2(),
+        prompt: prompt.to_path_buf(),
+        prompt_id: None,
+        out: out.to_path_buf(),
+        steps: 3,
+        samples: 8,
+        micro_batch: 4,
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        adam_eps: 1e-8,
+        weight_decay: 0.01,
+        max_grad_norm: 1.0,
+        temperature: 0.5,
+        sample_temperature: 0.5,
+        top_p: 0.95,
+        top_k: 0,
+        repetition_penalty: 1.15,
+        max_new_tokens: 32,
+        seed: 15,
+        dtype: ModelDtype::F32,
+        save_every: 1,
+        stop_after,
+        parallel: 8,
+        threads: Some(1),
+    }
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The fields of a metrics line that do not depend on timing.
+fn deterministic(line: &Value) -> Value {
+    let mut v = line.clone();
+    let obj = v.as_object_mut().unwrap();
+    obj.retain(|k, _| !k.contains("seconds") && !k.ends_with("per_s") && k != "peak_rss_mb");
+    v
+}
+
+fn weights(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("model.safetensors")).unwrap()
+}
+
+fn pool(dir: &Path) -> PathBuf {
+    let p = dir.join("prompt.jsonl");
+    std::fs::write(
+        &p,
+        r#"{"id": "t1", "prompt": [{"role": "user", "content": "What is 12 + 30? Let's think step by step."}], "answer": "42", "data_source": "test"}
+"#,
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn training_lowers_entropy_checkpoints_load_and_resume_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompt = pool(tmp.path());
+
+    // Uninterrupted: 3 steps.
+    let a = tmp.path().join("a");
+    run(&args(&prompt, &a, None)).unwrap();
+    let ma = metrics(&a);
+    assert_eq!(ma.len(), 3);
+    let losses: Vec<f64> = ma.iter().map(|m| m["loss"].as_f64().unwrap()).collect();
+    eprintln!("entropy per step: {losses:?}");
+    assert!(
+        losses[2] < losses[0] - 0.05,
+        "entropy did not fall: {losses:?}"
+    );
+    for m in &ma {
+        assert_eq!(m["n_responses"], 8);
+        assert!(m["grad_norm"].as_f64().unwrap() > 0.0);
+        assert!(m["pass_rate"].is_number() && m["peak_rss_mb"].is_number());
+        let len = m["resp_len_mean"].as_f64().unwrap();
+        assert!(len > 0.0 && len <= 32.0);
+    }
+    for step in 1..=3 {
+        assert!(a
+            .join(format!("checkpoint-{step}/optimizer/adamw.safetensors"))
+            .is_file());
+    }
+    assert_eq!(weights(&a.join("final")), weights(&a.join("checkpoint-3")));
+
+    // Stopped after 2 steps, then resumed to 3: the same numbers and the same weights.
+    let b = tmp.path().join("b");
+    run(&args(&prompt, &b, Some(2))).unwrap();
+    assert_eq!(metrics(&b).len(), 2);
+    assert!(!b.join("final").exists());
+    // A line written after the last checkpoint (as a kill between the two would leave) is dropped.
+    std::fs::remove_dir_all(b.join("checkpoint-2")).unwrap();
+    run(&args(&prompt, &b, None)).unwrap();
+    let mb = metrics(&b);
+    assert_eq!(mb.len(), 3);
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(deterministic(x), deterministic(y));
+    }
+    assert_eq!(weights(&a.join("final")), weights(&b.join("final")));
+    assert_eq!(
+        std::fs::read(a.join("checkpoint-3/optimizer/adamw.safetensors")).unwrap(),
+        std::fs::read(b.join("checkpoint-3/optimizer/adamw.safetensors")).unwrap()
+    );
+
+    // A checkpoint is an HF directory: candle loads it, it converts to GGUF, llama.cpp loads
+    // that and computes the logits candle computes.
+    let ckpt = a.join("checkpoint-3");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(ckpt.join(f).is_file(), "{f} missing");
+    }
+    let model = CausalLm::from_hf_dir(&ckpt, DType::F32, &Device::Cpu).unwrap();
+    let gguf = tmp.path().join("ckpt.gguf");
+    hf_to_gguf(&ckpt, &gguf, OutType::F32).unwrap();
+    let llama = GgufModel::load(&gguf).unwrap();
+    let ids = llama.tokenize("<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n", false);
+    let theirs = llama.logits(&ids, 1).unwrap();
+    let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ours = model
+        .forward(&x)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let scale = ours.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = ours
+        .iter()
+        .flatten()
+        .zip(theirs.iter().flatten())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-3 * scale,
+        "llama.cpp logits differ by {diff} (scale {scale})"
+    );
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let err = |a: TrainArgs| format!("{:#}", run(&a).unwrap_err());
+
+    let missing = tmp.path().join("nope.jsonl");
+    let e = err(args(&missing, &out, None));
+    assert!(e.contains("nope.jsonl"), "{e}");
+
+    let bad = tmp.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"id\": 1, \"prompt\": \n").unwrap();
+    let e = err(args(&bad, &out, None));
+    assert!(e.contains("bad.jsonl") && !e.contains('\n'), "{e}");
+
+    let prompt = pool(tmp.path());
+    let mut a = args(&prompt, &out, None);
+    a.prompt_id = Some("zzz".into());
+    let e = err(a);
+    assert!(
+        e.ends_with("prompt.jsonl: no record with id \"zzz\""),
+        "{e}"
+    );
+
+    let mut a = args(&prompt, &out, None);
+    a.model = tmp.path().to_path_buf();
+    let e = err(a);
+    assert!(
+        e.ends_with("config.json: missing (the model directory needs it)"),
+        "{e}"
+    );
+}

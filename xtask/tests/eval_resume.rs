@@ -1,0 +1,122 @@
+//! An interrupted `cargo xtask eval`, rerun with the same command, ends with every item exactly once
+//! and the same results as an uninterrupted run.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn eval_cmd(out: &Path) -> Command {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-qwen2");
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/bench/gsm8k.jsonl");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
+    cmd.args(["eval", "--model"])
+        .arg(&fixture)
+        .args(["--quant", "f32", "--suites"])
+        .arg(&suite)
+        .args([
+            "--limit",
+            "40",
+            "--max-new-tokens",
+            "48",
+            "--parallel",
+            "4",
+            "--threads",
+            "1",
+            "--out",
+        ])
+        .arg(out)
+        .env("EM_NO_PROGRESS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn ids_and_responses(path: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["samples"][0]["response"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn killed_eval_resumes_with_every_item_once() {
+    if !Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/data/bench/gsm8k.jsonl")
+        .exists()
+    {
+        eprintln!("SKIPPED: ../shared/data/bench/gsm8k.jsonl is absent");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (killed, clean) = (tmp.path().join("killed"), tmp.path().join("clean"));
+    let items = killed.join("gsm8k.model.greedy.jsonl");
+
+    let mut child = eval_cmd(&killed).spawn().unwrap();
+    let start = Instant::now();
+    loop {
+        let n = std::fs::read_to_string(&items)
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if n >= 5 {
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("eval ended ({status}) before it could be interrupted");
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "eval made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = ids_and_responses(&items).len();
+    assert!(before < 40, "the run finished before it was killed");
+    // A write torn by the kill.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&items)
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(b"{\"id\":\"gsm8k-9")
+        })
+        .unwrap();
+
+    let out = eval_cmd(&killed).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resumed = ids_and_responses(&items);
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (id, _) in &resumed {
+        *counts.entry(id).or_default() += 1;
+    }
+    assert_eq!(resumed.len(), 40, "items after resume");
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "an item was evaluated twice"
+    );
+
+    let out = eval_cmd(&clean).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut a = resumed.clone();
+    let mut b = ids_and_responses(&clean.join("gsm8k.model.greedy.jsonl"));
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "resumed results differ from an uninterrupted run");
+}
