@@ -139,6 +139,15 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let mut notes: Vec<String> = vec![];
     let mut plots: Vec<PathBuf> = vec![];
     for subject in &args.subjects {
+        // The default subjects are repository paths: find them from any working directory.
+        let in_repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(subject);
+        let subject = if !subject.exists() && subject.is_relative() && in_repo.exists() {
+            &in_repo
+        } else {
+            subject
+        };
         if !subject.join("config.json").is_file() {
             bail!(
                 "{}: not a model directory (expected an organism from `cargo xtask organism`)",
