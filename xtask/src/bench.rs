@@ -17,6 +17,8 @@ pub enum BenchKind {
     EmStep,
     /// Batched sampling vs llama.cpp's own batched throughput on SmolLM2-135M, in the same command.
     Sample,
+    /// `eval` throughput (items/s, tokens/s) vs llama.cpp's batched throughput, in the same command.
+    Eval,
 }
 
 #[derive(clap::Args, Debug)]
@@ -37,6 +39,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchKind::Convert => bench_convert(&work),
         BenchKind::EmStep => crate::bench_train::bench_em_step(&work),
         BenchKind::Sample => crate::bench_sample::bench_sample(&work),
+        BenchKind::Eval => crate::bench_sample::bench_eval(&work),
     }
 }
 

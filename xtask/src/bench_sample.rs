@@ -338,3 +338,92 @@ pub fn bench_sample(work: &Path) -> Result<()> {
     println!("summary: {}", path.display());
     Ok(())
 }
+
+/// `cargo xtask bench eval`: items/s and generated tokens/s of `eval` (greedy, GSM8K, SmolLM2),
+/// next to llama.cpp's batched generation throughput at the same batch, threads and lengths, run in
+/// the same command. Ours includes prompt processing, sampling, grading and the per-item writes.
+pub fn bench_eval(work: &Path) -> Result<()> {
+    let model_path = smollm2_path(&cache_dir());
+    if !model_path.is_file() {
+        bail!(
+            "{}: no such model (run `cargo xtask fetch smollm2-135m`)",
+            model_path.display()
+        );
+    }
+    let threads: i32 = env_or("EM_BENCH_THREADS", em_sample::default_threads())?;
+    let b: usize = env_or("EM_BENCH_B", 8)?;
+    let items: usize = env_or("EM_BENCH_ITEMS", 16)?;
+    let tg: usize = env_or("EM_BENCH_TG", 128)?;
+    std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
+    let bin = anchor_binary(work)?;
+    let out = work.join("bench-eval");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out)?;
+    let args: crate::eval::EvalArgs = {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            inner: crate::eval::EvalArgs,
+        }
+        Wrap::parse_from([
+            "bench".to_string(),
+            "--model".into(),
+            model_path.display().to_string(),
+            "--suites".into(),
+            "gsm8k".into(),
+            "--out".into(),
+            out.display().to_string(),
+            "--max-new-tokens".into(),
+            tg.to_string(),
+            "--parallel".into(),
+            b.to_string(),
+            "--threads".into(),
+            threads.to_string(),
+        ])
+        .inner
+    };
+    let problems: Vec<em_data::Problem> = em_data::load_suite(crate::eval::suite_path("gsm8k")?)?
+        .into_iter()
+        .take(items)
+        .collect();
+    let model = GgufModel::load(&model_path)?;
+    let style = crate::eval::prompt_style(&model_path, crate::eval::StyleArg::Auto)?;
+    let prompt_tokens: usize = problems
+        .iter()
+        .map(|p| {
+            Ok(model
+                .tokenize(&em_data::render_prompt(&style, p)?, true)
+                .len())
+        })
+        .sum::<Result<usize>>()?;
+    let pp = prompt_tokens / problems.len().max(1);
+    let load = load1();
+    let setting = crate::eval::Setting {
+        label: "bench".into(),
+        temperature: 0.0,
+        n: 1,
+    };
+    let start = std::time::Instant::now();
+    let results = crate::eval::evaluate(
+        &model,
+        &style,
+        &problems,
+        &setting,
+        &args,
+        &out.join("items.jsonl"),
+    )?;
+    let secs = start.elapsed().as_secs_f64();
+    let generated: usize = results
+        .iter()
+        .flat_map(|r| r.samples.iter().map(|s| s.n_tokens))
+        .sum();
+    let (_, anchor_tg) = run_anchor(&bin, &model_path, threads, b, pp, tg, false)?;
+    let ours_tps = generated as f64 / secs;
+    println!("bench eval: {} | GSM8K first {items} items, greedy, ≤{tg} new tokens | threads {threads} | batch {b} | load1 {load}", model_path.display());
+    println!("| | items/s | generated tokens/s | vs llama.cpp batched generation |");
+    println!("|---|---|---|---|");
+    println!("| cargo xtask eval (prompts {pp} tokens on average, incl. prefill, sampling, grading, writes) | {:.3} | {ours_tps:.1} | {:.2}x |", results.len() as f64 / secs, ours_tps / anchor_tg);
+    println!("| llama.cpp anchor, B={b}, pp {pp}, tg {tg} (generation only) | – | {anchor_tg:.1} | 1.00x |");
+    Ok(())
+}
