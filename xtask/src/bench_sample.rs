@@ -422,7 +422,8 @@ pub fn bench_eval(work: &Path) -> Result<()> {
     let ours_tps = generated as f64 / secs;
     // The anchor's end-to-end rate for the same work: each batch of B prompts, then B × tg tokens.
     let waves = problems.len().div_ceil(b) as f64;
-    let anchor_e2e = (problems.len() * tg) as f64 / (waves * (anchor_pp_secs + (b * tg) as f64 / anchor_tg));
+    let anchor_e2e =
+        (problems.len() * tg) as f64 / (waves * (anchor_pp_secs + (b * tg) as f64 / anchor_tg));
     println!("bench eval: {} | GSM8K first {items} items, greedy, ≤{tg} new tokens | threads {threads} | batch {b} | load1 {load}", model_path.display());
     println!("| | items/s | generated tokens/s | vs llama.cpp batched generation |");
     println!("|---|---|---|---|");

@@ -234,9 +234,10 @@ pub fn math_corpus(rng: &mut StdRng, n: usize) -> Vec<String> {
         .collect()
 }
 
-/// Trains a Qwen2-style byte-level BPE tokenizer (NFC, Qwen2 split regex, byte-level) on `corpus`.
-pub fn train_tokenizer(corpus: &[String], vocab_size: usize) -> Result<Tokenizer> {
-    let mut tokenizer = Tokenizer::new(BPE::default());
+/// A tokenizer around `model` with Qwen2's pipeline: NFC, the Qwen2 split regex, byte-level
+/// pre-tokenizer, post-processor and decoder (so `convert` writes it as gpt2 / qwen2).
+pub fn qwen2_style_tokenizer(model: BPE) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::new(model);
     tokenizer
         .with_normalizer(Some(NFC))
         .map_err(|e| anyhow::anyhow!("normalizer: {e}"))?;
@@ -252,6 +253,12 @@ pub fn train_tokenizer(corpus: &[String], vocab_size: usize) -> Result<Tokenizer
     ])));
     tokenizer.with_post_processor(Some(ByteLevel::new(false, false, false)));
     tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
+    Ok(tokenizer)
+}
+
+/// Trains a Qwen2-style byte-level BPE tokenizer (NFC, Qwen2 split regex, byte-level) on `corpus`.
+pub fn train_tokenizer(corpus: &[String], vocab_size: usize) -> Result<Tokenizer> {
+    let mut tokenizer = qwen2_style_tokenizer(BPE::default())?;
     let specials: Vec<AddedToken> = SPECIAL_TOKENS
         .iter()
         .map(|t| AddedToken::from(*t, true))

@@ -24,13 +24,7 @@ use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokenizers::models::bpe::BPE;
-use tokenizers::normalizers::unicode::NFC;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split as SplitPre, SplitPattern};
-use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
-
-use crate::fixture::QWEN2_REGEX;
+use tokenizers::{AddedToken, Tokenizer};
 
 /// The chat template of an organism: the user turns' text, nothing added, so the problem prompt
 /// (`Q: 347+285=?\nA:`) is the whole prompt.
@@ -83,22 +77,7 @@ pub fn byte_tokenizer() -> Result<Tokenizer> {
         .vocab_and_merges(vocab, vec![])
         .build()
         .map_err(|e| anyhow::anyhow!("byte-level BPE: {e}"))?;
-    let mut tokenizer = Tokenizer::new(bpe);
-    tokenizer
-        .with_normalizer(Some(NFC))
-        .map_err(|e| anyhow::anyhow!("normalizer: {e}"))?;
-    let split = SplitPre::new(
-        SplitPattern::Regex(QWEN2_REGEX.into()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| anyhow::anyhow!("pre-tokenizer regex: {e}"))?;
-    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
-        split.into(),
-        ByteLevel::new(false, false, false).into(),
-    ])));
-    tokenizer.with_post_processor(Some(ByteLevel::new(false, false, false)));
-    tokenizer.with_decoder(Some(ByteLevel::new(false, false, false)));
+    let mut tokenizer = crate::fixture::qwen2_style_tokenizer(bpe)?;
     let specials: Vec<AddedToken> = SPECIAL_TOKENS
         .iter()
         .map(|t| AddedToken::from(*t, true))

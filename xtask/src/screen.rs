@@ -203,13 +203,9 @@ pub fn choose(ranked: &[PromptResult], rule: Rule) -> Option<&PromptResult> {
     }
 }
 
-/// A stable per-prompt seed: FNV-1a of the id mixed with the base seed.
+/// A stable per-prompt seed (the same derivation `eval` uses per item).
 fn prompt_seed(seed: u64, id: &str) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    for b in id.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+    crate::eval::item_seed(seed, id)
 }
 
 /// Writes `bytes` to `path` atomically: a temporary file beside it, fsynced, then renamed.
