@@ -20,7 +20,7 @@ use crate::convert::arch::Hparams;
 use crate::convert::quant::{self, OutType, TensorRole};
 use crate::convert::read_json;
 use crate::convert::safetensors_io::HfTensors;
-use crate::eval::write_atomic;
+use crate::fsutil::write_atomic;
 
 #[derive(clap::Args, Debug)]
 pub struct AnalyzeArgs {
@@ -149,7 +149,8 @@ pub fn fidelity(base: &Path, tuned: &Path) -> Result<Vec<FidelityRow>> {
     Ok(rows)
 }
 
-fn out_name(t: OutType) -> String {
+/// The command-line name of a GGUF type (`q4_k_m`).
+pub fn out_name(t: OutType) -> String {
     use clap::ValueEnum;
     t.to_possible_value()
         .map_or_else(|| format!("{t:?}"), |v| v.get_name().to_string())

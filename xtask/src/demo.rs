@@ -19,7 +19,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::convert::OutType;
-use crate::eval::{self, EvalArgs, ItemResult, Setting, StyleArg};
+use crate::eval::{self, mean_score, EvalArgs, ItemResult, Setting, StyleArg};
+use crate::fsutil::write_atomic;
 use crate::screen::{self, PromptResult, Rule, ScreenArgs};
 use crate::train::{self, TrainArgs};
 
@@ -327,14 +328,14 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         for quant in [OutType::F16, OutType::Q8_0, OutType::Q4KM] {
             let gguf = eval::resolve_gguf(&tuned_dir, quant, &run_dir.join("gguf"))?;
             let setting = Setting {
-                label: format!("tuned-{}", quant_name(quant)),
+                label: format!("tuned-{}", crate::analyze::out_name(quant)),
                 temperature: 0.0,
                 n: 1,
             };
             let items = eval_setting(&gguf, &test, &setting, &plan, &run_dir.join("test"))?;
             rows.push(row(
                 &name,
-                &format!("tuned ({})", quant_name(quant)),
+                &format!("tuned ({})", crate::analyze::out_name(quant)),
                 &setting,
                 &items,
                 None,
@@ -384,16 +385,6 @@ fn setting_name(t: f32) -> String {
     }
 }
 
-fn quant_name(q: OutType) -> String {
-    use clap::ValueEnum;
-    q.to_possible_value()
-        .map_or_else(|| format!("{q:?}"), |v| v.get_name().to_string())
-}
-
-fn mean_score(items: &[ItemResult]) -> f64 {
-    items.iter().map(ItemResult::score).sum::<f64>() / items.len().max(1) as f64
-}
-
 fn sd(xs: &[f64]) -> f64 {
     let m = xs.iter().sum::<f64>() / xs.len() as f64;
     (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1).max(1) as f64).sqrt()
@@ -438,7 +429,7 @@ fn write_pool(problems: &[Problem], path: &Path) -> Result<()> {
         let line = json!({"id": p.id, "prompt": messages, "answer": p.answers.first(), "data_source": p.source});
         text += &format!("{line}\n");
     }
-    eval::write_atomic(path, &text)
+    write_atomic(path, &text)
 }
 
 fn read_screen(path: &Path) -> Result<Vec<PromptResult>> {
@@ -517,16 +508,8 @@ fn eval_setting(
         s("--seed"),
         s(1234),
     ]);
-    let file = out_dir.join(format!("{}.jsonl", setting_tag(setting)));
+    let file = out_dir.join(format!("{}.jsonl", setting.tag()));
     eval::evaluate(&model, &style, problems, setting, &args, &file)
-}
-
-fn setting_tag(setting: &Setting) -> String {
-    if setting.temperature <= 0.0 {
-        format!("{}.greedy", setting.label)
-    } else {
-        format!("{}.t{}-n{}", setting.label, setting.temperature, setting.n)
-    }
 }
 
 fn report(out: &Path, rows: &[Row], notes: &[String], plots: &[PathBuf]) -> Result<()> {
@@ -559,8 +542,8 @@ fn report(out: &Path, rows: &[Row], notes: &[String], plots: &[PathBuf]) -> Resu
     for p in plots {
         md += &format!("- {}\n", p.display());
     }
-    eval::write_atomic(&out.join("demo.md"), &md)?;
-    eval::write_atomic(
+    write_atomic(&out.join("demo.md"), &md)?;
+    write_atomic(
         &out.join("demo.json"),
         &(serde_json::to_string_pretty(&json!({"rows": rows, "notes": notes, "plots": plots}))?
             + "\n"),

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::convert::{self, gguf::GgufFile, OutType};
+use crate::fsutil::write_atomic;
 
 /// How prompts are built.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +87,8 @@ pub struct Setting {
 }
 
 impl Setting {
-    fn tag(&self) -> String {
+    /// The file-name tag of this setting, e.g. `model.greedy` or `model.t0.5-n4`.
+    pub fn tag(&self) -> String {
         if self.temperature <= 0.0 {
             format!("{}.greedy", self.label)
         } else {
@@ -213,7 +215,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn mean_score(items: &[ItemResult]) -> f64 {
+/// Mean per-item score (accuracy, or avg@n).
+pub fn mean_score(items: &[ItemResult]) -> f64 {
     items.iter().map(ItemResult::score).sum::<f64>() / items.len().max(1) as f64
 }
 
@@ -657,11 +660,4 @@ fn write_reports(out: &Path, summaries: &[SuiteSummary], comparisons: &[Comparis
     println!("\n{md}");
     println!("{}", out.join("summary.json").display());
     Ok(())
-}
-
-/// Writes `text` to `path` through a temporary file and a rename.
-pub fn write_atomic(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp-write");
-    fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("{}: cannot move into place", path.display()))
 }

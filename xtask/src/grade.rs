@@ -3,7 +3,7 @@
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Arguments of `cargo xtask grade`.
 #[derive(clap::Args, Debug)]
@@ -68,7 +68,10 @@ pub fn run(args: &GradeArgs) -> Result<()> {
         lines_out.push(json!({ "pred": verdict.pred, "correct": verdict.correct }).to_string());
     }
     match &args.output {
-        Some(path) => write_atomic(path, &lines_out)?,
+        Some(path) => {
+            let text: String = lines_out.iter().map(|l| format!("{l}\n")).collect();
+            crate::fsutil::write_atomic(path, text)?
+        }
         None => {
             let stdout = std::io::stdout();
             let mut w = BufWriter::new(stdout.lock());
@@ -88,40 +91,6 @@ pub fn run(args: &GradeArgs) -> Result<()> {
         json!({ "n": n, "correct": correct, "accuracy": accuracy, "ci95": em_grade::wilson_interval(correct, n) })
     );
     Ok(())
-}
-
-/// Write `lines` to `path` through a temporary file in the same folder and a rename.
-fn write_atomic(path: &Path, lines: &[String]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{}: not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = write_then_rename(&tmp, path, lines);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {}", path.display()))
-}
-
-fn write_then_rename(tmp: &Path, path: &Path, lines: &[String]) -> Result<()> {
-    let f =
-        std::fs::File::create(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let mut w = BufWriter::new(f);
-    for l in lines {
-        writeln!(w, "{l}")?;
-    }
-    let f = w.into_inner().map_err(|e| e.into_error())?;
-    f.sync_all()?;
-    std::fs::rename(tmp, path)
-        .with_context(|| format!("cannot move {} to {}", tmp.display(), path.display()))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod em_loss;
 pub mod eval;
 pub mod fetch;
 pub mod fixture;
+pub mod fsutil;
 pub mod grade;
 pub mod organism;
 pub mod screen;

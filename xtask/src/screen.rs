@@ -22,6 +22,8 @@ use em_sample::{
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::fsutil::write_atomic;
+
 /// How a problem becomes a prompt.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -206,17 +208,6 @@ pub fn choose(ranked: &[PromptResult], rule: Rule) -> Option<&PromptResult> {
 /// A stable per-prompt seed (the same derivation `eval` uses per item).
 fn prompt_seed(seed: u64, id: &str) -> u64 {
     crate::eval::item_seed(seed, id)
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file beside it, fsynced, then renamed.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("{}: cannot rename into place", path.display()))
 }
 
 /// Reads the finished prompts of `prompts.jsonl`, cutting off a torn last line.
