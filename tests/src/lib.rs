@@ -1,5 +1,7 @@
 //! Helpers shared by the end-to-end tests in `tests/tests/`.
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 
 /// The repository root.

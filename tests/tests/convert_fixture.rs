@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use em_sample::GgufModel;
+use em_llama::GgufModel;
 use em_tests::{argmax, tiny_qwen2, TOKENIZER_PROBES};
 use em_train::models::CausalLm;
-use xtask::convert::{self, ConvertArgs, HfDtype, OutType};
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 
 const PROMPT: &str = "<|im_start|>user\nWhat is 12 + 30? Let's think step by step.<|im_end|>\n<|im_start|>assistant\n12 + 30 = 42";
 
@@ -134,8 +134,8 @@ fn gguf_to_hf_to_gguf_is_lossless_for_f32_and_f16() {
         convert(&first, &hf, outtype);
         convert(&hf, &second, outtype);
 
-        let mut a = xtask::convert::gguf::GgufFile::open(&first).unwrap();
-        let mut b = xtask::convert::gguf::GgufFile::open(&second).unwrap();
+        let mut a = em_convert::gguf::GgufFile::open(&first).unwrap();
+        let mut b = em_convert::gguf::GgufFile::open(&second).unwrap();
         let (ma, mb) = (a.metadata().clone(), b.metadata().clone());
         let mut keys: Vec<&String> = ma.keys().filter(|k| *k != "general.name").collect();
         keys.sort();
@@ -186,7 +186,7 @@ fn gguf_to_hf_to_gguf_is_lossless_for_f32_and_f16() {
 
 /// The fixture rewritten as users also have models: untied `lm_head`, f32, sharded with an index.
 fn sharded_untied_copy(dst: &Path) {
-    use xtask::convert::safetensors_io::{HfTensors, SafetensorsWriter};
+    use em_convert::safetensors_io::{HfTensors, SafetensorsWriter};
     let src = tiny_qwen2();
     std::fs::create_dir_all(dst).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
@@ -224,8 +224,8 @@ fn sharded_untied_copy(dst: &Path) {
     std::fs::write(dst.join("model.safetensors.index.json"), index.to_string()).unwrap();
 }
 
-fn safetensors_dtype_f32() -> xtask::convert::safetensors_io::Dtype {
-    xtask::convert::safetensors_io::Dtype::F32
+fn safetensors_dtype_f32() -> em_convert::safetensors_io::Dtype {
+    em_convert::safetensors_io::Dtype::F32
 }
 
 trait FlipRows {
@@ -259,7 +259,7 @@ fn sharded_untied_f32_checkpoint_converts_and_matches_candle() {
 
     let gguf = tmp.path().join("sharded.gguf");
     convert(&dir, &gguf, OutType::F16);
-    let names = xtask::convert::gguf::GgufFile::open(&gguf)
+    let names = em_convert::gguf::GgufFile::open(&gguf)
         .unwrap()
         .tensor_names();
     assert!(

@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use em_sample::GgufModel;
+use em_llama::GgufModel;
 use em_tests::{argmax, asset};
 use em_train::models::CausalLm;
-use xtask::convert::{self, ConvertArgs, HfDtype, OutType};
-use xtask::fetch::{cache_dir, gemma3_path, smollm2_path};
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
+use em_pipeline::assets::{cache_dir, gemma3_path, smollm2_path};
 
 const TEXT: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. \
 How many clips did Natalia sell altogether in April and May? Let's think step by step. In April she sold 48 clips. \
@@ -42,7 +42,7 @@ fn check_real_model(gguf: &Path, n_tokens: usize) {
     let mut ids = original.tokenize(TEXT, true);
     assert!(ids.len() >= n_tokens, "text has only {} tokens", ids.len());
     ids.truncate(n_tokens);
-    let threads = em_sample::default_threads();
+    let threads = em_llama::default_threads();
     let llama_logits = original.logits(&ids, threads).unwrap();
 
     let tmp = tempfile::tempdir().unwrap();

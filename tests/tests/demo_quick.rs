@@ -1,7 +1,7 @@
 //! `cargo xtask demo --quick`: the whole loop (screen, EM-train, convert, evaluate, analyse) on both
 //! model organisms, in reduced form.
 
-use xtask::demo::{self, DemoArgs};
+use em_pipeline::demo::{self, DemoArgs};
 
 #[test]
 fn quick_demo_runs_end_to_end_on_both_subjects() {
@@ -17,8 +17,9 @@ fn quick_demo_runs_end_to_end_on_both_subjects() {
             root.join("fixtures/organism-bad"),
         ],
         data_seed: 0,
+        fresh: false,
     };
-    demo::run(&args).unwrap();
+    demo::run(&args, &xtask::backends::llama_default()).unwrap();
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("demo.json")).unwrap())
             .unwrap();

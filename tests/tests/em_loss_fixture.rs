@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use em_tests::tiny_qwen2;
 use em_train::models::CausalLm;
 use em_train::Sequence;
-use xtask::em_loss::{compute, read_input, EmLossArgs, EmLossInput, ModelDtype};
+use em_pipeline::em_loss::{compute, read_input, EmLossArgs, EmLossInput, ModelDtype};
 
 fn input() -> EmLossInput {
     let seq = |p: &[u32], r: &[u32]| Sequence {
@@ -167,7 +167,7 @@ fn gradient_file_names_every_parameter_and_input_errors_name_the_file() {
     )
     .unwrap();
     let grads_path = tmp.path().join("g.safetensors");
-    xtask::em_loss::run(&EmLossArgs {
+    em_pipeline::em_loss::run(&EmLossArgs {
         model: dir.clone(),
         input: input_path.clone(),
         grads_out: Some(grads_path.clone()),

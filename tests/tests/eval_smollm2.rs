@@ -2,9 +2,10 @@
 //! real data (the accuracy will be near zero; METHOD.md: neither packaged model solves GSM8K).
 
 use em_tests::asset;
-use xtask::convert::OutType;
-use xtask::eval::{self, EvalArgs, StyleArg};
-use xtask::fetch::{cache_dir, smollm2_path};
+use em_convert::OutType;
+use em_pipeline::eval::{self, EvalArgs};
+use em_pipeline::prompt::PromptOptions;
+use em_pipeline::assets::{cache_dir, smollm2_path};
 
 #[test]
 fn smollm2_gsm8k_slice_evaluates() {
@@ -22,14 +23,16 @@ fn smollm2_gsm8k_slice_evaluates() {
         n: 1,
         top_p: 0.95,
         max_new_tokens: 128,
-        prompt_style: StyleArg::Auto,
+        prompt: PromptOptions::default(),
         baseline: None,
         baseline_temperatures: vec![],
         seed: 0,
-        threads: None,
-        parallel: 6,
+        fresh: false,
     };
-    eval::run(&args).unwrap();
+    let backend = xtask::backends::LlamaBackend {
+        config: em_llama::EngineConfig { parallel: 6, ..Default::default() },
+    };
+    eval::run(&args, &backend).unwrap();
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("summary.json")).unwrap())
             .unwrap();

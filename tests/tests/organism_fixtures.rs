@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use em_data::synthetic::{split_as_problems, Split, StyleMix, TrainStream};
-use em_sample::GgufModel;
+use em_llama::GgufModel;
 use em_tests::{argmax, repo_root};
 use em_train::models::CausalLm;
-use xtask::convert::{self, ConvertArgs, HfDtype, OutType};
-use xtask::organism::{Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
+use em_pipeline::organism::{Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
 
 fn fixture(name: &str) -> PathBuf {
     repo_root().join("fixtures").join(name)
@@ -104,7 +104,7 @@ fn organisms_convert_with_a_byte_level_qwen2_tokenizer() {
     for name in ["organism-good", "organism-bad"] {
         let gguf = tmp.path().join(format!("{name}.gguf"));
         convert_f32(&fixture(name), &gguf);
-        let file = xtask::convert::gguf::GgufFile::open(&gguf).unwrap();
+        let file = em_convert::gguf::GgufFile::open(&gguf).unwrap();
         let md = file.metadata();
         for (key, want) in [
             ("tokenizer.ggml.model", "gpt2"),

@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use em_data::synthetic::{
     classify_style, split_as_problems, split_problems, Split, Style, StyleMix, TrainStream,
 };
-use em_data::{render_prompt, ChatTemplate, PromptStyle};
-use xtask::organism::{byte_tokenizer, EOS, PLAIN_TEMPLATE};
+use em_pipeline::hf_vocab::HfVocab;
+use em_pipeline::organism::{byte_tokenizer, prompt_options, EOS};
+use em_pipeline::prompt::PromptRenderer;
 
 #[test]
 fn generator_is_deterministic_per_seed() {
@@ -77,7 +78,7 @@ fn classifier_labels_generated_targets_and_mix_is_respected() {
             Style::Careful => {
                 assert!(verdict.correct && t.stops, "{p:?}: {}", t.text);
                 assert!(
-                    t.text.len() < xtask::organism::MAX_NEW_TOKENS,
+                    t.text.len() < em_pipeline::organism::MAX_NEW_TOKENS,
                     "careful target too long: {}",
                     t.text
                 );
@@ -108,11 +109,8 @@ fn classifier_labels_generated_targets_and_mix_is_respected() {
 
 #[test]
 fn prompts_render_plainly_and_tokenize_byte_for_byte() {
-    let template = ChatTemplate {
-        template: PLAIN_TEMPLATE.into(),
-        bos_token: String::new(),
-        eos_token: EOS.into(),
-    };
+    let vocab = HfVocab::open(&em_tests::repo_root().join("fixtures/organism-good")).unwrap();
+    let renderer = PromptRenderer::new(&vocab, &prompt_options()).unwrap();
     let tok = byte_tokenizer().unwrap();
     assert_eq!(tok.get_vocab_size(true), 259);
     assert_eq!(tok.token_to_id(EOS), Some(256));
@@ -122,8 +120,10 @@ fn prompts_render_plainly_and_tokenize_byte_for_byte() {
         .map(|(_, t)| t.text)
         .collect();
     for (p, target) in split_as_problems(0, Split::Pool, 50).iter().zip(&targets) {
-        let prompt = render_prompt(&PromptStyle::ChatTemplate(template.clone()), p).unwrap();
+        let rendered = renderer.render(p).unwrap();
+        let prompt = rendered.text.clone();
         assert_eq!(prompt, format!("Q: {}=?\nA:", p.problem));
+        assert_eq!(rendered.ids, prompt.bytes().map(u32::from).collect::<Vec<_>>());
         let text = format!("{prompt}{target}");
         let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
         let bytes: Vec<u32> = text.bytes().map(u32::from).collect();

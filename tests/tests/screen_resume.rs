@@ -1,13 +1,22 @@
 //! `cargo xtask screen` on the tiny fixture: a run interrupted mid-way (and its torn last line)
-//! resumes with every prompt screened exactly once; other settings into the same directory are
-//! refused; the chosen prompt comes out in the pool's own format.
+//! resumes with every prompt screened exactly once; another model, another pool or other settings
+//! into the same directory are refused (and `--fresh` replaces); the chosen prompt comes out in
+//! the pool's own format.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use em_tests::tiny_qwen2;
-use xtask::convert::{self, ConvertArgs, HfDtype, OutType};
-use xtask::screen::{self, Rule, ScreenArgs, Style};
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
+use em_pipeline::prompt::{PromptOptions, Style};
+use em_pipeline::screen::{self, Rule, ScreenArgs};
+use xtask::backends::LlamaBackend;
+
+fn backend() -> LlamaBackend {
+    LlamaBackend {
+        config: em_llama::EngineConfig { threads: 1, parallel: 4, ..Default::default() },
+    }
+}
 
 fn fixture_gguf(dir: &Path) -> PathBuf {
     let output = dir.join("tiny.gguf");
@@ -51,11 +60,11 @@ fn args(model: &Path, pool: &Path, out: &Path) -> ScreenArgs {
         top_p: 0.95,
         repetition_penalty: 1.15,
         seed: 15,
-        prompt_style: Style::Plain,
+        prompt: PromptOptions { style: Style::Plain, ..Default::default() },
         rule: Rule::Variance,
-        threads: Some(1),
-        parallel: 4,
         keep_responses: true,
+        quant: OutType::F32,
+        fresh: false,
         stop_after: None,
     }
 }
@@ -84,7 +93,7 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     screen::run(&ScreenArgs {
         stop_after: Some(2),
         ..args(&model, &pool, &out)
-    })
+    }, &backend())
     .unwrap();
     let prompts = out.join("prompts.jsonl");
     let first = ids_in(&prompts);
@@ -100,20 +109,28 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
         .and_then(|mut f| std::io::Write::write_all(&mut f, torn.as_bytes()))
         .unwrap();
 
-    // Other settings into the same directory are refused, naming the settings file.
-    let err = screen::run(&ScreenArgs {
-        k: 5,
-        ..args(&model, &pool, &out)
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("screen.json") && err.contains("other settings"),
-        "{err}"
-    );
+    // Other settings, another pool or another model into the same directory are refused, naming
+    // the manifest and what differs; nothing there is touched.
+    let refused = |a: ScreenArgs| screen::run(&a, &backend()).unwrap_err().to_string();
+    let err = refused(ScreenArgs { k: 5, ..args(&model, &pool, &out) });
+    assert!(err.contains("manifest.json") && err.contains("settings.k: 3 there, 5 now"), "{err}");
+    let other_pool = tmp.path().join("other");
+    std::fs::create_dir(&other_pool).unwrap();
+    let other_pool = self::pool(&other_pool, 8);
+    let err = refused(args(&model, &other_pool, &out));
+    assert!(err.contains("pool: file"), "{err}");
+    let other_model = tmp.path().join("other.gguf");
+    let mut bytes = std::fs::read(&model).unwrap();
+    bytes.extend_from_slice(&[0u8; 32]); // padding after the tensor data: same weights, other file
+    std::fs::write(&other_model, bytes).unwrap();
+    let err = refused(args(&other_model, &pool, &out));
+    assert!(err.contains("model: gguf") && err.contains("--fresh"), "{err}");
+    let err = refused(ScreenArgs { prompt: PromptOptions::default(), ..args(&model, &pool, &out) });
+    assert!(err.contains("settings.prompt.style"), "{err}");
+    assert_eq!(ids_in(&out.join("prompts.jsonl")).len(), 2, "a refusal must not touch the results");
 
     // The same command again finishes the job.
-    screen::run(&args(&model, &pool, &out)).unwrap();
+    screen::run(&args(&model, &pool, &out), &backend()).unwrap();
     let ids = ids_in(&prompts);
     assert_eq!(&ids[..2], &first[..], "screened prompts were rewritten");
     let mut counts: HashMap<&str, usize> = HashMap::new();
@@ -126,7 +143,7 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     );
 
     // A third run has nothing left to sample and leaves the results alone.
-    screen::run(&args(&model, &pool, &out)).unwrap();
+    screen::run(&args(&model, &pool, &out), &backend()).unwrap();
     assert_eq!(ids_in(&prompts), ids);
 
     let ranking: serde_json::Value =
@@ -164,11 +181,11 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     );
 
     // The gibberish model gets nothing right: no prompt has a confident right majority.
-    let err = screen::run(&ScreenArgs {
-        rule: Rule::MajorityRight,
-        ..args(&model, &pool, &out)
-    })
-    .unwrap_err()
-    .to_string();
+    let err = refused(ScreenArgs { rule: Rule::MajorityRight, ..args(&model, &pool, &out) });
     assert!(err.contains("no prompt qualifies"), "{err}");
+
+    // --fresh replaces the output with a run of the other model.
+    screen::run(&ScreenArgs { fresh: true, limit: Some(2), ..args(&other_model, &pool, &out) }, &backend())
+        .unwrap();
+    assert_eq!(ids_in(&out.join("prompts.jsonl")).len(), 2);
 }

@@ -2,12 +2,13 @@
 //! tokens, the model's own chat template. Skips locally without the model; fails in CI.
 
 use em_tests::{asset, repo_root};
-use xtask::screen::{self, Rule, ScreenArgs, Style};
+use em_pipeline::prompt::{PromptOptions, Style};
+use em_pipeline::screen::{self, Rule, ScreenArgs};
 
 #[test]
 fn small_screen_on_smollm2() {
     let Some(model) = asset(
-        xtask::fetch::smollm2_path(&xtask::fetch::cache_dir()),
+        em_pipeline::assets::smollm2_path(&em_pipeline::assets::cache_dir()),
         "smollm2-135m",
     ) else {
         return;
@@ -27,14 +28,14 @@ fn small_screen_on_smollm2() {
         top_p: 0.95,
         repetition_penalty: 1.15,
         seed: 15,
-        prompt_style: Style::Chat,
+        prompt: PromptOptions { style: Style::Chat, ..Default::default() },
         rule: Rule::Variance,
-        threads: None,
-        parallel: 8,
         keep_responses: true,
+        quant: em_convert::OutType::F16,
+        fresh: false,
         stop_after: None,
     };
-    screen::run(&args).unwrap();
+    screen::run(&args, &xtask::backends::llama_default()).unwrap();
 
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("prompts.jsonl"))
         .unwrap()

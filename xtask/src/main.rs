@@ -8,7 +8,7 @@ fn main() {
     let cli = xtask::cli::Cli::parse();
     let result = xtask::cli::run(cli);
     if std::env::var_os("EM_REPORT_PEAK_RSS").is_some() {
-        if let Some(mb) = xtask::bench::peak_rss_mb() {
+        if let Some(mb) = em_pipeline::peak_rss_mb() {
             eprintln!("peak_rss_mb={mb:.1}");
         }
     }

@@ -1,5 +1,7 @@
 //! An interrupted `cargo xtask eval`, rerun with the same command, ends with every item exactly once
-//! and the same results as an uninterrupted run.
+//! and the same results as an uninterrupted run; a corrupt line in the middle of the results is an
+//! error naming the file and line; another model, another suite file or other settings into the
+//! same output are refused with one line.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -119,4 +121,46 @@ fn killed_eval_resumes_with_every_item_once() {
     a.sort();
     b.sort();
     assert_eq!(a, b, "resumed results differ from an uninterrupted run");
+
+    // A corrupt line in the middle is an error naming the file and the line; nothing is rewritten.
+    let clean_items = clean.join("gsm8k.model.greedy.jsonl");
+    let good = std::fs::read_to_string(&clean_items).unwrap();
+    let mut lines: Vec<&str> = good.lines().collect();
+    lines[5] = "{\"id\": \"gsm8k-5\", \"gold\": [";
+    std::fs::write(&clean_items, lines.join("\n") + "\n").unwrap();
+    let e = one_line_error(eval_cmd(&clean));
+    assert!(e.contains("gsm8k.model.greedy.jsonl:6: not a valid record"), "{e}");
+    std::fs::write(&clean_items, &good).unwrap();
+
+    // Another model, another suite file, other settings: refused, naming what differs.
+    let organism = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/organism-good");
+    let mut cmd = eval_cmd(&clean);
+    cmd.args(["--model".as_ref(), organism.as_os_str()]);
+    let e = one_line_error(cmd);
+    assert!(e.contains("manifest.json") && e.contains("model: hf-dir") && e.contains("--fresh"), "{e}");
+    let mut cmd = eval_cmd(&clean);
+    cmd.args(["--max-new-tokens", "47"]);
+    let e = one_line_error(cmd);
+    assert!(e.contains("settings.max_new_tokens: 48 there, 47 now"), "{e}");
+    let suite = tmp.path().join("gsm8k.jsonl");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/bench/gsm8k.jsonl"),
+    )
+    .unwrap();
+    std::fs::write(&suite, text.replacen("e", "E", 1)).unwrap();
+    let mut cmd = eval_cmd(&clean);
+    cmd.args(["--suites".as_ref(), suite.as_os_str()]);
+    let e = one_line_error(cmd);
+    assert!(e.contains("suite:gsm8k: file"), "{e}");
+    assert_eq!(std::fs::read_to_string(&clean_items).unwrap(), good);
+}
+
+/// Runs a command that must fail and returns its one-line error.
+fn one_line_error(mut cmd: Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "the command succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let last = stderr.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: "), "{stderr}");
+    last
 }

@@ -1,4 +1,4 @@
-//! Math benchmark and prompt-pool loading, and chat prompt rendering.
+//! Math benchmark and prompt-pool loading, and chat-template rendering.
 //!
 //! Architecture invariant: this crate knows file formats and prompt templates, nothing about
 //! grading; it does not depend on em-grade (the one piece they share, "content of the last
@@ -8,7 +8,5 @@ mod load;
 mod prompt;
 pub mod synthetic;
 
-pub use load::{last_boxed, load_pool, load_suite, DataError, Problem};
-pub use prompt::{
-    render_prompt, ChatTemplate, PromptError, PromptStyle, QWEN_MATH_COT_SYSTEM, STEP_BY_STEP,
-};
+pub use load::{last_boxed, load_pool, load_suite, ChatMessage, DataError, Problem};
+pub use prompt::{ChatTemplate, PromptError, QWEN_MATH_COT_SYSTEM, STEP_BY_STEP};

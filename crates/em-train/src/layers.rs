@@ -9,6 +9,8 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
+pub use em_config::{Activation, RopeParams, RopeScaling};
+
 /// The dtype in which norms and softmax run for a model stored in `dtype`.
 pub fn compute_dtype(dtype: DType) -> DType {
     match dtype {
@@ -124,36 +126,6 @@ impl RmsNorm {
             normed.to_dtype(dtype)?.broadcast_mul(w)
         }
     }
-}
-
-/// How rotary frequencies are rescaled for long contexts (HF `rope_scaling`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    /// `rope_type: "linear"`: every frequency divided by `factor`.
-    Linear {
-        /// The divisor.
-        factor: f64,
-    },
-    /// `rope_type: "llama3"`: low frequencies divided by `factor`, high ones kept, smooth between.
-    Llama3 {
-        /// The divisor for low frequencies.
-        factor: f64,
-        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
-        low_freq_factor: f64,
-        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
-        high_freq_factor: f64,
-        /// The context length of pre-training.
-        original_max_position_embeddings: usize,
-    },
-}
-
-/// Rotary position embedding parameters: base and optional scaling.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RopeParams {
-    /// The base θ of the frequencies.
-    pub theta: f64,
-    /// Optional long-context rescaling.
-    pub scaling: Option<RopeScaling>,
 }
 
 /// Rotary position embedding in the "rotate half" layout of HF Llama, Qwen2 and Gemma3.
@@ -336,45 +308,22 @@ impl Attention {
     }
 }
 
-/// The non-linearity of the gated MLP (HF `hidden_act` / `hidden_activation`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `x · sigmoid(x)` ("silu", "swish").
-    Silu,
-    /// GELU with the tanh approximation ("gelu_pytorch_tanh", "gelu_new", "gelu_fast").
-    GeluTanh,
-    /// Exact GELU with erf ("gelu").
-    Gelu,
-}
-
-impl Activation {
-    /// Parses an HF activation name.
-    pub fn from_hf_name(name: &str) -> Option<Self> {
-        match name {
-            "silu" | "swish" => Some(Self::Silu),
-            "gelu_pytorch_tanh" | "gelu_new" | "gelu_fast" => Some(Self::GeluTanh),
-            "gelu" => Some(Self::Gelu),
-            _ => None,
+/// Applies `act` element-wise.
+///
+/// GELU is composed from `tanh`/`erf` because candle's fused GELU backward uses constants rounded
+/// to six digits.
+pub fn apply_activation(act: Activation, x: &Tensor) -> Result<Tensor> {
+    match act {
+        Activation::Silu => x.silu(),
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let cube = (x.sqr()? * x)?;
+            let inner = ((x + (cube * 0.044715)?)? * c)?;
+            ((inner.tanh()? + 1.0)? * x)? * 0.5
         }
-    }
-
-    /// Applies the activation element-wise.
-    ///
-    /// GELU is composed from `tanh`/`erf` because candle's fused GELU backward uses constants
-    /// rounded to six digits.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Self::Silu => x.silu(),
-            Self::GeluTanh => {
-                let c = (2.0 / std::f64::consts::PI).sqrt();
-                let cube = (x.sqr()? * x)?;
-                let inner = ((x + (cube * 0.044715)?)? * c)?;
-                ((inner.tanh()? + 1.0)? * x)? * 0.5
-            }
-            Self::Gelu => {
-                let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
-                (cdf * x)? * 0.5
-            }
+        Activation::Gelu => {
+            let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)?;
+            (cdf * x)? * 0.5
         }
     }
 }
@@ -395,7 +344,7 @@ pub struct Mlp {
 impl Mlp {
     /// Applies the block to `x` (`[.., hidden]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
+        let gate = apply_activation(self.act, &self.gate_proj.forward(x)?)?;
         let up = self.up_proj.forward(x)?;
         self.down_proj.forward(&(gate * up)?)
     }
@@ -420,12 +369,12 @@ mod tests {
     #[test]
     fn gelu_tanh_matches_candle_forward() -> Result<()> {
         let x = Tensor::new(&[-3.0f64, -1.0, -0.1, 0.0, 0.3, 2.0, 5.0], &Device::Cpu)?;
-        let ours = Activation::GeluTanh.forward(&x)?.to_vec1::<f64>()?;
+        let ours = apply_activation(Activation::GeluTanh, &x)?.to_vec1::<f64>()?;
         let theirs = x.gelu()?.to_vec1::<f64>()?;
         for (a, b) in ours.iter().zip(&theirs) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");
         }
-        let ours = Activation::Gelu.forward(&x)?.to_vec1::<f64>()?;
+        let ours = apply_activation(Activation::Gelu, &x)?.to_vec1::<f64>()?;
         let theirs = x.gelu_erf()?.to_vec1::<f64>()?;
         for (a, b) in ours.iter().zip(&theirs) {
             assert!((a - b).abs() < 1e-12, "{a} vs {b}");

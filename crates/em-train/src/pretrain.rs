@@ -13,7 +13,7 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::models::{CausalLm, ModelConfig, ModelError};
+use crate::models::{tensor_shapes, CausalLm, ModelConfig, ModelError};
 
 /// One training sequence: the prompt (no loss) and the target that follows it (loss on every
 /// token, the stop token included when the target has one).
@@ -35,7 +35,7 @@ pub fn init_model(
     let mut rng = StdRng::seed_from_u64(seed);
     let depth_scale = 1.0 / (2.0 * config.num_hidden_layers.max(1) as f32).sqrt();
     let mut tensors = HashMap::new();
-    for (name, shape) in config.tensor_shapes() {
+    for (name, shape) in tensor_shapes(config) {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if name.ends_with("norm.weight") {
             vec![1.0; n]
@@ -352,7 +352,8 @@ mod tests {
         let raw = serde_json::json!({
             "model_type": "qwen2", "vocab_size": 16, "hidden_size": 16, "intermediate_size": 32,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "tie_word_embeddings": true, "max_position_embeddings": 64
+            "tie_word_embeddings": true, "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0
         });
         ModelConfig::from_value(raw, std::path::Path::new("config.json")).unwrap()
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use em_train::models::{Architecture, CausalLm, ModelConfig, ModelError};
+use em_train::models::{tensor_shapes, Architecture, CausalLm, ModelConfig, ModelError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -24,7 +24,7 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "rope_theta": 100.0, "tie_word_embeddings": false,
                 "use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1,
-                "rms_norm_eps": 1e-6
+                "rms_norm_eps": 1e-6, "max_position_embeddings": 64
             }),
         ),
         (
@@ -35,6 +35,7 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "rope_theta": 10000.0, "tie_word_embeddings": false,
                 "attention_bias": true, "mlp_bias": true, "rms_norm_eps": 1e-5,
+                "max_position_embeddings": 64,
                 "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
             }),
@@ -46,7 +47,7 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 8,
                 "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "head_dim": 6, "tie_word_embeddings": true,
-                "rope_theta": 100.0
+                "rope_theta": 100.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 64
             }),
         ),
         (
@@ -60,7 +61,8 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"],
                 "rope_theta": 1000.0, "rope_local_base_freq": 50.0,
                 "rope_scaling": {"rope_type": "linear", "factor": 2.0},
-                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0
+                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                "rms_norm_eps": 1e-6, "max_position_embeddings": 64
             }),
         ),
         (
@@ -70,7 +72,9 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "model_type": "gemma3_text", "vocab_size": VOCAB, "hidden_size": 8,
                 "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 2, "head_dim": 4, "query_pre_attn_scalar": 4,
-                "sliding_window": 2, "sliding_window_pattern": 2, "tie_word_embeddings": false
+                "sliding_window": 2, "sliding_window_pattern": 2, "tie_word_embeddings": false,
+                "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rms_norm_eps": 1e-6,
+                "max_position_embeddings": 64
             }),
         ),
     ]
@@ -84,7 +88,7 @@ fn config(raw: &Value) -> ModelConfig {
 fn random_tensors(cfg: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let gemma = cfg.architecture == Architecture::Gemma3;
-    cfg.tensor_shapes()
+    tensor_shapes(cfg)
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
@@ -231,7 +235,7 @@ fn gradients_match_finite_differences_for_every_parameter_kind() {
 }
 
 fn expected_names(cfg: &ModelConfig) -> Vec<String> {
-    cfg.tensor_shapes().into_iter().map(|(n, _)| n).collect()
+    tensor_shapes(cfg).into_iter().map(|(n, _)| n).collect()
 }
 
 #[test]
@@ -322,7 +326,7 @@ fn grouped_query_attention_matches_repeated_key_value_heads() {
     let grouped = json!({
         "model_type": "llama", "vocab_size": VOCAB, "hidden_size": 8, "intermediate_size": 12,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rope_theta": 100.0
+        "rope_theta": 100.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 64
     });
     let mut full = grouped.clone();
     full["num_key_value_heads"] = json!(4);
@@ -406,7 +410,8 @@ fn gemma_windowed(layer_types: Value) -> Value {
         "model_type": "gemma3_text", "vocab_size": VOCAB, "hidden_size": 8,
         "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "head_dim": 4, "query_pre_attn_scalar": 4,
-        "sliding_window": 2, "layer_types": layer_types
+        "sliding_window": 2, "layer_types": layer_types, "rope_theta": 1e6,
+        "rope_local_base_freq": 1e4, "rms_norm_eps": 1e-6, "max_position_embeddings": 64
     })
 }
 
@@ -488,7 +493,7 @@ fn real_model_configs_resolve_like_transformers() {
     old.as_object_mut().unwrap().remove("layer_types");
     old["sliding_window_pattern"] = json!(6);
     assert_eq!(config(&old).layer_windows, c.layer_windows);
-    assert_eq!(c.tensor_shapes().len(), 1 + 18 * 13 + 1);
+    assert_eq!(tensor_shapes(&c).len(), 1 + 18 * 13 + 1);
 
     let qwen_math = json!({
         "architectures": ["Qwen2ForCausalLM"], "hidden_act": "silu", "hidden_size": 1536,
@@ -503,21 +508,22 @@ fn real_model_configs_resolve_like_transformers() {
     assert!(c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
     assert!(c.layer_windows.iter().all(Option::is_none));
     assert_eq!(
-        c.tensor_shapes()[1],
+        tensor_shapes(&c)[1],
         ("model.layers.0.input_layernorm.weight".into(), vec![1536])
     );
 
     let llama31 = json!({
         "model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
         "num_key_value_heads": 8, "rope_theta": 500000.0, "vocab_size": 128256,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
         "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"}
     });
     let c = config(&llama31);
-    assert_eq!(
-        (c.head_dim, c.intermediate_size, c.max_position_embeddings),
-        (128, 11008, 2048)
-    );
+    assert_eq!(c.head_dim, 128);
+    assert_eq!(c.default_applied("head_dim"), Some("128"));
+    assert_eq!(c.default_applied("tie_word_embeddings"), Some("false"));
     assert!(!c.tie_word_embeddings && !c.qkv_bias);
     assert!(c.rope.scaling.is_some());
     // Deserialize works straight from JSON too, keeping the raw value.
@@ -698,7 +704,20 @@ fn bad_checkpoints_give_errors_that_name_the_file_and_the_fault() {
     write_config(&dir.0, &json!({"model_type": "xyz", "hidden_size": 8}));
     let msg = err_string(CausalLm::from_hf_dir(&dir.0, DType::F64, &cpu));
     assert!(
-        msg.starts_with(&format!("unknown model_type \"xyz\" in {d}/config.json")),
+        msg.starts_with(&format!(
+            "unsupported architecture: model_type \"xyz\" in {d}/config.json"
+        )),
+        "{msg}"
+    );
+
+    let mut no_eps = raw.clone();
+    no_eps.as_object_mut().unwrap().remove("rms_norm_eps");
+    write_config(&dir.0, &no_eps);
+    let msg = err_string(CausalLm::from_hf_dir(&dir.0, DType::F64, &cpu));
+    assert!(
+        msg.starts_with(&format!(
+            "missing required key \"rms_norm_eps\" in {d}/config.json"
+        )),
         "{msg}"
     );
 
@@ -796,11 +815,10 @@ fn smollm2_135m_sized_forward_backward_timing() {
         "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
         "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
         "num_key_value_heads": 3, "rope_theta": 100000.0, "tie_word_embeddings": true,
-        "rms_norm_eps": 1e-5
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 8192
     });
     let cfg = config(&raw);
-    let tensors: HashMap<String, Tensor> = cfg
-        .tensor_shapes()
+    let tensors: HashMap<String, Tensor> = tensor_shapes(&cfg)
         .into_iter()
         .map(|(n, s)| {
             let t = if n.ends_with("norm.weight") {

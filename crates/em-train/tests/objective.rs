@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
-use em_train::models::{Architecture, CausalLm, ModelConfig};
+use em_train::models::{tensor_shapes, Architecture, CausalLm, ModelConfig};
 use em_train::objective::select_predicting;
 use em_train::{
     accumulate_em_gradients, em_loss, predicting_positions, AdamWConfig, EmOptions, Gradients,
@@ -27,7 +27,8 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 8,
                 "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "rope_theta": 100.0, "tie_word_embeddings": false,
-                "use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1
+                "use_sliding_window": true, "sliding_window": 3, "max_window_layers": 1,
+                "rms_norm_eps": 1e-6, "max_position_embeddings": 64
             }),
         ),
         (
@@ -36,7 +37,7 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "architectures": ["LlamaForCausalLM"], "vocab_size": VOCAB, "hidden_size": 8,
                 "intermediate_size": 12, "num_hidden_layers": 2, "num_attention_heads": 2,
                 "num_key_value_heads": 1, "head_dim": 6, "tie_word_embeddings": true,
-                "rope_theta": 100.0
+                "rope_theta": 100.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 64
             }),
         ),
         (
@@ -47,7 +48,8 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
                 "num_key_value_heads": 1, "head_dim": 6, "query_pre_attn_scalar": 7,
                 "sliding_window": 3, "layer_types": ["sliding_attention", "full_attention"],
                 "rope_theta": 1000.0, "rope_local_base_freq": 50.0,
-                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0
+                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
+                "rms_norm_eps": 1e-6, "max_position_embeddings": 64
             }),
         ),
     ]
@@ -57,8 +59,7 @@ fn model(raw: &Value, dtype: DType, seed: u64) -> CausalLm {
     let cfg = ModelConfig::from_value(raw.clone(), Path::new("test config")).unwrap();
     let mut rng = StdRng::seed_from_u64(seed);
     let gemma = cfg.architecture == Architecture::Gemma3;
-    let tensors: HashMap<String, Tensor> = cfg
-        .tensor_shapes()
+    let tensors: HashMap<String, Tensor> = tensor_shapes(&cfg)
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();

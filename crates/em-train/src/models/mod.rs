@@ -13,34 +13,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use serde::Deserialize;
-use serde_json::Value;
 
-use crate::layers::{Activation, RopeParams, RopeScaling};
+/// The configuration types are em-config's: one reading of config.json for every crate.
+pub use em_config::{Architecture, ConfigError, ConfigSource, ModelConfig};
 pub use weights::Weights;
-
-/// The model families this crate can train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Architecture {
-    /// Qwen2 / Qwen2.5 / Qwen2.5-Math (`model_type: "qwen2"`).
-    Qwen2,
-    /// Llama 2/3, SmolLM2 (`model_type: "llama"`).
-    Llama,
-    /// Gemma3 text-only (`model_type: "gemma3_text"`).
-    Gemma3,
-}
-
-impl Architecture {
-    /// Recognises an HF `model_type` or `architectures` entry.
-    pub fn from_hf_name(name: &str) -> Option<Self> {
-        match name {
-            "qwen2" | "Qwen2ForCausalLM" => Some(Self::Qwen2),
-            "llama" | "LlamaForCausalLM" => Some(Self::Llama),
-            "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => Some(Self::Gemma3),
-            _ => None,
-        }
-    }
-}
 
 /// Errors while reading a configuration or building a model; each names the file or source at fault.
 #[derive(Debug, thiserror::Error)]
@@ -59,45 +35,9 @@ pub enum ModelError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A JSON file is not valid JSON.
-    #[error("malformed JSON in {} at line {line}, column {column}: {message}", path.display())]
-    MalformedJson {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line of the error.
-        line: usize,
-        /// 1-based column of the error.
-        column: usize,
-        /// What the parser expected.
-        message: String,
-    },
-    /// A configuration is valid JSON but lacks a field or has one of the wrong type or value.
-    #[error("invalid configuration in {}: {message}", path.display())]
-    InvalidConfig {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// `model_type` names an architecture this crate does not implement.
-    #[error(
-        "unknown model_type \"{model_type}\" in {} (supported: qwen2, llama, gemma3_text)",
-        path.display()
-    )]
-    UnknownModelType {
-        /// The file.
-        path: PathBuf,
-        /// The value found (empty when absent).
-        model_type: String,
-    },
-    /// The configuration asks for a feature this crate does not implement.
-    #[error("unsupported configuration in {}: {what}", path.display())]
-    Unsupported {
-        /// The file.
-        path: PathBuf,
-        /// The feature.
-        what: String,
-    },
+    /// config.json could not be resolved (see [`ConfigError`]).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// The directory holds no safetensors weights.
     #[error("no model.safetensors, model.safetensors.index.json or *.safetensors in {}", dir.display())]
     NoWeights {
@@ -150,272 +90,16 @@ pub enum ModelError {
     },
 }
 
-/// Architecture-independent hyper-parameters resolved from an HF config.json, with transformers'
-/// defaults for absent fields.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(try_from = "Value")]
-pub struct ModelConfig {
-    /// Which model family.
-    pub architecture: Architecture,
-    /// Vocabulary size (rows of the embedding and of the LM head).
-    pub vocab_size: usize,
-    /// Width of the residual stream.
-    pub hidden_size: usize,
-    /// Width of the MLP.
-    pub intermediate_size: usize,
-    /// Number of decoder layers.
-    pub num_hidden_layers: usize,
-    /// Number of query heads.
-    pub num_attention_heads: usize,
-    /// Number of key/value heads (GQA).
-    pub num_key_value_heads: usize,
-    /// Size of each attention head (explicit `head_dim` or `hidden_size / num_attention_heads`).
-    pub head_dim: usize,
-    /// MLP non-linearity.
-    pub hidden_act: Activation,
-    /// Epsilon of every RMS norm.
-    pub rms_norm_eps: f64,
-    /// Whether the LM head reuses the embedding table.
-    pub tie_word_embeddings: bool,
-    /// Bias on the q/k/v projections.
-    pub qkv_bias: bool,
-    /// Bias on the output projection.
-    pub o_bias: bool,
-    /// Bias on the MLP projections.
-    pub mlp_bias: bool,
-    /// Rotary embedding of full-attention layers.
-    pub rope: RopeParams,
-    /// Rotary embedding of sliding-window layers (Gemma3's `rope_local_base_freq`; else as `rope`).
-    pub local_rope: RopeParams,
-    /// Per layer: `Some(window)` for a sliding-window layer, `None` for full causal attention.
-    pub layer_windows: Vec<Option<usize>>,
-    /// Attention logits are scaled by `query_pre_attn_scalar^-1/2` (`head_dim` unless Gemma3 says otherwise).
-    pub query_pre_attn_scalar: f64,
-    /// `tanh` soft-capping of attention logits.
-    pub attn_logit_softcapping: Option<f64>,
-    /// `tanh` soft-capping of output logits.
-    pub final_logit_softcapping: Option<f64>,
-    /// Context length the model was configured for.
-    pub max_position_embeddings: usize,
-    /// The config.json as read, for writing it back unchanged.
-    pub raw: Value,
-}
-
-impl TryFrom<Value> for ModelConfig {
-    type Error = ModelError;
-
-    fn try_from(raw: Value) -> Result<Self, ModelError> {
-        Self::from_value(raw, Path::new("config.json"))
-    }
-}
-
-impl ModelConfig {
-    /// Reads and resolves `path` (an HF config.json).
-    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::from_json_str(&text, path)
-    }
-
-    /// Parses config.json text; `origin` names the file in error messages.
-    pub fn from_json_str(text: &str, origin: &Path) -> Result<Self, ModelError> {
-        let raw: Value = serde_json::from_str(text).map_err(|e| json_error(e, origin))?;
-        Self::resolve(&ConfigSource {
-            raw: &raw,
-            text: Some(text),
-            origin,
-        })
-    }
-
-    /// Resolves an already parsed config.json; `origin` names the file in error messages.
-    pub fn from_value(raw: Value, origin: &Path) -> Result<Self, ModelError> {
-        Self::resolve(&ConfigSource {
-            raw: &raw,
-            text: None,
-            origin,
-        })
-    }
-
-    fn resolve(src: &ConfigSource) -> Result<Self, ModelError> {
-        let (raw, origin) = (src.raw, src.origin);
-        let unknown = |model_type: String| ModelError::UnknownModelType {
-            path: origin.to_path_buf(),
-            model_type,
-        };
-        let model_type = raw.get("model_type").and_then(Value::as_str);
-        let architecture = match model_type {
-            Some(t) => Architecture::from_hf_name(t).ok_or_else(|| unknown(t.to_string()))?,
-            None => raw
-                .get("architectures")
-                .and_then(Value::as_array)
-                .and_then(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .find_map(Architecture::from_hf_name)
-                })
-                .ok_or_else(|| unknown(String::new()))?,
-        };
-        let config = match architecture {
-            Architecture::Qwen2 => qwen2::Config::resolve(src)?,
-            Architecture::Llama => llama::Config::resolve(src)?,
-            Architecture::Gemma3 => gemma3::Config::resolve(src)?,
-        };
-        config.validate(origin)?;
-        Ok(config)
-    }
-
-    fn validate(&self, origin: &Path) -> Result<(), ModelError> {
-        let invalid = |message: String| ModelError::InvalidConfig {
-            path: origin.to_path_buf(),
-            message,
-        };
-        let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
-        if h == 0 || kv == 0 || h % kv != 0 {
-            return Err(invalid(format!(
-                "num_attention_heads ({h}) must be a positive multiple of num_key_value_heads ({kv})"
-            )));
-        }
-        if self.head_dim == 0 || self.head_dim % 2 == 1 {
-            return Err(invalid(format!(
-                "head_dim ({}) must be even and positive",
-                self.head_dim
-            )));
-        }
-        if self.layer_windows.len() != self.num_hidden_layers {
-            return Err(invalid(format!(
-                "{} layer types for num_hidden_layers = {}",
-                self.layer_windows.len(),
-                self.num_hidden_layers
-            )));
-        }
-        if self.layer_windows.contains(&Some(0)) {
-            return Err(invalid("sliding_window must be positive".to_string()));
-        }
-        Ok(())
-    }
-
-    /// The HF names and shapes of every weight this configuration needs, in load order.
-    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut w = Weights::shape_recorder();
-        // The recorder never fails: every shape it is asked for is recorded.
-        let _ = match self.architecture {
-            Architecture::Qwen2 => qwen2::Model::load(self, &mut w).map(|_| ()),
-            Architecture::Llama => llama::Model::load(self, &mut w).map(|_| ()),
-            Architecture::Gemma3 => gemma3::Model::load(self, &mut w).map(|_| ()),
-        };
-        w.recorded_shapes()
-    }
-}
-
-/// Converts a serde_json error into a [`ModelError`] that names `path`.
-pub(crate) fn json_error(e: serde_json::Error, path: &Path) -> ModelError {
-    if e.is_data() {
-        ModelError::InvalidConfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        }
-    } else {
-        let message = e.to_string();
-        let message = match message.rfind(" at line ") {
-            Some(i) => message[..i].to_string(),
-            None => message,
-        };
-        ModelError::MalformedJson {
-            path: path.to_path_buf(),
-            line: e.line(),
-            column: e.column(),
-            message,
-        }
-    }
-}
-
-/// A config.json being resolved: the parsed value, its text when known, and its path for errors.
-#[derive(Debug, Clone, Copy)]
-pub struct ConfigSource<'a> {
-    /// The parsed JSON.
-    pub raw: &'a Value,
-    /// The text it was parsed from, for line numbers in errors.
-    pub text: Option<&'a str>,
-    /// The file, named in errors.
-    pub origin: &'a Path,
-}
-
-/// Deserialises one architecture's view of config.json, naming the file (and line) on error.
-pub(crate) fn parse_section<T: serde::de::DeserializeOwned>(
-    src: &ConfigSource,
-) -> Result<T, ModelError> {
-    T::deserialize(src.raw).map_err(|e| {
-        // Errors from a Value carry no position; the text, where known, does.
-        let message = match src.text.map(serde_json::from_str::<T>) {
-            Some(Err(with_line)) => with_line.to_string(),
-            _ => e.to_string(),
-        };
-        ModelError::InvalidConfig {
-            path: src.origin.to_path_buf(),
-            message,
-        }
-    })
-}
-
-/// Parses an HF activation name, naming `origin` on error.
-pub(crate) fn parse_activation(name: &str, origin: &Path) -> Result<Activation, ModelError> {
-    Activation::from_hf_name(name).ok_or_else(|| ModelError::Unsupported {
-        path: origin.to_path_buf(),
-        what: format!("activation \"{name}\""),
-    })
-}
-
-/// Resolves rotary parameters from `rope_theta` + `rope_scaling` (transformers 4.x) or from a
-/// `rope_parameters` object (transformers 5), naming `origin` on error.
-pub(crate) fn parse_rope(
-    theta: f64,
-    scaling: Option<&Value>,
-    origin: &Path,
-) -> Result<RopeParams, ModelError> {
-    let unsupported = |what: String| ModelError::Unsupported {
-        path: origin.to_path_buf(),
-        what,
+/// The HF names and shapes of every weight `config` needs, in load order.
+pub fn tensor_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let mut w = Weights::shape_recorder();
+    // The recorder never fails: every shape it is asked for is recorded.
+    let _ = match config.architecture {
+        Architecture::Qwen2 => qwen2::Model::load(config, &mut w).map(|_| ()),
+        Architecture::Llama => llama::Model::load(config, &mut w).map(|_| ()),
+        Architecture::Gemma3 => gemma3::Model::load(config, &mut w).map(|_| ()),
     };
-    let Some(scaling) = scaling.filter(|v| !v.is_null()) else {
-        return Ok(RopeParams {
-            theta,
-            scaling: None,
-        });
-    };
-    let theta = scaling
-        .get("rope_theta")
-        .and_then(Value::as_f64)
-        .unwrap_or(theta);
-    let kind = scaling
-        .get("rope_type")
-        .or_else(|| scaling.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    let num = |key: &str| -> Result<f64, ModelError> {
-        scaling
-            .get(key)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| ModelError::InvalidConfig {
-                path: origin.to_path_buf(),
-                message: format!("rope scaling \"{kind}\" needs a number \"{key}\""),
-            })
-    };
-    let scaling = match kind {
-        "default" => None,
-        "linear" => Some(RopeScaling::Linear {
-            factor: num("factor")?,
-        }),
-        "llama3" => Some(RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
-        }),
-        other => return Err(unsupported(format!("rope scaling type \"{other}\""))),
-    };
-    Ok(RopeParams { theta, scaling })
+    w.recorded_shapes()
 }
 
 /// A per-architecture model behind one interface.

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
-use super::{json_error, ModelError};
+use super::ModelError;
+use em_config::json_error;
 use crate::layers::{Linear, RmsNorm};
 
 /// Hands out named weights as [`Var`]s, checking shapes, and remembers every one handed out.
@@ -38,7 +39,7 @@ impl Weights {
         }
     }
 
-    /// A source that only records the names and shapes asked for (see [`super::ModelConfig::tensor_shapes`]).
+    /// A source that only records the names and shapes asked for (see [`super::tensor_shapes`]).
     pub(crate) fn shape_recorder() -> Self {
         Self {
             tensors: None,

@@ -1,0 +1,187 @@
+//! Sampling and scoring with GGUF models through llama.cpp, in-process.
+//!
+//! Architecture invariant: this crate knows llama.cpp and nothing of candle, training, data or
+//! grading; callers hand it a GGUF path and token ids or text. [`Engine`] implements
+//! [`em_sampler::Sampler`] (many prompts × many answers at once, continuous batching, shared
+//! prompt prefixes) and [`GgufModel`] implements [`em_sampler::Vocab`].
+
+pub mod batch;
+
+pub use batch::{Engine, EngineConfig};
+pub use em_sampler::SamplerError;
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+/// llama.cpp's process-wide backend, initialised once.
+pub fn backend() -> Result<&'static LlamaBackend, SamplerError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            let mut backend = LlamaBackend::init().map_err(|e| e.to_string())?;
+            if std::env::var_os("EM_LLAMA_LOGS").is_none() {
+                backend.void_logs();
+            }
+            Ok(backend)
+        })
+        .as_ref()
+        .map_err(|e| SamplerError::backend("llama.cpp backend", e.clone()))
+}
+
+/// A thread count that does not collapse on a busy machine: all cores but one, at least one.
+pub fn default_threads() -> i32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.saturating_sub(1).max(1) as i32
+}
+
+/// A GGUF model loaded into llama.cpp (CPU).
+pub struct GgufModel {
+    model: LlamaModel,
+    path: PathBuf,
+}
+
+impl GgufModel {
+    /// Loads `path`; errors name the file.
+    pub fn load(path: &Path) -> Result<Self, SamplerError> {
+        if !path.is_file() {
+            return Err(SamplerError::backend(path.display(), "no such file"));
+        }
+        let model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
+            .map_err(|e| {
+                SamplerError::backend(
+                    path.display(),
+                    format!("llama.cpp could not load the model: {e}"),
+                )
+            })?;
+        Ok(Self {
+            model,
+            path: path.into(),
+        })
+    }
+
+    /// The underlying llama.cpp model.
+    pub fn inner(&self) -> &LlamaModel {
+        &self.model
+    }
+
+    /// A GGUF metadata value as text (e.g. `tokenizer.chat_template`), if present.
+    pub fn meta(&self, key: &str) -> Option<String> {
+        self.model.meta_val_str(key).ok()
+    }
+
+    /// The text of token `id`, special tokens rendered.
+    pub fn token_text(&self, id: u32) -> String {
+        let bytes = self
+            .model
+            .vocab()
+            .token_to_piece(LlamaToken(id as i32), true, None);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The BOS and EOS token ids.
+    pub fn bos_eos(&self) -> (u32, u32) {
+        let vocab = self.model.vocab();
+        (vocab.bos().0 as u32, vocab.eos().0 as u32)
+    }
+
+    /// The GGUF file this was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the vocabulary (length of a logit vector).
+    pub fn n_vocab(&self) -> usize {
+        self.model.n_vocab() as usize
+    }
+
+    /// Token ids of `text`, special tokens parsed, BOS added only if `add_bos` and the model wants it.
+    pub fn tokenize(&self, text: &str, add_bos: bool) -> Vec<u32> {
+        let vocab = self.model.vocab();
+        let add_special = add_bos && vocab.should_add_bos();
+        vocab
+            .tokenize(text.as_bytes(), add_special, true)
+            .into_iter()
+            .map(|t| t.0 as u32)
+            .collect()
+    }
+
+    /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one sequence).
+    pub fn logits(&self, tokens: &[u32], threads: i32) -> Result<Vec<Vec<f32>>, SamplerError> {
+        let n = tokens.len();
+        let run_err = |message: String| SamplerError::backend(self.path.display(), message);
+        let n_ctx = (n.max(1) as u32).next_multiple_of(256);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(n_ctx)
+            .with_n_ubatch(n_ctx)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let mut ctx = self
+            .model
+            .new_context(backend()?, params)
+            .map_err(|e| run_err(e.to_string()))?;
+        let mut batch = LlamaBatch::new(n.max(1), 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch
+                .add(LlamaToken(t as i32), i as i32, &[0], true)
+                .map_err(|e| run_err(e.to_string()))?;
+        }
+        ctx.decode(&mut batch).map_err(|e| run_err(e.to_string()))?;
+        Ok((0..n)
+            .map(|i| ctx.get_logits_ith(i as i32).to_vec())
+            .collect())
+    }
+}
+
+impl em_sampler::Vocab for GgufModel {
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>, SamplerError> {
+        Ok(self.tokenize(text, false))
+    }
+
+    fn token_text(&self, id: u32) -> String {
+        GgufModel::token_text(self, id)
+    }
+
+    fn auto_bos(&self) -> Option<u32> {
+        let vocab = self.model.vocab();
+        vocab.should_add_bos().then(|| vocab.bos().0 as u32)
+    }
+
+    fn special_texts(&self) -> (String, String) {
+        let (bos, eos) = self.bos_eos();
+        let text = |id: u32| {
+            if (id as usize) < self.n_vocab() {
+                GgufModel::token_text(self, id)
+            } else {
+                String::new()
+            }
+        };
+        (text(bos), text(eos))
+    }
+
+    fn chat_template(&self) -> Result<em_sampler::TemplateSource, SamplerError> {
+        let key = "tokenizer.chat_template";
+        match self.meta(key) {
+            Some(template) if !template.trim().is_empty() => Ok(em_sampler::TemplateSource {
+                template,
+                origin: format!("{}:{key}", self.path.display()),
+            }),
+            _ => Err(SamplerError::backend(
+                self.path.display(),
+                format!("no `{key}` in the GGUF metadata (choose another prompt style, e.g. plain)"),
+            )),
+        }
+    }
+
+    fn origin(&self) -> String {
+        self.path.display().to_string()
+    }
+}

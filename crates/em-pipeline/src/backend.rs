@@ -1,0 +1,44 @@
+//! The seam between the pipeline and whatever draws samples.
+
+use std::path::Path;
+
+use em_sampler::{Sampler, Vocab};
+use serde_json::Value;
+
+use crate::Result;
+
+/// The concrete sampling backend, picked by the caller: llama.cpp in-process, or a server fleet.
+pub trait Backend {
+    /// What manifests record of the backend: its kind and, for servers, the served model (not
+    /// the URL, so a fleet can move). Outputs of different backends never mix.
+    fn identity(&self) -> Value;
+
+    /// Whether samples come from local GGUF weights (then an HF directory is converted first).
+    fn samples_local_gguf(&self) -> bool;
+
+    /// Runs `f` with the tokenizer and chat template of the GGUF at `gguf`.
+    fn with_gguf_vocab(&self, gguf: &Path, f: &mut dyn FnMut(&dyn Vocab) -> Result<()>)
+        -> Result<()>;
+
+    /// Runs `f` with a sampler drawing from `model` (the GGUF, for in-process backends; the model a
+    /// server serves is named by the backend's own settings).
+    fn with_sampler(
+        &self,
+        model: &Path,
+        f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
+    ) -> Result<()>;
+}
+
+/// Runs `f` with the vocabulary of `model`: an HF directory's own files, else the GGUF's.
+pub fn with_vocab(
+    backend: &dyn Backend,
+    model: &Path,
+    f: &mut dyn FnMut(&dyn Vocab) -> Result<()>,
+) -> Result<()> {
+    if model.is_dir() {
+        let vocab = crate::hf_vocab::HfVocab::open(model)?;
+        f(&vocab)
+    } else {
+        backend.with_gguf_vocab(model, f)
+    }
+}

@@ -1,0 +1,67 @@
+//! Drives a sampler over many requests: a progress bar, and each finished request handed on
+//! (to be graded and stored) as it arrives.
+
+use std::ops::ControlFlow;
+
+use em_sampler::{Event, Request, RunStats, Sample, Sampler};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::Result;
+
+/// A progress bar over `len` units of which `done` are already done; hidden in CI.
+pub fn progress_bar(len: u64, done: u64, unit: &str, prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_position(done);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{prefix}} {{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{msg}}, ETA {{eta}}"
+        ))
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    if std::env::var_os("CI").is_some() || std::env::var_os("EM_NO_PROGRESS").is_some() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// Samples `requests`, calling `on_done(request, samples)` once per finished request; it returns
+/// `Ok(false)` to stop early. An error from `on_done` stops the run and is returned.
+pub fn sample_each(
+    sampler: &mut dyn Sampler,
+    requests: &[Request],
+    bar: &ProgressBar,
+    on_done: &mut dyn FnMut(usize, Vec<Sample>) -> Result<bool>,
+) -> Result<RunStats> {
+    let mut failure = None;
+    let stats = sampler.generate(requests, &mut |event| match event {
+        Event::RequestDone { request, samples } => match on_done(request, samples) {
+            Ok(go_on) => {
+                bar.inc(1);
+                if go_on {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            }
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
+        },
+        Event::Step {
+            generated_tokens,
+            elapsed,
+            ..
+        } => {
+            let secs = elapsed.as_secs_f64().max(1e-9);
+            bar.set_message(format!("{:.1} tok/s", generated_tokens as f64 / secs));
+            ControlFlow::Continue(())
+        }
+    })?;
+    bar.finish_and_clear();
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(stats),
+    }
+}

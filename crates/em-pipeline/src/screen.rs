@@ -1,0 +1,474 @@
+//! Screening: sample k answers per pool prompt, grade them, rank the prompts by the
+//! variance p(1−p) of their pass rate and choose the one-shot prompt (METHOD.md, "Choosing the
+//! prompt").
+//!
+//! Output directory:
+//! - `manifest.json`: the model, the pool and the settings; a rerun that differs is refused.
+//! - `prompts.jsonl`: one line per screened prompt, appended and fsynced as each finishes; a rerun
+//!   of the same command skips the prompts already there (a torn last line is cut and redone).
+//! - `ranking.json`, `chosen.jsonl`: written at the end, atomically (temporary file + rename).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use em_data::Problem;
+use em_sampler::{Request, Sample, SamplingParams};
+use em_store::{write_atomic, JsonlStore, Manifest};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::prompt::{PromptOptions, PromptRenderer};
+use crate::{Backend, Result};
+
+/// Which prompt to choose from the ranking.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Rule {
+    /// Highest variance p(1−p); ties: p nearest 0.5, then higher entropy.
+    Variance,
+    /// Highest variance among prompts whose pass rate is above 0.5 with its 95% interval (EM
+    /// amplifies what the majority of its samples does, right or wrong).
+    MajorityRight,
+}
+
+/// What to screen and how.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScreenArgs {
+    /// The model to screen with (the base model to be trained): a GGUF or an HF directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt pool in the pool format (`{id, prompt: [messages], answer}` per line).
+    #[arg(long)]
+    pub pool: PathBuf,
+    /// Answers sampled per prompt.
+    #[arg(long, default_value_t = 8)]
+    pub k: usize,
+    /// Output directory (created; rerun the same command to resume).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Only the first N prompts of the pool.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 0.5)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 1.15)]
+    pub repetition_penalty: f32,
+    /// Base seed; each prompt's samples are seeded from it and the prompt id.
+    #[arg(long, default_value_t = 15)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub prompt: PromptOptions,
+    /// Selection rule for `chosen.jsonl`.
+    #[arg(long, value_enum, default_value_t = Rule::Variance)]
+    pub rule: Rule,
+    /// Also keep every response text in the per-prompt lines.
+    #[arg(long)]
+    pub keep_responses: bool,
+    /// GGUF type when --model is an HF directory (converted once into the output directory).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub quant: em_convert::OutType,
+    /// Replace an output directory that holds another run.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Stop after this many newly screened prompts, as if killed (for resume tests).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
+}
+
+/// One screened prompt, a line of `prompts.jsonl`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PromptResult {
+    pub id: String,
+    pub n: usize,
+    pub correct: usize,
+    pub pass_rate: f64,
+    /// 95% Wilson interval of the pass rate.
+    pub ci95: (f64, f64),
+    /// p(1−p).
+    pub variance: f64,
+    /// Token mean of the entropy of the sampling distribution (after top-p), nats.
+    pub mean_entropy: f64,
+    /// Token mean of the full-vocabulary entropy at the sampling temperature (EM's loss), nats.
+    pub mean_full_entropy: f64,
+    /// Mean generated tokens per answer.
+    pub mean_length: f64,
+    /// Extracted answer per sample (null where none).
+    pub answers: Vec<Option<String>>,
+    pub correct_each: Vec<bool>,
+    pub finish: Vec<String>,
+    pub gold: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responses: Option<Vec<String>>,
+}
+
+impl PromptResult {
+    fn from_samples(problem: &Problem, samples: &[Sample], keep_responses: bool) -> Self {
+        let verdicts: Vec<em_grade::Verdict> = samples
+            .iter()
+            .map(|s| em_grade::grade(&s.text, &problem.answers))
+            .collect();
+        let n = samples.len();
+        let correct = verdicts.iter().filter(|v| v.correct).count();
+        let p = correct as f64 / n as f64;
+        let (mut h, mut hf, mut tokens) = (0.0, 0.0, 0usize);
+        for s in samples {
+            if let Some(st) = &s.stats {
+                h += st.entropies.iter().map(|&x| x as f64).sum::<f64>();
+                hf += st.full_entropies.iter().map(|&x| x as f64).sum::<f64>();
+            }
+            tokens += s.tokens.len();
+        }
+        let per_token = |x: f64| if tokens == 0 { 0.0 } else { x / tokens as f64 };
+        Self {
+            id: problem.id.clone(),
+            n,
+            correct,
+            pass_rate: p,
+            ci95: em_grade::wilson_interval(correct, n),
+            variance: p * (1.0 - p),
+            mean_entropy: per_token(h),
+            mean_full_entropy: per_token(hf),
+            mean_length: tokens as f64 / n as f64,
+            answers: verdicts.iter().map(|v| v.pred.clone()).collect(),
+            correct_each: verdicts.iter().map(|v| v.correct).collect(),
+            finish: samples
+                .iter()
+                .map(|s| format!("{:?}", s.finish).to_lowercase())
+                .collect(),
+            gold: problem.answers.clone(),
+            responses: keep_responses.then(|| samples.iter().map(|s| s.text.clone()).collect()),
+        }
+    }
+
+    /// Majority right with confidence: the lower end of the 95% interval is above 0.5.
+    pub fn majority_right(&self) -> bool {
+        self.ci95.0 > 0.5
+    }
+}
+
+/// Highest variance first; ties: pass rate nearest 0.5, then higher entropy, then id.
+pub fn rank(results: &mut [PromptResult]) {
+    results.sort_by(|a, b| {
+        b.variance
+            .total_cmp(&a.variance)
+            .then(
+                (a.pass_rate - 0.5)
+                    .abs()
+                    .total_cmp(&(b.pass_rate - 0.5).abs()),
+            )
+            .then(b.mean_entropy.total_cmp(&a.mean_entropy))
+            .then(a.id.cmp(&b.id))
+    });
+}
+
+/// The prompt `rule` picks from a ranked list.
+pub fn choose(ranked: &[PromptResult], rule: Rule) -> Option<&PromptResult> {
+    match rule {
+        Rule::Variance => ranked.first(),
+        Rule::MajorityRight => ranked.iter().find(|r| r.majority_right()),
+    }
+}
+
+/// A stable per-prompt seed (the same derivation `eval` uses per item).
+fn prompt_seed(seed: u64, id: &str) -> u64 {
+    crate::item_seed(seed, id)
+}
+
+/// The pool's own records, by id, to write the chosen prompt in the pool's format.
+fn raw_records(path: &Path, problems: &[Problem]) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let same = lines.len() == problems.len()
+        && lines.iter().zip(problems).all(|(l, p)| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v.get("id").cloned())
+                .is_none_or(|id| id == p.id.as_str())
+        });
+    if same {
+        Ok(lines.into_iter().map(String::from).collect())
+    } else {
+        problems
+            .iter()
+            .map(|p| serde_json::to_string(p).context("serialise a problem"))
+            .collect()
+    }
+}
+
+impl ScreenArgs {
+    /// The reference settings (the command line's defaults; a test keeps them equal).
+    pub fn reference(model: PathBuf, pool: PathBuf, out: PathBuf) -> Self {
+        Self {
+            model,
+            pool,
+            k: 8,
+            out,
+            limit: None,
+            max_new_tokens: 512,
+            temperature: 0.5,
+            top_p: 0.95,
+            repetition_penalty: 1.15,
+            seed: 15,
+            prompt: PromptOptions::default(),
+            rule: Rule::Variance,
+            keep_responses: false,
+            quant: em_convert::OutType::F16,
+            fresh: false,
+            stop_after: None,
+        }
+    }
+}
+
+/// The settings that change a screen's results (the manifest's `settings`).
+fn settings(args: &ScreenArgs, backend: &dyn Backend) -> Value {
+    json!({
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "prompt": args.prompt,
+        "quant": if args.model.is_dir() { format!("{:?}", args.quant).to_lowercase() } else { "as given".into() },
+        "backend": backend.identity(),
+    })
+}
+
+/// Runs the screen (see the module documentation) and returns the ranked prompts.
+pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>> {
+    if args.k == 0 {
+        bail!("--k must be at least 1");
+    }
+    let mut problems = em_data::load_pool(&args.pool)?;
+    let mut raw = raw_records(&args.pool, &problems)?;
+    if let Some(n) = args.limit {
+        problems.truncate(n);
+        raw.truncate(n);
+    }
+    let mut ids = HashSet::new();
+    if let Some(p) = problems.iter().find(|p| !ids.insert(p.id.as_str())) {
+        bail!("{}: prompt id {} appears twice", args.pool.display(), p.id);
+    }
+    if let Some(p) = problems.iter().find(|p| p.answers.is_empty()) {
+        bail!(
+            "{}: prompt {} has no gold answer to grade against",
+            args.pool.display(),
+            p.id
+        );
+    }
+
+    let mut rendered = Vec::with_capacity(problems.len());
+    let mut style = String::new();
+    crate::with_vocab(backend, &args.model, &mut |vocab| {
+        let renderer = PromptRenderer::new(vocab, &args.prompt)?;
+        style = renderer.description.clone();
+        rendered = problems
+            .iter()
+            .map(|p| renderer.render(p).with_context(|| format!("{}: prompt {}", args.pool.display(), p.id)))
+            .collect::<Result<_>>()?;
+        Ok(())
+    })?;
+    let mut manifest = Manifest::new("screen", em_store::model_identity(&args.model)?, settings(args, backend));
+    manifest.inputs.insert("pool".into(), em_store::file_identity(&args.pool)?);
+    manifest.info = json!({
+        "tool": crate::TOOL,
+        "style": style,
+        "first_prompt": problems.first().map(|p| json!({"id": p.id, "text": rendered[0].text, "ids": rendered[0].ids})),
+    });
+    manifest.claim(&args.out, args.fresh)?;
+
+    let (mut store, mut results) = JsonlStore::<PromptResult>::open(&args.out.join("prompts.jsonl"))?;
+    let done: HashSet<String> = results.iter().map(|r| r.id.clone()).collect();
+    let todo: Vec<usize> = (0..problems.len()).filter(|&i| !done.contains(&problems[i].id)).collect();
+    eprintln!(
+        "screen: {} prompts, {} already screened, {} to go, k = {}; prompt style {style}",
+        problems.len(),
+        problems.len() - todo.len(),
+        todo.len(),
+        args.k
+    );
+
+    if !todo.is_empty() {
+        let requests: Vec<Request> = todo
+            .iter()
+            .map(|&i| Request {
+                prompt: rendered[i].to_prompt(),
+                n_samples: args.k,
+                params: SamplingParams {
+                    temperature: args.temperature,
+                    top_p: args.top_p,
+                    repetition_penalty: args.repetition_penalty,
+                    max_new_tokens: args.max_new_tokens,
+                    seed: prompt_seed(args.seed, &problems[i].id),
+                    logprobs: true,
+                    stop: em_sampler::EVAL_STOP.map(String::from).to_vec(),
+                    ..SamplingParams::default()
+                },
+            })
+            .collect();
+        let gguf = crate::sampling_model(backend, &args.model, &args.out, args.quant)?;
+        let bar = crate::drive::progress_bar(problems.len() as u64, (problems.len() - todo.len()) as u64, "prompts", "screen");
+        let mut new = 0usize;
+        let mut stats = None;
+        backend.with_sampler(&gguf, &mut |sampler| {
+            stats = Some(crate::drive::sample_each(sampler, &requests, &bar, &mut |request, samples| {
+                let r = PromptResult::from_samples(&problems[todo[request]], &samples, args.keep_responses);
+                store.append(&r)?;
+                bar.println(format!(
+                    "{:>12}  {}/{}  p = {:.2} [{:.2}, {:.2}]  H = {:.3}",
+                    r.id, r.correct, r.n, r.pass_rate, r.ci95.0, r.ci95.1, r.mean_entropy
+                ));
+                results.push(r);
+                new += 1;
+                Ok(!args.stop_after.is_some_and(|n| new >= n))
+            })?);
+            Ok(())
+        })?;
+        if let Some(stats) = stats {
+            eprintln!(
+                "screen: {} tokens in {:.1}s ({:.1} tok/s); prompt tokens decoded {} of {} without sharing",
+                stats.generated_tokens,
+                stats.elapsed.as_secs_f64(),
+                stats.generated_tokens as f64 / stats.elapsed.as_secs_f64().max(1e-9),
+                stats.prompt_tokens,
+                stats.prompt_tokens_unshared
+            );
+        }
+        if results.len() < problems.len() {
+            eprintln!("screen: stopped early after {new} prompts; rerun to resume");
+            return Ok(results);
+        }
+    }
+    finish(args, &problems, &raw, results)
+}
+
+/// Ranks, prints, and writes `ranking.json` and `chosen.jsonl`.
+fn finish(
+    args: &ScreenArgs,
+    problems: &[Problem],
+    raw: &[String],
+    mut results: Vec<PromptResult>,
+) -> Result<Vec<PromptResult>> {
+    let wanted: HashSet<&str> = problems.iter().map(|p| p.id.as_str()).collect();
+    results.retain(|r| wanted.contains(r.id.as_str()));
+    rank(&mut results);
+    let chosen = choose(&results, args.rule).cloned();
+    println!(
+        "{:>4} {:>12} {:>6} {:>15} {:>8} {:>8} {:>8}",
+        "rank", "id", "pass", "95% interval", "p(1-p)", "H", "length"
+    );
+    for (i, r) in results.iter().enumerate().take(20) {
+        println!(
+            "{:>4} {:>12} {:>2}/{:<3} [{:.2}, {:.2}]    {:>8.4} {:>8.3} {:>8.1}{}",
+            i + 1,
+            r.id,
+            r.correct,
+            r.n,
+            r.ci95.0,
+            r.ci95.1,
+            r.variance,
+            r.mean_entropy,
+            r.mean_length,
+            if r.majority_right() {
+                "  majority right"
+            } else {
+                ""
+            }
+        );
+    }
+    let ranking = serde_json::json!({
+        "rule": args.rule,
+        "chosen": chosen.as_ref().map(|c| c.id.clone()),
+        "k": args.k,
+        "prompts": results.len(),
+        "ranking": results.iter().enumerate().map(|(i, r)| serde_json::json!({
+            "rank": i + 1, "id": r.id, "correct": r.correct, "n": r.n, "pass_rate": r.pass_rate,
+            "ci95": [r.ci95.0, r.ci95.1], "variance": r.variance, "mean_entropy": r.mean_entropy,
+            "mean_full_entropy": r.mean_full_entropy, "mean_length": r.mean_length,
+            "majority_right": r.majority_right(),
+        })).collect::<Vec<_>>(),
+    });
+    write_atomic(
+        &args.out.join("ranking.json"),
+        serde_json::to_string_pretty(&ranking)?.as_bytes(),
+    )?;
+    let Some(chosen) = chosen else {
+        bail!(
+            "no prompt qualifies under rule {:?} (no pass rate is above 0.5 with its 95% interval at k = {}); ranking written to {}",
+            args.rule,
+            args.k,
+            args.out.join("ranking.json").display()
+        );
+    };
+    let line = problems
+        .iter()
+        .position(|p| p.id == chosen.id)
+        .map(|i| raw[i].clone())
+        .expect("chosen from the pool");
+    write_atomic(
+        &args.out.join("chosen.jsonl"),
+        format!("{line}\n").as_bytes(),
+    )?;
+    println!(
+        "chosen ({:?}): {}  {}/{} right, p = {:.2} [{:.2}, {:.2}] -> {}",
+        args.rule,
+        chosen.id,
+        chosen.correct,
+        chosen.n,
+        chosen.pass_rate,
+        chosen.ci95.0,
+        chosen.ci95.1,
+        args.out.join("chosen.jsonl").display()
+    );
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(id: &str, correct: usize, n: usize, h: f64) -> PromptResult {
+        let p = correct as f64 / n as f64;
+        PromptResult {
+            id: id.into(),
+            n,
+            correct,
+            pass_rate: p,
+            ci95: em_grade::wilson_interval(correct, n),
+            variance: p * (1.0 - p),
+            mean_entropy: h,
+            mean_full_entropy: h,
+            mean_length: 1.0,
+            answers: vec![],
+            correct_each: vec![],
+            finish: vec![],
+            gold: vec![],
+            responses: None,
+        }
+    }
+
+    #[test]
+    fn ranking_and_rules() {
+        let mut r = vec![
+            result("a", 8, 8, 0.1),
+            result("b", 3, 8, 0.5),
+            result("c", 5, 8, 0.2),
+            result("d", 4, 8, 0.1),
+            result("e", 7, 8, 0.9),
+        ];
+        rank(&mut r);
+        let ids: Vec<&str> = r.iter().map(|x| x.id.as_str()).collect();
+        // 4/8 first; 3/8 and 5/8 tie on variance and distance to 0.5, so entropy decides.
+        assert_eq!(ids, ["d", "b", "c", "e", "a"]);
+        assert_eq!(choose(&r, Rule::Variance).unwrap().id, "d");
+        assert_eq!(choose(&r, Rule::MajorityRight).unwrap().id, "e");
+        assert!(choose(&r[..3], Rule::MajorityRight).is_none());
+    }
+}

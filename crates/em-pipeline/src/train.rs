@@ -1,0 +1,490 @@
+//! One-shot entropy minimization, on-policy.
+//!
+//! Each update publishes the current weights to the sampler: they are written as an HF directory
+//! and converted to a GGUF of the same float type (f32 by default, so the sampler draws from
+//! exactly the weights being trained), which the [`Backend`] loads; it draws N responses to the one
+//! prompt with METHOD.md's settings and a seed derived from (seed, step); em-train takes one AdamW
+//! step on the token-mean entropy of those responses.
+//!
+//! Output directory: `manifest.json` (model, prompt file, settings; a rerun that differs is
+//! refused), `metrics.jsonl` (one line per step), `checkpoint-{step}/` (HF directory with
+//! tokenizer files, `optimizer/adamw.safetensors`, `state.json`; written under a temporary name and
+//! renamed when complete), `final/` (HF directory). A run started again on the same directory
+//! resumes from its last checkpoint, drops metrics lines after it, and continues with the same
+//! numbers as an uninterrupted run.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device};
+use em_convert::{hf_to_gguf, OutType};
+use em_data::Problem;
+use em_sampler::{Request, Sample, SamplingParams};
+use em_store::{JsonlStore, Manifest};
+use em_train::models::CausalLm;
+use em_train::{AdamWConfig, EmOptions, Sequence, TrainConfig, Trainer};
+use serde_json::{json, Value};
+
+use crate::em_loss::ModelDtype;
+use crate::prompt::{PromptOptions, PromptRenderer, RenderedPrompt};
+use crate::{Backend, Result};
+
+/// What to train and how.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// HF model directory to start from (config.json, safetensors, tokenizer.json,
+    /// tokenizer_config.json with a chat template).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt file: pool JSONL (`id`, `prompt` chat messages, `answer`), e.g. `screen`'s
+    /// chosen.jsonl or pool/pi1.jsonl; the first record is used unless --prompt-id says otherwise.
+    #[arg(long)]
+    pub prompt: PathBuf,
+    /// Which record of the prompt file to train on.
+    #[arg(long)]
+    pub prompt_id: Option<String>,
+    /// Output directory (manifest.json, metrics.jsonl, checkpoint-*/, final/); the same run there
+    /// resumes, another is refused.
+    #[arg(long, default_value = "runs/em")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub prompt_options: PromptOptions,
+    /// Replace an output directory that holds another run.
+    #[arg(long)]
+    pub fresh: bool,
+    /// Optimizer updates.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Responses sampled per update.
+    #[arg(long, default_value_t = 64)]
+    pub samples: usize,
+    /// Responses per forward/backward pass (gradients are accumulated over the update; the result
+    /// does not depend on it, peak memory does: trunk activations grow with it).
+    #[arg(long, default_value_t = 2)]
+    pub micro_batch: usize,
+    /// AdamW learning rate (constant, no warm-up).
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub adam_eps: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Global grad-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// τ of the entropy softmax(z/τ).
+    #[arg(long, default_value_t = 0.5)]
+    pub temperature: f64,
+    /// Sampling temperature.
+    #[arg(long, default_value_t = 0.5)]
+    pub sample_temperature: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// 0: off (the reference sets none).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.15)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 512)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 15)]
+    pub seed: u64,
+    /// Float type of the trained weights (and of the GGUF sampled from).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: ModelDtype,
+    /// Write a checkpoint every this many steps (and after the last).
+    #[arg(long, default_value_t = 1)]
+    pub save_every: usize,
+    /// Stop after this many steps of this invocation (a later run resumes).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+}
+
+impl TrainArgs {
+    /// METHOD.md's reference settings (the command line's defaults; a test keeps them equal).
+    pub fn reference(model: PathBuf, prompt: PathBuf, out: PathBuf) -> Self {
+        Self {
+            model,
+            prompt,
+            prompt_id: None,
+            out,
+            prompt_options: PromptOptions::default(),
+            fresh: false,
+            steps: 10,
+            samples: 64,
+            micro_batch: 2,
+            lr: 2e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            temperature: 0.5,
+            sample_temperature: 0.5,
+            top_p: 0.95,
+            top_k: 0,
+            repetition_penalty: 1.15,
+            max_new_tokens: 512,
+            seed: 15,
+            dtype: ModelDtype::F32,
+            save_every: 1,
+            stop_after: None,
+        }
+    }
+}
+
+/// Settings a resumed run must share with the run that wrote the checkpoints.
+fn run_identity(args: &TrainArgs, backend: &dyn Backend) -> Value {
+    json!({
+        "prompt_options": args.prompt_options, "backend": backend.identity(),
+        "seed": args.seed, "samples": args.samples, "lr": args.lr, "beta1": args.beta1,
+        "beta2": args.beta2, "adam_eps": args.adam_eps, "weight_decay": args.weight_decay,
+        "max_grad_norm": args.max_grad_norm, "temperature": args.temperature,
+        "sample_temperature": args.sample_temperature, "top_p": args.top_p, "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
+        "dtype": format!("{:?}", args.dtype), "prompt_id": args.prompt_id,
+    })
+}
+
+/// The seed of step `step`'s samples: the same for a resumed run as for an uninterrupted one.
+pub fn step_seed(seed: u64, step: usize) -> u64 {
+    // splitmix64 of (seed, step)
+    let mut z = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(step as u64)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The prompt record to train on.
+pub fn load_prompt(path: &Path, id: Option<&str>) -> Result<Problem> {
+    let problems = em_data::load_pool(path)
+        .or_else(|pool_err| em_data::load_suite(path).map_err(|_| pool_err))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    match id {
+        Some(id) => problems
+            .into_iter()
+            .find(|p| p.id == id)
+            .with_context(|| format!("{}: no record with id \"{id}\"", path.display())),
+        None => problems
+            .into_iter()
+            .next()
+            .with_context(|| format!("{}: no records", path.display())),
+    }
+}
+
+/// The prompt rendered for the model at `model_dir` (the one prompt path; no silent fallback).
+pub fn render_prompt(
+    backend: &dyn Backend,
+    model_dir: &Path,
+    problem: &Problem,
+    options: &PromptOptions,
+) -> Result<RenderedPrompt> {
+    let mut rendered = None;
+    crate::with_vocab(backend, model_dir, &mut |vocab| {
+        rendered = Some(PromptRenderer::new(vocab, options)?.render(problem)?);
+        Ok(())
+    })?;
+    rendered.context("the prompt was not rendered")
+}
+
+/// Files copied from the starting model into every checkpoint.
+const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+];
+
+/// Writes the current weights as a complete HF directory at `dir` (replaced if present).
+fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
+    }
+    if optimizer {
+        trainer.save(dir)?;
+    } else {
+        trainer.model.save_hf_dir(dir, trainer.model.dtype())?;
+    }
+    // config.json as read, with the dtype the weights are now stored in.
+    let config_path = dir.join("config.json");
+    let mut config = em_convert::read_json(&config_path)?;
+    let dtype = match trainer.model.dtype() {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        DType::F64 => "float64",
+        _ => "float32",
+    };
+    config["torch_dtype"] = json!(dtype);
+    fs::write(&config_path, serde_json::to_string_pretty(&config)? + "\n")
+        .with_context(|| format!("{}: cannot write", config_path.display()))?;
+    for name in TOKENIZER_FILES {
+        let from = source.join(name);
+        if from.is_file() {
+            fs::copy(&from, dir.join(name))
+                .with_context(|| format!("{}: cannot copy", from.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `dir` under a temporary sibling name and renames it into place when complete.
+fn write_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let staged = em_store::Staged::new(dir)?;
+    write(staged.path())?;
+    Ok(staged.commit()?)
+}
+
+/// The latest complete checkpoint of `out` and its step.
+pub fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
+    fs::read_dir(out)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            let path = e.path();
+            path.join("state.json").is_file().then_some((step, path))
+        })
+        .max_by_key(|(s, _)| *s)
+}
+
+/// Samples `n` responses to the prompt from the GGUF at `gguf` through the backend.
+fn sample_responses(
+    backend: &dyn Backend,
+    gguf: &Path,
+    prompt: &RenderedPrompt,
+    n: usize,
+    params: SamplingParams,
+) -> Result<Vec<Sample>> {
+    let request = Request { prompt: prompt.to_prompt(), n_samples: n, params };
+    let mut out = Vec::new();
+    backend.with_sampler(gguf, &mut |sampler| {
+        out = sampler.generate_all(std::slice::from_ref(&request))?.pop().unwrap_or_default();
+        Ok(())
+    })?;
+    if out.len() != n {
+        bail!("{}: the sampler returned {} of {n} responses", gguf.display(), out.len());
+    }
+    Ok(out)
+}
+
+/// Keeps the metrics lines of steps up to `keep_through` (a resumed run redoes the later ones).
+fn truncate_metrics(path: &Path, keep_through: usize) -> Result<()> {
+    let body: String = JsonlStore::<Value>::read(path)?
+        .into_iter()
+        .filter(|v| v.get("step").and_then(Value::as_u64).is_some_and(|s| s as usize <= keep_through))
+        .map(|v| format!("{v}\n"))
+        .collect();
+    Ok(em_store::write_atomic(path, body)?)
+}
+
+/// Trains (see the module documentation); returns the directory of the trained model when the
+/// run is complete.
+pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
+    if !backend.samples_local_gguf() {
+        bail!("train samples on-policy from the weights it is training, so it needs an in-process backend (llama.cpp), not a server");
+    }
+    if args.samples == 0 || args.steps == 0 || args.max_new_tokens == 0 {
+        bail!("--samples, --steps and --max-new-tokens must be positive");
+    }
+    if !(args.temperature.is_finite() && args.temperature > 0.0) {
+        bail!(
+            "--temperature {} is not a finite number > 0",
+            args.temperature
+        );
+    }
+    for f in ["config.json", "tokenizer.json"] {
+        let p = args.model.join(f);
+        if !p.is_file() {
+            bail!("{}: missing (the model directory needs it)", p.display());
+        }
+    }
+    let problem = load_prompt(&args.prompt, args.prompt_id.as_deref())?;
+    let prompt = render_prompt(backend, &args.model, &problem, &args.prompt_options)?;
+    let prompt_ids = prompt.ids.clone();
+    let identity = run_identity(args, backend);
+    let mut manifest = Manifest::new("train", em_store::model_identity(&args.model)?, identity);
+    manifest.inputs.insert("prompt".into(), em_store::file_identity(&args.prompt)?);
+    manifest.info = json!({ "tool": crate::TOOL, "prompt_id": problem.id, "prompt_text": prompt.text, "prompt_ids": prompt.ids });
+    manifest.claim(&args.out, args.fresh)?;
+
+    let dtype = args.dtype.dtype();
+    let device = Device::Cpu;
+    let vocab =
+        em_train::models::ModelConfig::from_file(&args.model.join("config.json"))?.vocab_size;
+    let config = TrainConfig {
+        optimizer: AdamWConfig {
+            lr: args.lr,
+            betas: (args.beta1, args.beta2),
+            eps: args.adam_eps,
+            weight_decay: args.weight_decay,
+        },
+        max_grad_norm: args.max_grad_norm,
+        em: EmOptions::new(args.temperature, args.micro_batch, vocab),
+    };
+    let metrics_path = args.out.join("metrics.jsonl");
+    let (mut trainer, start) = match latest_checkpoint(&args.out) {
+        Some((step, dir)) => {
+            let trainer = Trainer::resume(&dir, config, dtype, &device)
+                .with_context(|| format!("{}: cannot resume", dir.display()))?;
+            truncate_metrics(&metrics_path, step)?;
+            eprintln!("resuming from {} (step {step})", dir.display());
+            (trainer, step)
+        }
+        None => {
+            truncate_metrics(&metrics_path, 0)?;
+            let model = CausalLm::from_hf_dir(&args.model, dtype, &device)?;
+            (Trainer::new(model, config), 0)
+        }
+    };
+    if start >= args.steps {
+        eprintln!(
+            "{}: already at step {start} of {}",
+            args.out.display(),
+            args.steps
+        );
+    }
+
+    let outtype = match trainer.model.dtype() {
+        DType::BF16 => OutType::Bf16,
+        DType::F16 => OutType::F16,
+        _ => OutType::F32,
+    };
+    let work = args.out.join(".sampling");
+    let bar = indicatif::ProgressBar::new(args.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start as u64);
+    for step in start + 1..=args.steps {
+        // Steps already taken by this invocation: step - start - 1.
+        if args.stop_after.is_some_and(|k| step - start > k) {
+            break;
+        }
+        let t0 = Instant::now();
+        // 1. The current weights, as llama.cpp will see them.
+        let hf = work.join("hf");
+        write_hf_dir(&trainer, &args.model, &hf, false)?;
+        let gguf = work.join("model.gguf");
+        hf_to_gguf(&hf, &gguf, outtype)?;
+        let t_export = t0.elapsed().as_secs_f64();
+
+        // 2. N responses from them.
+        let t1 = Instant::now();
+        let params = SamplingParams {
+            temperature: args.sample_temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            repetition_penalty: args.repetition_penalty,
+            max_new_tokens: args.max_new_tokens,
+            seed: step_seed(args.seed, step),
+            ..SamplingParams::default()
+        };
+        let samples = sample_responses(backend, &gguf, &prompt, args.samples, params)?;
+        let t_sample = t1.elapsed().as_secs_f64();
+        let sequences: Vec<Sequence> = samples
+            .iter()
+            .filter(|s| !s.tokens.is_empty())
+            .map(|s| Sequence {
+                prompt_ids: prompt_ids.clone(),
+                response_ids: s.tokens.clone(),
+            })
+            .collect();
+        let lens: Vec<usize> = sequences.iter().map(|s| s.response_ids.len()).collect();
+        let generated: usize = lens.iter().sum();
+        let pass = (!problem.answers.is_empty()).then(|| {
+            samples
+                .iter()
+                .filter(|s| em_grade::grade(&s.text, &problem.answers).correct)
+                .count()
+        });
+
+        // 3. One update on them.
+        let t2 = Instant::now();
+        let stats = trainer.update(&sequences)?;
+        let t_train = t2.elapsed().as_secs_f64();
+        let train_tokens: usize = sequences.iter().map(Sequence::len).sum();
+
+        let mut line = json!({
+            "step": step,
+            "loss": stats.loss,
+            "entropy": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "lr": args.lr,
+            "n_responses": sequences.len(),
+            "n_tokens": stats.n_tokens,
+            "resp_len_mean": generated as f64 / lens.len().max(1) as f64,
+            "resp_len_min": lens.iter().min().copied().unwrap_or(0),
+            "resp_len_max": lens.iter().max().copied().unwrap_or(0),
+            "mean_max_logit": stats.mean_max_logit,
+            "sample_seed": step_seed(args.seed, step),
+            "export_seconds": t_export,
+            "sample_seconds": t_sample,
+            "train_seconds": t_train,
+            "sample_tokens_per_s": generated as f64 / t_sample.max(1e-9),
+            "train_tokens_per_s": train_tokens as f64 / t_train.max(1e-9),
+        });
+        if let Some(k) = pass {
+            let (lo, hi) = em_grade::wilson_interval(k, samples.len());
+            line["pass_rate"] = json!(k as f64 / samples.len().max(1) as f64);
+            line["pass_ci95"] = json!([lo, hi]);
+        }
+        line["seconds"] = json!(t0.elapsed().as_secs_f64());
+        line["peak_rss_mb"] = json!(crate::peak_rss_mb());
+        JsonlStore::<Value>::open(&metrics_path)?.0.append(&line)?;
+
+        // 4. Checkpoint.
+        if step % args.save_every.max(1) == 0 || step == args.steps {
+            let dir = args.out.join(format!("checkpoint-{step}"));
+            write_atomically(&dir, |tmp| {
+                write_hf_dir(&trainer, &args.model, tmp, true)?;
+                let state = json!({ "step": step });
+                fs::write(
+                    tmp.join("state.json"),
+                    serde_json::to_string_pretty(&state)? + "\n",
+                )?;
+                Ok(())
+            })?;
+        }
+        let msg = format!(
+            "step {step}: entropy {:.4} grad_norm {:.3} len {:.0}{} {:.1}s",
+            stats.loss,
+            stats.grad_norm,
+            generated as f64 / lens.len().max(1) as f64,
+            pass.map(|k| format!(" pass {k}/{}", samples.len()))
+                .unwrap_or_default(),
+            t0.elapsed().as_secs_f64()
+        );
+        if bar.is_hidden() {
+            eprintln!("{msg}");
+        }
+        bar.set_message(msg);
+        bar.inc(1);
+    }
+    bar.finish();
+    let _ = fs::remove_dir_all(&work);
+    let finished = latest_checkpoint(&args.out).is_some_and(|(s, _)| s >= args.steps);
+    if finished {
+        let final_dir = args.out.join("final");
+        write_atomically(&final_dir, |tmp| {
+            write_hf_dir(&trainer, &args.model, tmp, false)
+        })?;
+        eprintln!("{}: trained model", final_dir.display());
+        return Ok(Some(final_dir));
+    }
+    Ok(None)
+}

@@ -1,0 +1,174 @@
+//! The one place that picks concrete backends: llama.cpp in-process, or an OpenAI-compatible
+//! server fleet, behind `em_pipeline::Backend`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use em_llama::{Engine, EngineConfig, GgufModel};
+use em_openai::{Dialect, OpenAiConfig, OpenAiSampler, PromptFormat};
+use em_pipeline::Backend;
+use em_sampler::{Sampler, Vocab};
+use serde_json::{json, Value};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// llama.cpp in this process.
+    Llama,
+    /// An OpenAI-compatible server (vLLM, SGLang, llama-server, llama-cpp-python).
+    Openai,
+}
+
+/// Where samples come from.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BackendArgs {
+    #[arg(long, value_enum, default_value = "llama")]
+    pub backend: BackendKind,
+    /// llama.cpp threads (default: all cores but one).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// Sequences llama.cpp decodes together.
+    #[arg(long, default_value_t = 8)]
+    pub parallel: usize,
+    /// Server base URL (`http://host:port`), with --backend openai.
+    #[arg(long)]
+    pub base_url: Option<String>,
+    /// The model name the server serves, with --backend openai.
+    #[arg(long)]
+    pub served_model: Option<String>,
+    /// Environment variable that holds the API key, if the server wants one.
+    #[arg(long)]
+    pub api_key_env: Option<String>,
+    /// Which server: its field names for the sampling settings differ.
+    #[arg(long, value_enum, default_value = "vllm")]
+    pub dialect: Dialect,
+    /// Send prompts as token ids (exactly what we rendered) or as text (servers that take only text).
+    #[arg(long, value_enum, default_value = "tokens")]
+    pub prompt_format: PromptFormat,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Seconds one request may take before it is retried.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+}
+
+impl BackendArgs {
+    /// The backend these arguments describe.
+    pub fn build(&self) -> Result<Box<dyn Backend>> {
+        Ok(match self.backend {
+            BackendKind::Llama => Box::new(LlamaBackend {
+                config: EngineConfig {
+                    threads: self.threads.unwrap_or_else(em_llama::default_threads),
+                    parallel: self.parallel,
+                    ..EngineConfig::default()
+                },
+            }),
+            BackendKind::Openai => {
+                let base_url = self.base_url.clone().context("--backend openai needs --base-url")?;
+                let served_model =
+                    self.served_model.clone().context("--backend openai needs --served-model")?;
+                let api_key = match &self.api_key_env {
+                    Some(var) => Some(std::env::var(var).with_context(|| {
+                        format!("--api-key-env {var}: the variable is not set")
+                    })?),
+                    None => None,
+                };
+                Box::new(ServerBackend {
+                    config: OpenAiConfig {
+                        api_key,
+                        concurrency: self.concurrency,
+                        timeout: Duration::from_secs(self.request_timeout),
+                        dialect: self.dialect,
+                        prompt_format: self.prompt_format,
+                        ..OpenAiConfig::new(base_url, served_model)
+                    },
+                })
+            }
+        })
+    }
+}
+
+/// llama.cpp in-process: every sampler loads the GGUF it is given.
+pub struct LlamaBackend {
+    pub config: EngineConfig,
+}
+
+impl Backend for LlamaBackend {
+    fn identity(&self) -> Value {
+        json!({ "kind": "llama.cpp" })
+    }
+
+    fn samples_local_gguf(&self) -> bool {
+        true
+    }
+
+    fn with_gguf_vocab(
+        &self,
+        gguf: &Path,
+        f: &mut dyn FnMut(&dyn Vocab) -> Result<()>,
+    ) -> Result<()> {
+        f(&GgufModel::load(gguf)?)
+    }
+
+    fn with_sampler(
+        &self,
+        gguf: &Path,
+        f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
+    ) -> Result<()> {
+        let model = GgufModel::load(gguf)?;
+        let mut engine = Engine::new(&model, self.config.clone());
+        f(&mut engine)
+    }
+}
+
+/// An OpenAI-compatible server; the local model file gives the tokenizer, the template and the
+/// identity of what the server is told to serve.
+pub struct ServerBackend {
+    pub config: OpenAiConfig,
+}
+
+impl Backend for ServerBackend {
+    fn identity(&self) -> Value {
+        json!({
+            "kind": "openai",
+            "served_model": self.config.served_model,
+            "dialect": format!("{:?}", self.config.dialect).to_lowercase(),
+            "prompt_format": format!("{:?}", self.config.prompt_format).to_lowercase(),
+        })
+    }
+
+    fn samples_local_gguf(&self) -> bool {
+        false
+    }
+
+    fn with_gguf_vocab(
+        &self,
+        gguf: &Path,
+        f: &mut dyn FnMut(&dyn Vocab) -> Result<()>,
+    ) -> Result<()> {
+        f(&GgufModel::load(gguf)?)
+    }
+
+    fn with_sampler(
+        &self,
+        _model: &Path,
+        f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
+    ) -> Result<()> {
+        let mut sampler = OpenAiSampler::new(self.config.clone())?;
+        f(&mut sampler)
+    }
+}
+
+/// The in-process backend with default settings (for commands that take no backend flags).
+pub fn llama_default() -> LlamaBackend {
+    LlamaBackend { config: EngineConfig::default() }
+}
+
+/// Refuses a server backend where a command needs local weights.
+pub fn require_local(args: &BackendArgs, what: &str) -> Result<()> {
+    if args.backend != BackendKind::Llama {
+        bail!("{what} samples from the weights it trains, so it needs --backend llama");
+    }
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! `cargo xtask bench sample`: em-sample's batched generation against llama.cpp's own batched
+//! throughput (`../shared/bench/llamacpp-anchor`, built from the llama.cpp sources that
+//! llama-cpp-sys-2 vendors), on the same GGUF, threads, batch and prompt length, interleaved in
+//! one command. Ours includes the sampling (reference settings, log-probs and entropies on); the
+//! anchor's generation figure does not sample at all.
+//!
+//! Knobs (environment): `EM_BENCH_MODEL` (default: the fetched SmolLM2-135M Q4_1),
+//! `EM_BENCH_THREADS` (default: [`em_llama::default_threads`]), `EM_BENCH_B` (8), `EM_BENCH_PP`
+//! (256), `EM_BENCH_TG` (128), `EM_BENCH_REPS` (3), `EM_ANCHOR_DIR`, `LLAMA_SRC`.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use em_llama::{Engine, EngineConfig, GgufModel};
+use em_sampler::{Event, Prompt, Request, Sampler, SamplingParams};
+use rand::{Rng, SeedableRng};
+
+use em_pipeline::assets::{cache_dir, smollm2_path};
+
+pub(super) fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .with_context(|| format!("{name}={v} is not a valid value")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+pub(super) fn load1() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().next().unwrap_or("?").to_string())
+        .unwrap_or_default()
+}
+
+/// The llama.cpp sources vendored by the llama-cpp-sys-2 version in Cargo.lock.
+fn llama_src() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("LLAMA_SRC") {
+        return Ok(p.into());
+    }
+    let lock_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
+    let lock = std::fs::read_to_string(&lock_path)
+        .with_context(|| format!("{}: cannot read", lock_path.display()))?;
+    let version = lock
+        .split("[[package]]")
+        .find(|p| p.contains("name = \"llama-cpp-sys-2\""))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+        .map(|v| v.trim_end_matches('"').to_string())
+        .with_context(|| format!("{}: no llama-cpp-sys-2 package", lock_path.display()))?;
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .context("neither CARGO_HOME nor HOME is set")?;
+    let registry = home.join("registry/src");
+    for entry in std::fs::read_dir(&registry)
+        .with_context(|| format!("{}: cannot read", registry.display()))?
+    {
+        let dir = entry?
+            .path()
+            .join(format!("llama-cpp-sys-2-{version}/llama.cpp"));
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+    }
+    bail!(
+        "llama-cpp-sys-2-{version}/llama.cpp not found under {} (run `cargo fetch`)",
+        registry.display()
+    )
+}
+
+/// The anchor binary, built (cmake, as llama-cpp-sys-2 builds llama.cpp) when absent.
+pub(super) fn anchor_binary(work: &Path) -> Result<PathBuf> {
+    let build = work.join("llamacpp-anchor-build");
+    let bin = build.join("anchor-batched-bench");
+    if bin.is_file() {
+        return Ok(bin);
+    }
+    let anchor = std::env::var_os("EM_ANCHOR_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/llamacpp-anchor")
+        });
+    if !anchor.join("batched_bench.cpp").is_file() {
+        bail!(
+            "{}: no batched_bench.cpp (set EM_ANCHOR_DIR)",
+            anchor.display()
+        );
+    }
+    let src = llama_src()?;
+    eprintln!(
+        "bench sample: building the llama.cpp anchor from {} (several minutes)",
+        src.display()
+    );
+    let flags = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DGGML_NATIVE=OFF",
+        "-DGGML_OPENMP=OFF",
+        "-DLLAMA_CURL=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_BUILD_COMMON=OFF",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF",
+        "-DLLAMA_BUILD_TOOLS=OFF",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DBUILD_SHARED_LIBS=OFF",
+    ];
+    let status = Command::new("cmake")
+        .arg("-S")
+        .arg(&anchor)
+        .arg("-B")
+        .arg(&build)
+        .arg(format!("-DLLAMA_SRC={}", src.display()))
+        .args(flags)
+        .status()
+        .context("cannot run cmake (apt-get install cmake clang)")?;
+    if !status.success() {
+        bail!("cmake configure of {} failed", anchor.display());
+    }
+    let jobs = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let status = Command::new("cmake")
+        .args(["--build"])
+        .arg(&build)
+        .args(["--target", "anchor-batched-bench", "-j", &jobs])
+        .status()
+        .context("cannot run cmake --build")?;
+    if !status.success() || !bin.is_file() {
+        bail!("building {} failed", bin.display());
+    }
+    Ok(bin)
+}
+
+/// One anchor run: (prompt seconds, generation tokens/s).
+pub(super) fn run_anchor(
+    bin: &Path,
+    model: &Path,
+    threads: i32,
+    b: usize,
+    pp: usize,
+    tg: usize,
+    shared: bool,
+) -> Result<(f64, f64)> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("-m").arg(model).args([
+        "-t",
+        &threads.to_string(),
+        "-npp",
+        &pp.to_string(),
+        "-ntg",
+        &tg.to_string(),
+    ]);
+    cmd.args(["-npl", &b.to_string(), "-r", "1"]);
+    if shared {
+        cmd.arg("-pps");
+    }
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .context("the anchor printed no result")?;
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let get = |k: &str| {
+        v[k].as_f64()
+            .with_context(|| format!("anchor result lacks {k}: {line}"))
+    };
+    Ok((get("t_pp")?, get("speed_tg")?))
+}
+
+/// Ours: (prompt-phase seconds, generation tokens/s including sampling, prompt tokens decoded,
+/// prompt tokens without sharing).
+fn run_ours(
+    engine: &mut Engine<'_>,
+    prompt: &[u32],
+    b: usize,
+    tg: usize,
+    seed: u64,
+) -> Result<(f64, f64, u64, u64)> {
+    let params = SamplingParams {
+        max_new_tokens: tg,
+        ignore_eos: true,
+        logprobs: true,
+        ..SamplingParams::reference(tg, seed)
+    };
+    let request = Request {
+        prompt: Prompt::Tokens(prompt.to_vec()),
+        n_samples: b,
+        params,
+    };
+    let mut first: Option<(f64, u64)> = None;
+    let mut last = (0.0, 0u64);
+    let stats = engine.generate(&[request], &mut |e| {
+        if let Event::Step {
+            generated_tokens,
+            elapsed,
+            ..
+        } = e
+        {
+            let t = elapsed.as_secs_f64();
+            first.get_or_insert((t, generated_tokens));
+            last = (t, generated_tokens);
+        }
+        ControlFlow::Continue(())
+    })?;
+    let (t0, g0) = first.context("no decode step ran")?;
+    if stats.generated_tokens != (b * tg) as u64 {
+        bail!(
+            "generated {} tokens, expected {}",
+            stats.generated_tokens,
+            b * tg
+        );
+    }
+    eprintln!(
+        "    ours: decode {:.2}s, sampling + detokenising {:.2}s of {:.2}s",
+        stats.decode_time.as_secs_f64(),
+        stats.sample_time.as_secs_f64(),
+        stats.elapsed.as_secs_f64()
+    );
+    Ok((
+        t0,
+        (last.1 - g0) as f64 / (last.0 - t0),
+        stats.prompt_tokens,
+        stats.prompt_tokens_unshared,
+    ))
+}
+
+/// Runs the comparison and prints the ratios (see the module documentation).
+pub fn bench_sample(work: &Path) -> Result<()> {
+    let model_path = match std::env::var_os("EM_BENCH_MODEL") {
+        Some(p) => PathBuf::from(p),
+        None => smollm2_path(&cache_dir()),
+    };
+    if !model_path.is_file() {
+        bail!(
+            "{}: no such model (run `cargo xtask fetch smollm2-135m` or set EM_BENCH_MODEL)",
+            model_path.display()
+        );
+    }
+    let threads: i32 = env_or("EM_BENCH_THREADS", em_llama::default_threads())?;
+    let b: usize = env_or("EM_BENCH_B", 8)?;
+    let pp: usize = env_or("EM_BENCH_PP", 256)?;
+    let tg: usize = env_or("EM_BENCH_TG", 128)?;
+    let reps: usize = env_or::<usize>("EM_BENCH_REPS", 3)?.max(1);
+    std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
+    let bin = anchor_binary(work)?;
+
+    let model = GgufModel::load(&model_path)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
+    let prompt: Vec<u32> = (0..pp)
+        .map(|_| rng.gen_range(0..model.n_vocab() as u32))
+        .collect();
+    let config = EngineConfig {
+        threads,
+        parallel: b,
+        shared_prefix: true,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(&model, config);
+    run_ours(&mut engine, &prompt[..16.min(pp)], b, 4, 0)?; // warm-up: context, caches
+
+    println!(
+        "bench sample: {} | threads {threads} | B {b} | prompt {pp} | generate {tg} | {reps} reps, interleaved",
+        model_path.display()
+    );
+    println!(
+        "{:>3} {:>6} | {:>14} {:>14} {:>14} | {:>12} {:>12}",
+        "rep", "load1", "anchor TG t/s", "anchor-pps TG", "ours TG t/s", "anchor PP s", "ours PP s"
+    );
+    let (mut a_tg, mut a_pps_tg, mut o_tg, mut a_pp, mut a_pps_pp, mut o_pp) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut saved = (0, 0);
+    for rep in 0..reps {
+        let load = load1();
+        let (t_pp, s_tg) = run_anchor(&bin, &model_path, threads, b, pp, tg, false)?;
+        let (t_pps, s_pps_tg) = run_anchor(&bin, &model_path, threads, b, pp, tg, true)?;
+        let (t_ours, s_ours, decoded, unshared) =
+            run_ours(&mut engine, &prompt, b, tg, rep as u64)?;
+        println!("{rep:>3} {load:>6} | {s_tg:>14.1} {s_pps_tg:>14.1} {s_ours:>14.1} | {t_pp:>12.3} {t_ours:>12.3}");
+        a_tg.push(s_tg);
+        a_pps_tg.push(s_pps_tg);
+        o_tg.push(s_ours);
+        a_pp.push(t_pp);
+        a_pps_pp.push(t_pps);
+        o_pp.push(t_ours);
+        saved = (decoded, unshared);
+    }
+    let (a_tg, a_pps_tg, o_tg) = (median(a_tg), median(a_pps_tg), median(o_tg));
+    let (a_pp, a_pps_pp, o_pp) = (median(a_pp), median(a_pps_pp), median(o_pp));
+    println!("medians: anchor TG {a_tg:.1} t/s (B separate prompts), {a_pps_tg:.1} t/s (shared prompt); ours {o_tg:.1} t/s with sampling");
+    println!(
+        "generated tokens/s, ours / anchor (shared prompt):   {:.3}",
+        o_tg / a_pps_tg
+    );
+    println!(
+        "generated tokens/s, ours / anchor (separate prompts): {:.3}",
+        o_tg / a_tg
+    );
+    println!(
+        "prompt tokens decoded with prefix sharing: {} of {} ({:.3} of unshared; {:.1}x fewer)",
+        saved.0,
+        saved.1,
+        saved.0 as f64 / saved.1 as f64,
+        saved.1 as f64 / saved.0.max(1) as f64
+    );
+    println!(
+        "prompt phase seconds, ours (shared, incl. first-token sampling) / anchor B separate prompts: {:.3}; / anchor shared prompt: {:.3}",
+        o_pp / a_pp,
+        o_pp / a_pps_pp
+    );
+    let summary = serde_json::json!({
+        "model": model_path, "threads": threads, "b": b, "pp": pp, "tg": tg, "reps": reps,
+        "anchor_tg_tps": a_tg, "anchor_pps_tg_tps": a_pps_tg, "ours_tg_tps": o_tg,
+        "ratio_tg_vs_pps": o_tg / a_pps_tg, "ratio_tg_vs_separate": o_tg / a_tg,
+        "prompt_tokens": saved.0, "prompt_tokens_unshared": saved.1,
+        "anchor_pp_s": a_pp, "anchor_pps_pp_s": a_pps_pp, "ours_pp_s": o_pp,
+    });
+    let path = work.join("bench-sample.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)?)
+        .with_context(|| format!("{}: cannot write", path.display()))?;
+    println!("summary: {}", path.display());
+    Ok(())
+}
+
