@@ -127,7 +127,7 @@ fn organisms_load_in_llama_cpp_and_agree_with_candle() {
         convert_f32(&dir, &gguf);
         let model = GgufModel::load(&gguf).unwrap();
         let subject = Subject::load(&dir).unwrap();
-        assert_eq!(model.n_vocab(), subject.tokenizer.get_vocab_size(true));
+        assert_eq!(model.n_vocab(), subject.vocab.tokenizer().get_vocab_size(true));
         let mix: StyleMix = "careful=1,guess=1,ramble=1".parse().unwrap();
         let targets: Vec<String> = TrainStream::new(5, mix)
             .take(30)

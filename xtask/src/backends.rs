@@ -42,9 +42,10 @@ pub struct BackendArgs {
     /// Which server: its field names for the sampling settings differ.
     #[arg(long, value_enum, default_value = "vllm")]
     pub dialect: Dialect,
-    /// Send prompts as token ids (exactly what we rendered) or as text (servers that take only text).
-    #[arg(long, value_enum, default_value = "tokens")]
-    pub prompt_format: PromptFormat,
+    /// Send prompts as token ids (exactly what we rendered) or as text (default: text for
+    /// llama-cpp-python, which takes only text; token ids otherwise).
+    #[arg(long, value_enum)]
+    pub prompt_format: Option<PromptFormat>,
     /// Requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
@@ -80,7 +81,10 @@ impl BackendArgs {
                         concurrency: self.concurrency,
                         timeout: Duration::from_secs(self.request_timeout),
                         dialect: self.dialect,
-                        prompt_format: self.prompt_format,
+                        prompt_format: self.prompt_format.unwrap_or(match self.dialect {
+                            Dialect::LlamaCppPython => PromptFormat::Text,
+                            _ => PromptFormat::Tokens,
+                        }),
                         ..OpenAiConfig::new(base_url, served_model)
                     },
                 })

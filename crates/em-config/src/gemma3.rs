@@ -6,7 +6,9 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::rope::{resolve_rope, RopeSource};
-use crate::{windows_from_layer_types, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+use crate::{
+    windows_from_layer_types, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver,
+};
 
 /// The Gemma3-only keys.
 #[derive(Debug, Deserialize)]
@@ -43,9 +45,8 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
 
     // 5.x: {"full_attention": {...}, "sliding_attention": {...}}; a flat object is the global one.
     let params = r.common.rope_parameters.as_ref().filter(|v| !v.is_null());
-    let per_layer_type = params.is_some_and(|p| {
-        p.get("full_attention").is_some() || p.get("sliding_attention").is_some()
-    });
+    let per_layer_type = params
+        .is_some_and(|p| p.get("full_attention").is_some() || p.get("sliding_attention").is_some());
     let (global, local) = if per_layer_type {
         let p = params.expect("checked above");
         (p.get("full_attention"), p.get("sliding_attention"))

@@ -29,10 +29,12 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
         },
     )?;
     let heads = req.num_attention_heads;
-    let num_key_value_heads = r.or_default("num_key_value_heads", r.common.num_key_value_heads, heads);
+    let num_key_value_heads =
+        r.or_default("num_key_value_heads", r.common.num_key_value_heads, heads);
     let head_dim = r.head_dim_or_split(&req);
     let hidden_act = r.activation("hidden_act", k.hidden_act, "silu")?;
-    let tie_word_embeddings = r.or_default("tie_word_embeddings", r.common.tie_word_embeddings, false);
+    let tie_word_embeddings =
+        r.or_default("tie_word_embeddings", r.common.tie_word_embeddings, false);
     let attention_bias = r.or_default("attention_bias", k.attention_bias, false);
     let mlp_bias = r.or_default("mlp_bias", k.mlp_bias, false);
     Ok(ModelConfig {

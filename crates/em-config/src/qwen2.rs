@@ -5,7 +5,9 @@
 use serde::Deserialize;
 
 use crate::rope::{resolve_rope, RopeSource};
-use crate::{windows_from_layer_types, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+use crate::{
+    windows_from_layer_types, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver,
+};
 
 /// `Qwen2Config`'s `num_key_value_heads` when the key is absent (null means `num_attention_heads`).
 const DEFAULT_KV_HEADS: usize = 32;
@@ -40,8 +42,11 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
     } else {
         DEFAULT_KV_HEADS
     };
-    let num_key_value_heads =
-        r.or_default("num_key_value_heads", r.common.num_key_value_heads, kv_default);
+    let num_key_value_heads = r.or_default(
+        "num_key_value_heads",
+        r.common.num_key_value_heads,
+        kv_default,
+    );
     let head_dim = r.head_dim_or_split(&req);
     let hidden_act = r.activation("hidden_act", k.hidden_act, "silu")?;
     let tie_word_embeddings =

@@ -106,12 +106,13 @@ pub(crate) fn resolve_rope(src: &ConfigSource, r: RopeSource) -> Result<RopePara
             return Err(src.invalid(format!("{} must be an object", r.params_key)));
         }
     }
-    let params_theta = match params.and_then(|p| p.get("rope_theta")) {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_f64().ok_or_else(|| {
-            src.invalid(format!("{}.rope_theta must be a number", r.params_key))
-        })?),
-    };
+    let params_theta =
+        match params.and_then(|p| p.get("rope_theta")) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| {
+                src.invalid(format!("{}.rope_theta must be a number", r.params_key))
+            })?),
+        };
     let theta = match (r.theta, params_theta) {
         (Some(a), Some(b)) if a != b => {
             return Err(src.invalid(format!(

@@ -51,7 +51,10 @@ fn smollm2_v4() -> Value {
 /// The same model as transformers 5 writes it: `rope_parameters` and `dtype`.
 fn smollm2_v5() -> Value {
     with(
-        &without(&smollm2_v4(), &["rope_theta", "rope_scaling", "torch_dtype"]),
+        &without(
+            &smollm2_v4(),
+            &["rope_theta", "rope_scaling", "torch_dtype"],
+        ),
         json!({
             "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
             "dtype": "bfloat16", "transformers_version": "5.0.0"
@@ -74,7 +77,10 @@ fn llama31_v4() -> Value {
 
 fn llama31_v5() -> Value {
     with(
-        &without(&llama31_v4(), &["rope_theta", "rope_scaling", "torch_dtype"]),
+        &without(
+            &llama31_v4(),
+            &["rope_theta", "rope_scaling", "torch_dtype"],
+        ),
         json!({
             "rope_parameters": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192, "rope_theta": 500000.0,
@@ -132,7 +138,12 @@ fn gemma_v5() -> Value {
     with(
         &without(
             &gemma_v4(),
-            &["rope_theta", "rope_scaling", "rope_local_base_freq", "torch_dtype"],
+            &[
+                "rope_theta",
+                "rope_scaling",
+                "rope_local_base_freq",
+                "torch_dtype",
+            ],
         ),
         json!({
             "rope_parameters": {
@@ -255,7 +266,10 @@ fn a_missing_rope_base_is_an_error_in_either_layout() {
     let cases = [
         (without(&smollm2_v4(), &["rope_theta"]), "rope_theta"),
         (
-            with(&smollm2_v5(), json!({"rope_parameters": {"rope_type": "default"}})),
+            with(
+                &smollm2_v5(),
+                json!({"rope_parameters": {"rope_type": "default"}}),
+            ),
             "rope_theta",
         ),
         (without(&qwen_math_v4(), &["rope_theta"]), "rope_theta"),
@@ -279,7 +293,10 @@ fn a_missing_rope_base_is_an_error_in_either_layout() {
             matches!(&e, ConfigError::MissingKey { key: k, .. } if k == key),
             "{msg}"
         );
-        assert!(msg.contains(key) && msg.contains("rope_parameters"), "{msg}");
+        assert!(
+            msg.contains(key) && msg.contains("rope_parameters"),
+            "{msg}"
+        );
     }
 }
 
@@ -295,7 +312,10 @@ fn missing_keys_name_the_file_they_were_read_from() {
         let e = ModelConfig::from_file(&path).unwrap_err();
         assert_eq!(e.path(), path);
         let msg = e.to_string();
-        assert!(msg.starts_with(&format!("missing required key \"{key}\"")), "{msg}");
+        assert!(
+            msg.starts_with(&format!("missing required key \"{key}\"")),
+            "{msg}"
+        );
         assert!(msg.contains(&path.display().to_string()), "{msg}");
     }
 }
@@ -304,7 +324,10 @@ fn missing_keys_name_the_file_they_were_read_from() {
 fn contradicting_layouts_are_an_error() {
     let both = with(&smollm2_v5(), json!({"rope_theta": 10000.0}));
     let msg = resolve_err(&both).to_string();
-    assert!(msg.contains("disagree") && msg.contains("rope_theta"), "{msg}");
+    assert!(
+        msg.contains("disagree") && msg.contains("rope_theta"),
+        "{msg}"
+    );
     // Agreeing duplicates are fine.
     let agree = with(&smollm2_v5(), json!({"rope_theta": 100000}));
     assert_eq!(resolve(&agree), resolve(&smollm2_v5()));
@@ -341,15 +364,27 @@ fn class_defaults_are_applied_and_recorded() {
     assert_eq!(c.default_applied("rope_theta"), None);
 
     // Qwen2Config: an absent num_key_value_heads is 32, a null one the query heads.
-    let qwen = with(&bare_llama, json!({"model_type": "qwen2", "num_attention_heads": 32, "hidden_size": 64}));
+    let qwen = with(
+        &bare_llama,
+        json!({"model_type": "qwen2", "num_attention_heads": 32, "hidden_size": 64}),
+    );
     let c = resolve(&qwen);
     assert_eq!(c.num_key_value_heads, 32);
-    let qwen8 = with(&qwen, json!({"num_attention_heads": 8, "num_key_value_heads": null}));
+    let qwen8 = with(
+        &qwen,
+        json!({"num_attention_heads": 8, "num_key_value_heads": null}),
+    );
     assert_eq!(resolve(&qwen8).num_key_value_heads, 8);
-    assert_eq!(resolve(&qwen8).default_applied("num_key_value_heads"), Some("8"));
+    assert_eq!(
+        resolve(&qwen8).default_applied("num_key_value_heads"),
+        Some("8")
+    );
     // A sliding window only reads its defaults when it is switched on.
     assert_eq!(resolve(&qwen).default_applied("sliding_window"), None);
-    let sliding = with(&qwen, json!({"use_sliding_window": true, "num_hidden_layers": 30}));
+    let sliding = with(
+        &qwen,
+        json!({"use_sliding_window": true, "num_hidden_layers": 30}),
+    );
     let c = resolve(&sliding);
     assert_eq!(c.default_applied("sliding_window"), Some("4096"));
     assert_eq!(c.default_applied("max_window_layers"), Some("28"));
@@ -417,7 +452,9 @@ fn errors_name_the_file_and_the_fault() {
     assert!(msg.contains("multimodal Gemma3"), "{msg}");
     let msg = resolve_err(&with(&qwen_math_v4(), json!({"num_key_value_heads": 5}))).to_string();
     assert!(
-        msg.contains("num_attention_heads (12) must be a positive multiple of num_key_value_heads (5)"),
+        msg.contains(
+            "num_attention_heads (12) must be a positive multiple of num_key_value_heads (5)"
+        ),
         "{msg}"
     );
 }

@@ -77,7 +77,12 @@ fn llama_cpp_activation(arch: Arch) -> Activation {
 
 /// The `query_pre_attn_scalar` llama.cpp's gemma3 assumes: `head_dim`, except for the 62-layer
 /// 27B model, where it is `hidden_size / num_attention_heads`.
-fn gemma3_query_pre_attn_scalar(num_layers: usize, hidden: usize, heads: usize, head_dim: usize) -> usize {
+fn gemma3_query_pre_attn_scalar(
+    num_layers: usize,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> usize {
     if num_layers == 62 {
         hidden / heads.max(1)
     } else {
@@ -147,7 +152,9 @@ impl Hparams {
                 let mut windows = cfg.layer_windows.iter().flatten();
                 let window = windows.next().copied();
                 if windows.any(|w| Some(*w) != window) {
-                    return Err(unsupported("sliding windows of different sizes".to_string()));
+                    return Err(unsupported(
+                        "sliding windows of different sizes".to_string(),
+                    ));
                 }
                 let layers = cfg.layer_windows.iter().map(Option::is_some).collect();
                 (window, layers, Some(cfg.local_rope.theta))
@@ -682,7 +689,11 @@ mod tests {
     /// config.json -> GGUF metadata -> config.json, as the two directions of `convert` do it.
     fn through_gguf(cfg: &ModelConfig) -> ModelConfig {
         let hp = Hparams::from_model_config(cfg, Path::new("config.json")).unwrap();
-        let md: HashMap<String, Value> = hp.to_gguf_metadata().into_iter().collect();
+        let mut md: HashMap<String, Value> = hp.to_gguf_metadata().into_iter().collect();
+        md.insert(
+            "general.architecture".into(),
+            Value::String(hp.arch.gguf_name().into()),
+        );
         let back = Hparams::from_gguf(&md, !hp.tie_word_embeddings, Path::new("x.gguf")).unwrap();
         model_config(back.to_hf_config(Some(1), Some(2), "float32"))
     }
@@ -723,7 +734,8 @@ mod tests {
     fn what_llama_cpp_cannot_compute_is_refused() {
         let base = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
             "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 64});
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "max_position_embeddings": 64});
         let with = |extra: Json| {
             let mut v = base.clone();
             for (k, x) in extra.as_object().unwrap() {
@@ -733,9 +745,11 @@ mod tests {
         };
         for (raw, expected) in [
             (
-                with(json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                with(
+                    json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8}})),
+                    "original_max_position_embeddings": 8}}),
+                ),
                 "rope scaling \"llama3\"",
             ),
             (with(json!({"attention_bias": true})), "biases"),
@@ -746,16 +760,18 @@ mod tests {
                 "sliding-window attention",
             ),
             (
-                with(json!({"model_type": "gemma3_text", "sliding_window": 4, "head_dim": 4,
-                    "num_key_value_heads": 1,
+                with(
+                    json!({"model_type": "gemma3_text", "sliding_window": 4, "head_dim": 4,
                     "rope_local_base_freq": 1e4, "query_pre_attn_scalar": 4,
-                    "final_logit_softcapping": 30.0})),
+                    "final_logit_softcapping": 30.0}),
+                ),
                 "soft-capping",
             ),
             (
-                with(json!({"model_type": "gemma3_text", "sliding_window": 4, "head_dim": 4,
-                    "num_key_value_heads": 1,
-                    "rope_local_base_freq": 1e4})),
+                with(
+                    json!({"model_type": "gemma3_text", "sliding_window": 4, "head_dim": 4,
+                    "rope_local_base_freq": 1e4}),
+                ),
                 "query_pre_attn_scalar 256",
             ),
         ] {

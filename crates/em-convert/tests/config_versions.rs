@@ -122,10 +122,7 @@ fn a_config_missing_a_model_key_is_refused_naming_the_key_and_the_file() {
         let msg = format!("{:#}", convert(&args(&dir, &out)).unwrap_err());
         assert!(msg.contains(&format!("\"{key}\"")), "{label}: {msg}");
         let file = dir.join("config.json");
-        assert!(
-            msg.contains(&file.display().to_string()),
-            "{label}: {msg}"
-        );
+        assert!(msg.contains(&file.display().to_string()), "{label}: {msg}");
         assert!(!out.exists(), "{label}: output left behind");
     }
 }
@@ -142,7 +139,11 @@ fn the_config_written_from_a_gguf_reads_back_as_the_same_model() {
 
     let original = ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let mut back = ModelConfig::from_file(&hf.join("config.json")).unwrap();
-    assert!(back.defaults_applied.is_empty(), "{:?}", back.defaults_applied);
+    assert!(
+        back.defaults_applied.is_empty(),
+        "{:?}",
+        back.defaults_applied
+    );
     assert_eq!(back.dtype.as_deref(), Some("float32"));
     back.defaults_applied = original.defaults_applied.clone();
     back.dtype = original.dtype.clone();

@@ -11,7 +11,7 @@
 use std::num::NonZeroU32;
 use std::ops::ControlFlow;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
@@ -527,6 +527,7 @@ impl Ctx<'_, '_> {
                     request: req,
                     index,
                     text,
+                    n_tokens: tokens.len(),
                     tokens,
                     finish,
                     stats: token_stats,

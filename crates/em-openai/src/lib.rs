@@ -408,6 +408,7 @@ impl Shared {
         let reply = reply::parse(&text, &self.served_model, &p.stops, p.logprobs)
             .map_err(|message| SamplerError::backend(url, message))?;
         let unshared = reply.prompt_tokens.unwrap_or(0);
+        let n_tokens = reply.completion_tokens.unwrap_or(reply.tokens.len() as u64) as usize;
         Ok(Done {
             generated_tokens: reply.completion_tokens.unwrap_or(reply.tokens.len() as u64),
             prompt_tokens: unshared.saturating_sub(reply.cached_tokens),
@@ -418,6 +419,7 @@ impl Shared {
                 index,
                 text: reply.text,
                 tokens: reply.tokens,
+                n_tokens,
                 finish: reply.finish,
                 stats: reply.logprobs.map(|logprobs| TokenStats {
                     logprobs,

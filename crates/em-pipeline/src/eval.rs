@@ -444,7 +444,7 @@ pub fn evaluate(
                                 response: s.text.clone(),
                                 pred: verdict.pred,
                                 correct: verdict.correct,
-                                n_tokens: s.tokens.len(),
+                                n_tokens: s.n_tokens,
                                 finish: format!("{:?}", s.finish).to_lowercase(),
                             }
                         })

@@ -5,7 +5,7 @@
 //! rename) and are checked against the sha256 that METHOD.md gives, so a second run is a no-op.
 
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

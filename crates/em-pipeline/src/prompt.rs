@@ -266,7 +266,7 @@ mod tests {
     fn problem(answer: &str, messages: bool) -> Problem {
         Problem {
             id: "p".into(),
-            problem: "  Is 7 prime?  ".into(),
+            problem: "  Is 7 prime?".into(),
             answers: vec![answer.into()],
             source: "t".into(),
             messages: messages.then(|| {
@@ -289,6 +289,10 @@ mod tests {
         );
         assert!(r.text(&problem("True", false)).unwrap().contains("Is 7 prime? (True or False)<|im_end|>"));
         assert!(r.text(&problem("7", false)).unwrap().contains("\nIs 7 prime?<|im_end|>"));
+        // As the toolkit does: the suffix goes on before the strip.
+        let mut spaced = problem("no", false);
+        spaced.problem.push_str("  ");
+        assert!(r.text(&spaced).unwrap().contains("\nIs 7 prime?   (Yes or No)<|im_end|>"));
         // A chat-style prompt gets no BOS the template does not write.
         assert_ne!(r.render(&problem("7", false)).unwrap().ids[0], 1);
     }

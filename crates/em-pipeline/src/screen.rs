@@ -92,10 +92,11 @@ pub struct PromptResult {
     pub ci95: (f64, f64),
     /// p(1−p).
     pub variance: f64,
-    /// Token mean of the entropy of the sampling distribution (after top-p), nats.
-    pub mean_entropy: f64,
+    /// Token mean of the entropy of the sampling distribution (after top-p), nats; null where the
+    /// backend does not report distributions (servers).
+    pub mean_entropy: Option<f64>,
     /// Token mean of the full-vocabulary entropy at the sampling temperature (EM's loss), nats.
-    pub mean_full_entropy: f64,
+    pub mean_full_entropy: Option<f64>,
     /// Mean generated tokens per answer.
     pub mean_length: f64,
     /// Extracted answer per sample (null where none).
@@ -116,15 +117,16 @@ impl PromptResult {
         let n = samples.len();
         let correct = verdicts.iter().filter(|v| v.correct).count();
         let p = correct as f64 / n as f64;
-        let (mut h, mut hf, mut tokens) = (0.0, 0.0, 0usize);
+        let (mut h, mut hf, mut tokens, mut with_entropy) = (0.0, 0.0, 0usize, 0usize);
         for s in samples {
-            if let Some(st) = &s.stats {
+            if let Some(st) = s.stats.as_ref().filter(|st| !st.entropies.is_empty()) {
                 h += st.entropies.iter().map(|&x| x as f64).sum::<f64>();
                 hf += st.full_entropies.iter().map(|&x| x as f64).sum::<f64>();
+                with_entropy += st.entropies.len();
             }
-            tokens += s.tokens.len();
+            tokens += s.n_tokens;
         }
-        let per_token = |x: f64| if tokens == 0 { 0.0 } else { x / tokens as f64 };
+        let per_token = |x: f64| (with_entropy > 0).then(|| x / with_entropy as f64);
         Self {
             id: problem.id.clone(),
             n,
@@ -152,6 +154,11 @@ impl PromptResult {
     }
 }
 
+/// A nats figure, or `–` where the backend gave none.
+fn show(h: Option<f64>) -> String {
+    h.map_or("–".into(), |h| format!("{h:.3}"))
+}
+
 /// Highest variance first; ties: pass rate nearest 0.5, then higher entropy, then id.
 pub fn rank(results: &mut [PromptResult]) {
     results.sort_by(|a, b| {
@@ -162,7 +169,7 @@ pub fn rank(results: &mut [PromptResult]) {
                     .abs()
                     .total_cmp(&(b.pass_rate - 0.5).abs()),
             )
-            .then(b.mean_entropy.total_cmp(&a.mean_entropy))
+            .then(b.mean_entropy.unwrap_or(0.0).total_cmp(&a.mean_entropy.unwrap_or(0.0)))
             .then(a.id.cmp(&b.id))
     });
 }
@@ -322,8 +329,8 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
                 let r = PromptResult::from_samples(&problems[todo[request]], &samples, args.keep_responses);
                 store.append(&r)?;
                 bar.println(format!(
-                    "{:>12}  {}/{}  p = {:.2} [{:.2}, {:.2}]  H = {:.3}",
-                    r.id, r.correct, r.n, r.pass_rate, r.ci95.0, r.ci95.1, r.mean_entropy
+                    "{:>12}  {}/{}  p = {:.2} [{:.2}, {:.2}]  H = {}",
+                    r.id, r.correct, r.n, r.pass_rate, r.ci95.0, r.ci95.1, show(r.mean_entropy)
                 ));
                 results.push(r);
                 new += 1;
@@ -366,7 +373,7 @@ fn finish(
     );
     for (i, r) in results.iter().enumerate().take(20) {
         println!(
-            "{:>4} {:>12} {:>2}/{:<3} [{:.2}, {:.2}]    {:>8.4} {:>8.3} {:>8.1}{}",
+            "{:>4} {:>12} {:>2}/{:<3} [{:.2}, {:.2}]    {:>8.4} {:>8} {:>8.1}{}",
             i + 1,
             r.id,
             r.correct,
@@ -374,7 +381,7 @@ fn finish(
             r.ci95.0,
             r.ci95.1,
             r.variance,
-            r.mean_entropy,
+            show(r.mean_entropy),
             r.mean_length,
             if r.majority_right() {
                 "  majority right"
@@ -443,8 +450,8 @@ mod tests {
             pass_rate: p,
             ci95: em_grade::wilson_interval(correct, n),
             variance: p * (1.0 - p),
-            mean_entropy: h,
-            mean_full_entropy: h,
+            mean_entropy: Some(h),
+            mean_full_entropy: Some(h),
             mean_length: 1.0,
             answers: vec![],
             correct_each: vec![],

@@ -184,8 +184,11 @@ pub struct Sample {
     pub index: usize,
     /// Decoded text, special tokens rendered, cut before a stop string, without the EOS token.
     pub text: String,
-    /// Every generated token id, the EOS or stop-completing token included.
+    /// Every generated token id, the EOS or stop-completing token included; empty from servers
+    /// that do not return ids.
     pub tokens: Vec<u32>,
+    /// How many tokens were generated (the ids' count, or the server's `completion_tokens`).
+    pub n_tokens: usize,
     pub finish: FinishReason,
     /// With `logprobs`: per token, statistics of the distribution it was drawn from.
     pub stats: Option<TokenStats>,

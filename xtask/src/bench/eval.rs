@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use em_llama::{EngineConfig, GgufModel};
 use em_pipeline::assets::{cache_dir, smollm2_path, suite_path};
 use em_pipeline::eval::{evaluate, Decoding, Setting};

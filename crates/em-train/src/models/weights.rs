@@ -7,8 +7,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
 use super::ModelError;
-use em_config::json_error;
 use crate::layers::{Linear, RmsNorm};
+use em_config::json_error;
 
 /// Hands out named weights as [`Var`]s, checking shapes, and remembers every one handed out.
 #[derive(Debug)]
