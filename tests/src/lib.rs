@@ -1,7 +1,5 @@
 //! Helpers shared by the end-to-end tests in `tests/tests/`.
 
-pub mod server;
-
 use std::path::{Path, PathBuf};
 
 /// The repository root.

@@ -10,7 +10,7 @@ use em_openai::{Dialect, OpenAiConfig, PromptFormat};
 use em_pipeline::eval::{self, EvalArgs};
 use em_pipeline::prompt::{PromptOptions, Style};
 use em_pipeline::screen::{self, ScreenArgs};
-use em_tests::server::{server_python, LlamaCppServer};
+use xtask::server::{server_python, LlamaCppServer};
 use em_tests::{asset, repo_root};
 use xtask::backends::{LlamaBackend, ServerBackend};
 
@@ -74,15 +74,18 @@ fn eval_args(model: &Path, out: PathBuf) -> EvalArgs {
     }
 }
 
+/// (id, response) of every item, by id (items are written in the order they finish).
 fn responses(path: &Path) -> Vec<(String, String)> {
-    std::fs::read_to_string(path)
+    let mut items: Vec<(String, String)> = std::fs::read_to_string(path)
         .unwrap()
         .lines()
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             (v["id"].as_str().unwrap().into(), v["samples"][0]["response"].as_str().unwrap().into())
         })
-        .collect()
+        .collect();
+    items.sort();
+    items
 }
 
 #[test]

@@ -8,3 +8,4 @@ pub mod bench;
 pub mod cli;
 pub mod convert;
 pub mod prompt;
+pub mod server;

@@ -21,7 +21,7 @@ pub struct PromptArgs {
     /// Only the first N problems.
     #[arg(long, default_value_t = 3)]
     pub limit: usize,
-    /// One JSON object per line (`id`, `text`, `ids`) instead of the readable form.
+    /// One JSON object per line (`id`, `messages`, `text`, `ids`) instead of the readable form.
     #[arg(long)]
     pub json: bool,
 }
@@ -42,7 +42,11 @@ pub fn run(args: &PromptArgs) -> Result<()> {
         for p in &problems {
             let r = renderer.render(p)?;
             if args.json {
-                println!("{}", serde_json::json!({"id": p.id, "text": r.text, "ids": r.ids}));
+                let messages = renderer.messages(p);
+                println!(
+                    "{}",
+                    serde_json::json!({"id": p.id, "messages": messages, "text": r.text, "ids": r.ids})
+                );
             } else {
                 println!("--- {} ({} tokens)\n{}\n{:?}", p.id, r.ids.len(), r.text, r.ids);
             }

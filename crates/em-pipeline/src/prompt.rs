@@ -113,8 +113,9 @@ impl<'v> PromptRenderer<'v> {
         })
     }
 
-    /// The system and user turns for `problem`: its own messages, else the toolkit's turns.
-    fn messages(&self, problem: &Problem) -> Vec<ChatMessage> {
+    /// The turns rendered for `problem`: its own messages, else the toolkit's turns, with the
+    /// overrides applied (the plain style uses only the user turns).
+    pub fn messages(&self, problem: &Problem) -> Vec<ChatMessage> {
         let mut messages = match &problem.messages {
             Some(m) if !m.is_empty() => m.clone(),
             _ => vec![

@@ -227,7 +227,9 @@ fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -
         DType::F64 => "float64",
         _ => "float32",
     };
-    config["torch_dtype"] = json!(dtype);
+    // transformers 5 writes `dtype`, 4.x `torch_dtype`: update the one the file uses.
+    let key = if config.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    config[key] = json!(dtype);
     fs::write(&config_path, serde_json::to_string_pretty(&config)? + "\n")
         .with_context(|| format!("{}: cannot write", config_path.display()))?;
     for name in TOKENIZER_FILES {

@@ -8,7 +8,7 @@ use em_pipeline::assets::{cache_dir, smollm2_path, suite_path};
 use em_pipeline::eval::{evaluate, Decoding, Setting};
 use em_pipeline::prompt::{PromptOptions, PromptRenderer};
 
-use super::sample::{anchor_binary, env_or, load1, run_anchor};
+use super::anchor::{anchor_binary, env_or, load1, run_anchor};
 use crate::backends::LlamaBackend;
 
 /// `cargo xtask bench eval`: items/s and generated tokens/s of `eval` (greedy, GSM8K, SmolLM2),

@@ -9,9 +9,11 @@ use anyhow::{bail, Context, Result};
 
 use em_pipeline::assets::{cache_dir, smollm2_path};
 
+mod anchor;
 mod em_step;
 mod eval;
 mod sample;
+mod server;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub enum BenchKind {
@@ -23,6 +25,8 @@ pub enum BenchKind {
     Sample,
     /// `eval` throughput (items/s, tokens/s) vs llama.cpp's batched throughput, in the same command.
     Eval,
+    /// `screen` throughput in-process vs through llama-cpp-python's server on the same GGUF.
+    Server,
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +48,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         BenchKind::EmStep => em_step::bench_em_step(&work),
         BenchKind::Sample => sample::bench_sample(&work),
         BenchKind::Eval => eval::bench_eval(&work),
+        BenchKind::Server => server::bench_server(&work),
     }
 }
 

@@ -1,9 +1,8 @@
-//! A real OpenAI-compatible server for the tests: llama-cpp-python's `llama_cpp.server`, installed
-//! by `.ci/install-llama-server.sh` into a venv under the cache dir, serving one GGUF on a free
-//! port of 127.0.0.1. Dropping the handle kills the server.
+//! A real OpenAI-compatible server for the tests and benchmarks: llama-cpp-python's
+//! `llama_cpp.server`, installed by `.ci/install-llama-server.sh` into a venv under the cache dir,
+//! serving one GGUF on a free port of 127.0.0.1. Dropping the handle kills the server.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -41,6 +40,11 @@ impl LlamaCppServer {
     /// its KV cache, so identical requests can give different greedy text). Returns once
     /// GET /v1/models answers 200; on failure the error carries the tail of the server's log.
     pub fn start(gguf: &Path, alias: &str) -> Result<Self, String> {
+        Self::start_with_threads(gguf, alias, 2)
+    }
+
+    /// As [`LlamaCppServer::start`], with `threads` CPU threads.
+    pub fn start_with_threads(gguf: &Path, alias: &str, threads: usize) -> Result<Self, String> {
         let python = server_python().ok_or(
             "no llama-cpp-python server venv: run .ci/install-llama-server.sh \
              or set EM_LLAMA_SERVER_PYTHON",
@@ -59,7 +63,7 @@ impl LlamaCppServer {
         #[rustfmt::skip]
         let args = [
             "-m", "llama_cpp.server", "--host", "127.0.0.1", "--port", &port.to_string(),
-            "--model_alias", alias, "--n_ctx", "2048", "--n_threads", "2", "--n_threads_batch", "2",
+            "--model_alias", alias, "--n_ctx", "2048", "--n_threads", &threads.to_string(), "--n_threads_batch", &threads.to_string(),
             "--seed", "0", "--n_gpu_layers", "0", "--flash_attn", "true",
         ];
         let child = Command::new(&python)
@@ -84,7 +88,12 @@ impl LlamaCppServer {
                     server.log_tail()
                 ));
             }
-            if matches!(server.get("/v1/models"), Ok((200, _))) {
+            let probe = em_openai::OpenAiConfig {
+                dialect: em_openai::Dialect::LlamaCppPython,
+                prompt_format: em_openai::PromptFormat::Text,
+                ..em_openai::OpenAiConfig::new(server.base_url(), alias.to_string())
+            };
+            if em_openai::OpenAiSampler::new(probe).is_ok() {
                 return Ok(server);
             }
             if Instant::now() > deadline {
@@ -113,29 +122,6 @@ impl LlamaCppServer {
         let text = std::fs::read_to_string(self.log_dir.join("server.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-
-    /// A minimal HTTP/1.1 GET (test scaffolding only): status code and body.
-    pub fn get(&self, path: &str) -> std::io::Result<(u16, String)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: close\r\n\r\n",
-            self.port
-        )?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw)?;
-        let status = raw
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {raw:.80}")))?;
-        let body = raw
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string();
-        Ok((status, body))
     }
 }
 
