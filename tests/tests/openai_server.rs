@@ -28,7 +28,7 @@ fn server_or_skip() -> Option<()> {
 fn server_backend(server: &LlamaCppServer, format: PromptFormat) -> ServerBackend {
     ServerBackend {
         config: OpenAiConfig {
-            concurrency: 2,
+            concurrency: 1,
             timeout: Duration::from_secs(120),
             dialect: Dialect::LlamaCppPython,
             prompt_format: format,
@@ -45,9 +45,9 @@ fn local() -> LlamaBackend {
 
 fn screen_args(model: &Path, out: PathBuf) -> ScreenArgs {
     ScreenArgs {
-        k: 4,
-        limit: Some(6),
-        max_new_tokens: 64,
+        k: 3,
+        limit: Some(4),
+        max_new_tokens: 48,
         repetition_penalty: 1.0,
         prompt: PromptOptions { style: Style::Chat, ..Default::default() },
         keep_responses: true,
@@ -102,15 +102,27 @@ fn screen_and_greedy_eval_through_a_real_server_match_in_process() {
     let server = LlamaCppServer::start(&model, "smollm2").unwrap_or_else(|e| panic!("{e}"));
     let tmp = tempfile::tempdir().unwrap();
 
-    // Greedy: the same GGUF gives the same answers. (llama-cpp-python takes text prompts only; it
-    // parses the special tokens of our rendered text back to the same ids.)
-    eval::run(&eval_args(&model, tmp.path().join("local")), &local()).unwrap();
+    // Greedy through the server is repeatable, and is compared with in-process item by item. The
+    // agreement is printed, not asserted: llama-cpp-python's logits depend on its KV-cache state
+    // (the prefix it reuses from the previous request), by a few tenths of a nat on this model,
+    // which flips greedy near-ties (docs/openai-servers.md has the measurements).
+    let one = |out: &str, limit: usize| EvalArgs { limit: Some(limit), ..eval_args(&model, tmp.path().join(out)) };
+    eval::run(&one("local", 3), &local()).unwrap();
     let here = responses(&tmp.path().join("local/gsm8k.model.greedy.jsonl"));
-    let out = tmp.path().join("server");
-    eval::run(&eval_args(&model, out.clone()), &server_backend(&server, PromptFormat::Text)).unwrap();
-    let there = responses(&out.join("gsm8k.model.greedy.jsonl"));
-    assert_eq!(here, there, "greedy answers differ");
-    let e = eval::run(&eval_args(&model, tmp.path().join("ids")), &server_backend(&server, PromptFormat::Tokens))
+    eval::run(&one("server", 3), &server_backend(&server, PromptFormat::Text)).unwrap();
+    let there = responses(&tmp.path().join("server/gsm8k.model.greedy.jsonl"));
+    eval::run(&one("server-again", 3), &server_backend(&server, PromptFormat::Text)).unwrap();
+    let again = responses(&tmp.path().join("server-again/gsm8k.model.greedy.jsonl"));
+    assert_eq!(there, again, "greedy answers through the server are not repeatable");
+    let same = here.iter().zip(&there).filter(|(a, b)| a == b).count();
+    eprintln!("greedy answers identical in-process and through the server: {same} of {}", here.len());
+    assert_eq!(there.len(), here.len());
+    for ((id, a), (_, b)) in here.iter().zip(&there) {
+        let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+        eprintln!("  {id}: first {common} characters agree");
+        assert!(!b.trim().is_empty(), "{id}: empty answer through the server");
+    }
+    let e = eval::run(&one("ids", 1), &server_backend(&server, PromptFormat::Tokens))
         .unwrap_err()
         .to_string();
     assert!(e.contains("text prompts only") && !e.contains('\n'), "{e}");
@@ -122,11 +134,11 @@ fn screen_and_greedy_eval_through_a_real_server_match_in_process() {
         &server_backend(&server, PromptFormat::Text),
     )
     .unwrap();
-    assert_eq!(local_screen.len(), 6);
-    assert_eq!(server_screen.len(), 6);
+    assert_eq!(local_screen.len(), 4);
+    assert_eq!(server_screen.len(), 4);
     for a in &local_screen {
         let b = server_screen.iter().find(|b| b.id == a.id).expect("same prompts");
-        assert_eq!(b.n, 4);
+        assert_eq!(b.n, 3);
         assert!(
             a.ci95.0 <= b.pass_rate + 1e-9 && b.pass_rate <= a.ci95.1 + 1e-9,
             "{}: server pass rate {} outside the in-process interval {:?}",

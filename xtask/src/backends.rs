@@ -112,7 +112,7 @@ impl Backend for LlamaBackend {
         gguf: &Path,
         f: &mut dyn FnMut(&dyn Vocab) -> Result<()>,
     ) -> Result<()> {
-        f(&GgufModel::load(gguf)?)
+        gguf_vocab(gguf, f)
     }
 
     fn with_sampler(
@@ -151,7 +151,7 @@ impl Backend for ServerBackend {
         gguf: &Path,
         f: &mut dyn FnMut(&dyn Vocab) -> Result<()>,
     ) -> Result<()> {
-        f(&GgufModel::load(gguf)?)
+        gguf_vocab(gguf, f)
     }
 
     fn with_sampler(
@@ -162,6 +162,11 @@ impl Backend for ServerBackend {
         let mut sampler = OpenAiSampler::new(self.config.clone())?;
         f(&mut sampler)
     }
+}
+
+/// Runs `f` with the tokenizer and chat template of a local GGUF (llama.cpp reads them).
+fn gguf_vocab(gguf: &Path, f: &mut dyn FnMut(&dyn Vocab) -> Result<()>) -> Result<()> {
+    f(&GgufModel::load(gguf)?)
 }
 
 /// The in-process backend with default settings (for commands that take no backend flags).

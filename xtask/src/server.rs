@@ -17,14 +17,7 @@ pub fn server_python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("EM_LLAMA_SERVER_PYTHON") {
         return Some(PathBuf::from(p)).filter(|p| p.exists());
     }
-    let cache = match std::env::var_os("EM_CACHE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?
-            .join("oneshot-em"),
-    };
-    Some(cache.join("llama-server-venv/bin/python")).filter(|p| p.exists())
+    Some(em_pipeline::assets::cache_dir().join("llama-server-venv/bin/python")).filter(|p| p.exists())
 }
 
 /// A running `llama_cpp.server` child process.

@@ -11,16 +11,20 @@ use std::time::{Duration, Instant};
 fn eval_cmd(out: &Path) -> Command {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-qwen2");
     let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/bench/gsm8k.jsonl");
+    eval_cmd_with(out, &fixture, &suite, "48")
+}
+
+fn eval_cmd_with(out: &Path, model: &Path, suite: &Path, max_new_tokens: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_xtask"));
     cmd.args(["eval", "--model"])
-        .arg(&fixture)
+        .arg(model)
         .args(["--quant", "f32", "--suites"])
-        .arg(&suite)
+        .arg(suite)
         .args([
             "--limit",
             "40",
             "--max-new-tokens",
-            "48",
+            max_new_tokens,
             "--parallel",
             "4",
             "--threads",
@@ -133,24 +137,20 @@ fn killed_eval_resumes_with_every_item_once() {
     std::fs::write(&clean_items, &good).unwrap();
 
     // Another model, another suite file, other settings: refused, naming what differs.
-    let organism = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/organism-good");
-    let mut cmd = eval_cmd(&clean);
-    cmd.args(["--model".as_ref(), organism.as_os_str()]);
-    let e = one_line_error(cmd);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (fixture, gsm8k) = (root.join("../fixtures/tiny-qwen2"), root.join("../../shared/data/bench/gsm8k.jsonl"));
+    let organism = root.join("../fixtures/organism-good");
+    let e = one_line_error(eval_cmd_with(&clean, &organism, &gsm8k, "48"));
     assert!(e.contains("manifest.json") && e.contains("model: hf-dir") && e.contains("--fresh"), "{e}");
-    let mut cmd = eval_cmd(&clean);
-    cmd.args(["--max-new-tokens", "47"]);
-    let e = one_line_error(cmd);
+    let e = one_line_error(eval_cmd_with(&clean, &fixture, &gsm8k, "47"));
     assert!(e.contains("settings.max_new_tokens: 48 there, 47 now"), "{e}");
     let suite = tmp.path().join("gsm8k.jsonl");
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/bench/gsm8k.jsonl"),
     )
     .unwrap();
-    std::fs::write(&suite, text.replacen("e", "E", 1)).unwrap();
-    let mut cmd = eval_cmd(&clean);
-    cmd.args(["--suites".as_ref(), suite.as_os_str()]);
-    let e = one_line_error(cmd);
+    std::fs::write(&suite, text.replacen("Janet", "Janey", 1)).unwrap();
+    let e = one_line_error(eval_cmd_with(&clean, &fixture, &suite, "48"));
     assert!(e.contains("suite:gsm8k: file"), "{e}");
     assert_eq!(std::fs::read_to_string(&clean_items).unwrap(), good);
 }

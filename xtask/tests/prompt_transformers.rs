@@ -14,16 +14,6 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn cache() -> PathBuf {
-    match std::env::var_os("EM_CACHE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-            .join("oneshot-em"),
-    }
-}
-
 fn xtask(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_xtask")).args(args).output().unwrap();
     assert!(out.status.success(), "xtask {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -60,9 +50,9 @@ fn expected(reference: &Value, name: &str) -> Vec<(String, String, Vec<u64>)> {
 
 #[test]
 fn prompts_equal_transformers_apply_chat_template() {
-    let smollm2 = cache().join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let gemma3 = cache().join("models/gemma3-270m/gemma-3-270m-q4_k_m.gguf");
-    let math500 = cache().join("data/math500/test.jsonl");
+    let smollm2 = em_pipeline::assets::cache_dir().join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let gemma3 = em_pipeline::assets::cache_dir().join("models/gemma3-270m/gemma-3-270m-q4_k_m.gguf");
+    let math500 = em_pipeline::assets::cache_dir().join("data/math500/test.jsonl");
     if !(smollm2.is_file() && gemma3.is_file() && math500.is_file()) {
         assert!(
             std::env::var_os("EM_REQUIRE_ASSETS").is_none(),

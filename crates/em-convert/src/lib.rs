@@ -26,6 +26,7 @@ use arch::{GgufArch, Hparams};
 use em_config::ModelConfig;
 use gguf::{GgufFile, GgufWriter, TensorSpec};
 pub use quant::OutType;
+use em_store::Staged;
 use safetensors_io::{HfTensors, SafetensorsWriter};
 
 /// Float type of the safetensors written from a GGUF.
@@ -94,58 +95,6 @@ fn write_json(path: &Path, value: &Json) -> Result<()> {
     fs::write(path, text + "\n").with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// A temporary sibling of `dest` that becomes `dest` on `commit` and is removed on drop otherwise.
-struct Staged {
-    tmp: PathBuf,
-    dest: PathBuf,
-    done: bool,
-}
-
-impl Staged {
-    fn new(dest: &Path) -> Result<Self> {
-        let name = dest
-            .file_name()
-            .with_context(|| format!("{}: not a file name", dest.display()))?;
-        let parent = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        if !parent.is_dir() {
-            bail!("{}: parent directory does not exist", dest.display());
-        }
-        let tmp = parent.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        Ok(Self {
-            tmp,
-            dest: dest.to_path_buf(),
-            done: false,
-        })
-    }
-
-    fn commit(mut self) -> Result<()> {
-        if self.dest.is_dir() {
-            fs::remove_dir_all(&self.dest)?;
-        } else if self.dest.exists() {
-            fs::remove_file(&self.dest)?;
-        }
-        fs::rename(&self.tmp, &self.dest)
-            .with_context(|| format!("{}: cannot move into place", self.dest.display()))?;
-        self.done = true;
-        Ok(())
-    }
-}
-
-impl Drop for Staged {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = fs::remove_dir_all(&self.tmp);
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
-}
 
 /// HF directory -> GGUF file of the given type.
 pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
@@ -264,7 +213,7 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
     metadata.extend(tokenizer_md);
 
     let staged = Staged::new(out)?;
-    let mut writer = GgufWriter::create(&staged.tmp, &metadata, specs.clone())?;
+    let mut writer = GgufWriter::create(staged.path(), &metadata, specs.clone())?;
     for ((hf_name, _, _), spec) in plan.iter().zip(&specs) {
         let t = tensors.load_f32(hf_name)?;
         report.bytes_in += tensors.n_bytes(hf_name)?;
@@ -373,7 +322,7 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
     plan.sort_by(|a, b| a.1.cmp(&b.1));
 
     let staged = Staged::new(out_dir)?;
-    fs::create_dir_all(&staged.tmp)?;
+    fs::create_dir_all(staged.path())?;
     let (st_dtype, torch_dtype) = match dtype {
         HfDtype::F32 => (safetensors::Dtype::F32, "float32"),
         HfDtype::Bf16 => (safetensors::Dtype::BF16, "bfloat16"),
@@ -384,7 +333,7 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
         .map(|(_, h, s)| (h.clone(), s.clone()))
         .collect();
     let mut writer =
-        SafetensorsWriter::create(&staged.tmp.join("model.safetensors"), &specs, st_dtype)?;
+        SafetensorsWriter::create(&staged.path().join("model.safetensors"), &specs, st_dtype)?;
     for (name, hf_name, _) in &plan {
         let q = gguf.tensor(name)?;
         report.bytes_in += q.storage_size_in_bytes() as u64;
@@ -399,15 +348,15 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
     }
     writer.finish()?;
     write_json(
-        &staged.tmp.join("config.json"),
+        &staged.path().join("config.json"),
         &hp.to_hf_config(bos, eos, torch_dtype),
     )?;
     write_json(
-        &staged.tmp.join("generation_config.json"),
+        &staged.path().join("generation_config.json"),
         &serde_json::json!({"bos_token_id": bos, "eos_token_id": eos}),
     )?;
-    write_json(&staged.tmp.join("tokenizer.json"), &tokenizer_json)?;
-    write_json(&staged.tmp.join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&staged.path().join("tokenizer.json"), &tokenizer_json)?;
+    write_json(&staged.path().join("tokenizer_config.json"), &tokenizer_config)?;
     staged.commit()?;
     report.tensors = plan.len();
     Ok(report)
