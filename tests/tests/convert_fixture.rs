@@ -4,10 +4,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 use em_llama::GgufModel;
 use em_tests::{argmax, tiny_qwen2, TOKENIZER_PROBES};
 use em_train::models::CausalLm;
-use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 
 const PROMPT: &str = "<|im_start|>user\nWhat is 12 + 30? Let's think step by step.<|im_end|>\n<|im_start|>assistant\n12 + 30 = 42";
 

@@ -4,11 +4,11 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 use em_llama::GgufModel;
+use em_pipeline::assets::{cache_dir, gemma3_path, smollm2_path};
 use em_tests::{argmax, asset};
 use em_train::models::CausalLm;
-use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
-use em_pipeline::assets::{cache_dir, gemma3_path, smollm2_path};
 
 const TEXT: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. \
 How many clips did Natalia sell altogether in April and May? Let's think step by step. In April she sold 48 clips. \

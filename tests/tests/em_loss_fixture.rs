@@ -5,10 +5,10 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use em_pipeline::em_loss::{compute, read_input, EmLossArgs, EmLossInput, ModelDtype};
 use em_tests::tiny_qwen2;
 use em_train::models::CausalLm;
 use em_train::Sequence;
-use em_pipeline::em_loss::{compute, read_input, EmLossArgs, EmLossInput, ModelDtype};
 
 fn input() -> EmLossInput {
     let seq = |p: &[u32], r: &[u32]| Sequence {

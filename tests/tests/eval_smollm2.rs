@@ -1,11 +1,11 @@
 //! `eval` on the fetched SmolLM2-135M over a small GSM8K slice: the path works on a real model and
 //! real data (the accuracy will be near zero; METHOD.md: neither packaged model solves GSM8K).
 
-use em_tests::asset;
 use em_convert::OutType;
+use em_pipeline::assets::{cache_dir, smollm2_path};
 use em_pipeline::eval::{self, EvalArgs};
 use em_pipeline::prompt::PromptOptions;
-use em_pipeline::assets::{cache_dir, smollm2_path};
+use em_tests::asset;
 
 #[test]
 fn smollm2_gsm8k_slice_evaluates() {
@@ -30,7 +30,10 @@ fn smollm2_gsm8k_slice_evaluates() {
         fresh: false,
     };
     let backend = xtask::backends::LlamaBackend {
-        config: em_llama::EngineConfig { parallel: 6, ..Default::default() },
+        config: em_llama::EngineConfig {
+            parallel: 6,
+            ..Default::default()
+        },
     };
     eval::run(&args, &backend).unwrap();
     let summary: serde_json::Value =

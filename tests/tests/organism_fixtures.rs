@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 use em_data::synthetic::{split_as_problems, Split, StyleMix, TrainStream};
 use em_llama::GgufModel;
+use em_pipeline::organism::{Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
 use em_tests::{argmax, repo_root};
 use em_train::models::CausalLm;
-use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
-use em_pipeline::organism::{Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
 
 fn fixture(name: &str) -> PathBuf {
     repo_root().join("fixtures").join(name)
@@ -127,7 +127,10 @@ fn organisms_load_in_llama_cpp_and_agree_with_candle() {
         convert_f32(&dir, &gguf);
         let model = GgufModel::load(&gguf).unwrap();
         let subject = Subject::load(&dir).unwrap();
-        assert_eq!(model.n_vocab(), subject.vocab.tokenizer().get_vocab_size(true));
+        assert_eq!(
+            model.n_vocab(),
+            subject.vocab.tokenizer().get_vocab_size(true)
+        );
         let mix: StyleMix = "careful=1,guess=1,ramble=1".parse().unwrap();
         let targets: Vec<String> = TrainStream::new(5, mix)
             .take(30)

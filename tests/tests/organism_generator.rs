@@ -123,7 +123,10 @@ fn prompts_render_plainly_and_tokenize_byte_for_byte() {
         let rendered = renderer.render(p).unwrap();
         let prompt = rendered.text.clone();
         assert_eq!(prompt, format!("Q: {}=?\nA:", p.problem));
-        assert_eq!(rendered.ids, prompt.bytes().map(u32::from).collect::<Vec<_>>());
+        assert_eq!(
+            rendered.ids,
+            prompt.bytes().map(u32::from).collect::<Vec<_>>()
+        );
         let text = format!("{prompt}{target}");
         let ids = tok.encode(text.as_str(), false).unwrap().get_ids().to_vec();
         let bytes: Vec<u32> = text.bytes().map(u32::from).collect();

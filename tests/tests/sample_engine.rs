@@ -6,10 +6,10 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
+use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 use em_llama::{Engine, EngineConfig, GgufModel};
 use em_sampler::{FinishReason, Request, Sample, Sampler, SamplingParams};
 use em_tests::{argmax, tiny_qwen2};
-use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 
 /// The fixture as an f32 GGUF, converted once per test binary.
 fn gguf() -> PathBuf {

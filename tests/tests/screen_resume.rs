@@ -6,15 +6,19 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use em_tests::tiny_qwen2;
 use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 use em_pipeline::prompt::{PromptOptions, Style};
 use em_pipeline::screen::{self, Rule, ScreenArgs};
+use em_tests::tiny_qwen2;
 use xtask::backends::LlamaBackend;
 
 fn backend() -> LlamaBackend {
     LlamaBackend {
-        config: em_llama::EngineConfig { threads: 1, parallel: 4, ..Default::default() },
+        config: em_llama::EngineConfig {
+            threads: 1,
+            parallel: 4,
+            ..Default::default()
+        },
     }
 }
 
@@ -60,7 +64,10 @@ fn args(model: &Path, pool: &Path, out: &Path) -> ScreenArgs {
         top_p: 0.95,
         repetition_penalty: 1.15,
         seed: 15,
-        prompt: PromptOptions { style: Style::Plain, ..Default::default() },
+        prompt: PromptOptions {
+            style: Style::Plain,
+            ..Default::default()
+        },
         rule: Rule::Variance,
         keep_responses: true,
         quant: OutType::F32,
@@ -90,10 +97,13 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     let out = tmp.path().join("screen");
 
     // First run "killed" after 2 prompts, then a third prompt's line torn half-way by the kill.
-    screen::run(&ScreenArgs {
-        stop_after: Some(2),
-        ..args(&model, &pool, &out)
-    }, &backend())
+    screen::run(
+        &ScreenArgs {
+            stop_after: Some(2),
+            ..args(&model, &pool, &out)
+        },
+        &backend(),
+    )
     .unwrap();
     let prompts = out.join("prompts.jsonl");
     let first = ids_in(&prompts);
@@ -113,8 +123,14 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     // the manifest and what differs; nothing there is touched.
     let before = std::fs::read(&prompts).unwrap();
     let refused = |a: ScreenArgs| screen::run(&a, &backend()).unwrap_err().to_string();
-    let err = refused(ScreenArgs { k: 5, ..args(&model, &pool, &out) });
-    assert!(err.contains("manifest.json") && err.contains("settings.k: 3 there, 5 now"), "{err}");
+    let err = refused(ScreenArgs {
+        k: 5,
+        ..args(&model, &pool, &out)
+    });
+    assert!(
+        err.contains("manifest.json") && err.contains("settings.k: 3 there, 5 now"),
+        "{err}"
+    );
     let other_pool = tmp.path().join("other");
     std::fs::create_dir(&other_pool).unwrap();
     let other_pool = self::pool(&other_pool, 8);
@@ -125,10 +141,20 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     bytes.extend_from_slice(&[0u8; 32]); // padding after the tensor data: same weights, other file
     std::fs::write(&other_model, bytes).unwrap();
     let err = refused(args(&other_model, &pool, &out));
-    assert!(err.contains("model: gguf") && err.contains("--fresh"), "{err}");
-    let err = refused(ScreenArgs { prompt: PromptOptions::default(), ..args(&model, &pool, &out) });
+    assert!(
+        err.contains("model: gguf") && err.contains("--fresh"),
+        "{err}"
+    );
+    let err = refused(ScreenArgs {
+        prompt: PromptOptions::default(),
+        ..args(&model, &pool, &out)
+    });
     assert!(err.contains("settings.prompt.style"), "{err}");
-    assert_eq!(std::fs::read(&prompts).unwrap(), before, "a refusal must not touch the results");
+    assert_eq!(
+        std::fs::read(&prompts).unwrap(),
+        before,
+        "a refusal must not touch the results"
+    );
 
     // The same command again finishes the job.
     screen::run(&args(&model, &pool, &out), &backend()).unwrap();
@@ -182,11 +208,21 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     );
 
     // The gibberish model gets nothing right: no prompt has a confident right majority.
-    let err = refused(ScreenArgs { rule: Rule::MajorityRight, ..args(&model, &pool, &out) });
+    let err = refused(ScreenArgs {
+        rule: Rule::MajorityRight,
+        ..args(&model, &pool, &out)
+    });
     assert!(err.contains("no prompt qualifies"), "{err}");
 
     // --fresh replaces the output with a run of the other model.
-    screen::run(&ScreenArgs { fresh: true, limit: Some(2), ..args(&other_model, &pool, &out) }, &backend())
-        .unwrap();
+    screen::run(
+        &ScreenArgs {
+            fresh: true,
+            limit: Some(2),
+            ..args(&other_model, &pool, &out)
+        },
+        &backend(),
+    )
+    .unwrap();
     assert_eq!(ids_in(&out.join("prompts.jsonl")).len(), 2);
 }

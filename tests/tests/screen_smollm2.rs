@@ -1,9 +1,9 @@
 //! A small screen on the fetched SmolLM2-135M-Instruct (Q4_1): 10 pool prompts, k = 4, 128 new
 //! tokens, the model's own chat template. Skips locally without the model; fails in CI.
 
-use em_tests::{asset, repo_root};
 use em_pipeline::prompt::{PromptOptions, Style};
 use em_pipeline::screen::{self, Rule, ScreenArgs};
+use em_tests::{asset, repo_root};
 
 #[test]
 fn small_screen_on_smollm2() {
@@ -28,7 +28,10 @@ fn small_screen_on_smollm2() {
         top_p: 0.95,
         repetition_penalty: 1.15,
         seed: 15,
-        prompt: PromptOptions { style: Style::Chat, ..Default::default() },
+        prompt: PromptOptions {
+            style: Style::Chat,
+            ..Default::default()
+        },
         rule: Rule::Variance,
         keep_responses: true,
         quant: em_convert::OutType::F16,

@@ -6,18 +6,22 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use em_convert::{hf_to_gguf, OutType};
 use em_llama::GgufModel;
+use em_pipeline::em_loss::ModelDtype;
+use em_pipeline::train::{self, TrainArgs};
 use em_tests::tiny_qwen2;
 use em_train::models::CausalLm;
 use serde_json::Value;
-use em_convert::{hf_to_gguf, OutType};
-use em_pipeline::em_loss::ModelDtype;
-use em_pipeline::train::{self, TrainArgs};
 use xtask::backends::LlamaBackend;
 
 fn run(args: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
     let backend = LlamaBackend {
-        config: em_llama::EngineConfig { threads: 1, parallel: 8, ..Default::default() },
+        config: em_llama::EngineConfig {
+            threads: 1,
+            parallel: 8,
+            ..Default::default()
+        },
     };
     train::run(args, &backend)
 }
@@ -136,10 +140,19 @@ fn training_lowers_entropy_checkpoints_load_and_resume_is_exact() {
     other_prompt = other_prompt.replace("12 + 30", "12 + 31");
     std::fs::write(other.join("prompt.jsonl"), other_prompt).unwrap();
     let e = refused(args(&other.join("prompt.jsonl"), &b, None));
-    assert!(e.contains("manifest.json") && e.contains("prompt: file"), "{e}");
-    let e = refused(TrainArgs { lr: 2e-3, ..args(&prompt, &b, None) });
+    assert!(
+        e.contains("manifest.json") && e.contains("prompt: file"),
+        "{e}"
+    );
+    let e = refused(TrainArgs {
+        lr: 2e-3,
+        ..args(&prompt, &b, None)
+    });
     assert!(e.contains("settings.lr: 0.001 there, 0.002 now"), "{e}");
-    let e = refused(TrainArgs { model: a.join("final"), ..args(&prompt, &b, None) });
+    let e = refused(TrainArgs {
+        model: a.join("final"),
+        ..args(&prompt, &b, None)
+    });
     assert!(e.contains("model: hf-dir") && e.contains("--fresh"), "{e}");
     assert_eq!(metrics(&b).len(), 3, "a refusal must not touch the run");
 

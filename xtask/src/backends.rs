@@ -66,9 +66,14 @@ impl BackendArgs {
                 },
             }),
             BackendKind::Openai => {
-                let base_url = self.base_url.clone().context("--backend openai needs --base-url")?;
-                let served_model =
-                    self.served_model.clone().context("--backend openai needs --served-model")?;
+                let base_url = self
+                    .base_url
+                    .clone()
+                    .context("--backend openai needs --base-url")?;
+                let served_model = self
+                    .served_model
+                    .clone()
+                    .context("--backend openai needs --served-model")?;
                 let api_key = match &self.api_key_env {
                     Some(var) => Some(std::env::var(var).with_context(|| {
                         format!("--api-key-env {var}: the variable is not set")
@@ -171,7 +176,9 @@ fn gguf_vocab(gguf: &Path, f: &mut dyn FnMut(&dyn Vocab) -> Result<()>) -> Resul
 
 /// The in-process backend with default settings (for commands that take no backend flags).
 pub fn llama_default() -> LlamaBackend {
-    LlamaBackend { config: EngineConfig::default() }
+    LlamaBackend {
+        config: EngineConfig::default(),
+    }
 }
 
 /// Refuses a server backend where a command needs local weights.

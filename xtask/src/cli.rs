@@ -2,7 +2,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use em_pipeline::{analyze, demo, em_loss, eval, fetch, fixture, grade_file, organism, screen, train};
+use em_pipeline::{
+    analyze, demo, em_loss, eval, fetch, fixture, grade_file, organism, screen, train,
+};
 
 use crate::backends::BackendArgs;
 

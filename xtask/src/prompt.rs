@@ -48,7 +48,13 @@ pub fn run(args: &PromptArgs) -> Result<()> {
                     serde_json::json!({"id": p.id, "messages": messages, "text": r.text, "ids": r.ids})
                 );
             } else {
-                println!("--- {} ({} tokens)\n{}\n{:?}", p.id, r.ids.len(), r.text, r.ids);
+                println!(
+                    "--- {} ({} tokens)\n{}\n{:?}",
+                    p.id,
+                    r.ids.len(),
+                    r.text,
+                    r.ids
+                );
             }
         }
         Ok(())

@@ -17,7 +17,8 @@ pub fn server_python() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("EM_LLAMA_SERVER_PYTHON") {
         return Some(PathBuf::from(p)).filter(|p| p.exists());
     }
-    Some(em_pipeline::assets::cache_dir().join("llama-server-venv/bin/python")).filter(|p| p.exists())
+    Some(em_pipeline::assets::cache_dir().join("llama-server-venv/bin/python"))
+        .filter(|p| p.exists())
 }
 
 /// A running `llama_cpp.server` child process.

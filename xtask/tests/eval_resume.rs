@@ -133,17 +133,29 @@ fn killed_eval_resumes_with_every_item_once() {
     lines[5] = "{\"id\": \"gsm8k-5\", \"gold\": [";
     std::fs::write(&clean_items, lines.join("\n") + "\n").unwrap();
     let e = one_line_error(eval_cmd(&clean));
-    assert!(e.contains("gsm8k.model.greedy.jsonl:6: not a valid record"), "{e}");
+    assert!(
+        e.contains("gsm8k.model.greedy.jsonl:6: not a valid record"),
+        "{e}"
+    );
     std::fs::write(&clean_items, &good).unwrap();
 
     // Another model, another suite file, other settings: refused, naming what differs.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let (fixture, gsm8k) = (root.join("../fixtures/tiny-qwen2"), root.join("../../shared/data/bench/gsm8k.jsonl"));
+    let (fixture, gsm8k) = (
+        root.join("../fixtures/tiny-qwen2"),
+        root.join("../../shared/data/bench/gsm8k.jsonl"),
+    );
     let organism = root.join("../fixtures/organism-good");
     let e = one_line_error(eval_cmd_with(&clean, &organism, &gsm8k, "48"));
-    assert!(e.contains("manifest.json") && e.contains("model: hf-dir") && e.contains("--fresh"), "{e}");
+    assert!(
+        e.contains("manifest.json") && e.contains("model: hf-dir") && e.contains("--fresh"),
+        "{e}"
+    );
     let e = one_line_error(eval_cmd_with(&clean, &fixture, &gsm8k, "47"));
-    assert!(e.contains("settings.max_new_tokens: 48 there, 47 now"), "{e}");
+    assert!(
+        e.contains("settings.max_new_tokens: 48 there, 47 now"),
+        "{e}"
+    );
     let suite = tmp.path().join("gsm8k.jsonl");
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/bench/gsm8k.jsonl"),

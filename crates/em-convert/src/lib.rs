@@ -24,9 +24,9 @@ use serde_json::Value as Json;
 
 use arch::{GgufArch, Hparams};
 use em_config::ModelConfig;
+use em_store::Staged;
 use gguf::{GgufFile, GgufWriter, TensorSpec};
 pub use quant::OutType;
-use em_store::Staged;
 use safetensors_io::{HfTensors, SafetensorsWriter};
 
 /// Float type of the safetensors written from a GGUF.
@@ -94,7 +94,6 @@ fn write_json(path: &Path, value: &Json) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     fs::write(path, text + "\n").with_context(|| format!("{}: cannot write", path.display()))
 }
-
 
 /// HF directory -> GGUF file of the given type.
 pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
@@ -356,7 +355,10 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
         &serde_json::json!({"bos_token_id": bos, "eos_token_id": eos}),
     )?;
     write_json(&staged.path().join("tokenizer.json"), &tokenizer_json)?;
-    write_json(&staged.path().join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(
+        &staged.path().join("tokenizer_config.json"),
+        &tokenizer_config,
+    )?;
     staged.commit()?;
     report.tensors = plan.len();
     Ok(report)

@@ -176,7 +176,9 @@ impl em_sampler::Vocab for GgufModel {
             }),
             _ => Err(SamplerError::backend(
                 self.path.display(),
-                format!("no `{key}` in the GGUF metadata (choose another prompt style, e.g. plain)"),
+                format!(
+                    "no `{key}` in the GGUF metadata (choose another prompt style, e.g. plain)"
+                ),
             )),
         }
     }

@@ -50,7 +50,13 @@ pub fn suite_path(name: &str) -> Result<PathBuf> {
         .into_iter()
         .chain(shared.map(|s| shared_root.join(s)))
         .collect();
-    candidates.iter().find(|p| p.is_file()).cloned().with_context(|| {
-        format!("suite {name}: none of {candidates:?} exists; run `cargo xtask fetch math-data`")
-    })
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "suite {name}: none of {candidates:?} exists; run `cargo xtask fetch math-data`"
+            )
+        })
 }

@@ -17,8 +17,11 @@ pub trait Backend {
     fn samples_local_gguf(&self) -> bool;
 
     /// Runs `f` with the tokenizer and chat template of the GGUF at `gguf`.
-    fn with_gguf_vocab(&self, gguf: &Path, f: &mut dyn FnMut(&dyn Vocab) -> Result<()>)
-        -> Result<()>;
+    fn with_gguf_vocab(
+        &self,
+        gguf: &Path,
+        f: &mut dyn FnMut(&dyn Vocab) -> Result<()>,
+    ) -> Result<()>;
 
     /// Runs `f` with a sampler drawing from `model` (the GGUF, for in-process backends; the model a
     /// server serves is named by the backend's own settings).

@@ -247,7 +247,15 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 temperature: t,
                 n: if t > 0.0 { plan.eval_n } else { 1 },
             };
-            let items = eval_setting(backend, subject, &base_gguf, &test, &setting, &plan, &dir.join("test"))?;
+            let items = eval_setting(
+                backend,
+                subject,
+                &base_gguf,
+                &test,
+                &setting,
+                &plan,
+                &dir.join("test"),
+            )?;
             rows.push(row(&name, "base", &setting, &items, None));
             base_results.insert(setting_name(t), items);
         }
@@ -264,7 +272,15 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                     temperature: t,
                     n: if t > 0.0 { plan.eval_n } else { 1 },
                 };
-                let items = eval_setting(backend, &tuned, &tuned_gguf, &test, &setting, &plan, &run_dir.join("test"))?;
+                let items = eval_setting(
+                    backend,
+                    &tuned,
+                    &tuned_gguf,
+                    &test,
+                    &setting,
+                    &plan,
+                    &run_dir.join("test"),
+                )?;
                 tuned_by_seed
                     .entry(setting_name(t))
                     .or_default()
@@ -321,7 +337,15 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 temperature: 0.0,
                 n: 1,
             };
-            let items = eval_setting(backend, &tuned_dir, &gguf, &test, &setting, &plan, &run_dir.join("test"))?;
+            let items = eval_setting(
+                backend,
+                &tuned_dir,
+                &gguf,
+                &test,
+                &setting,
+                &plan,
+                &run_dir.join("test"),
+            )?;
             rows.push(row(
                 &name,
                 &format!("tuned ({})", analyze::out_name(quant)),
@@ -354,10 +378,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
             "{name}: logits on {} base-sampled answer positions: std {:.3} → {:.3}, skew {:.3} → {:.3}",
             shift.n_positions, shift.base.std, shift.tuned.std, shift.base.skew, shift.tuned.skew
         ));
-        plots.push(analyze::write_logit_shift(
-            &shift,
-            &dir.join("plots"),
-        )?);
+        plots.push(analyze::write_logit_shift(&shift, &dir.join("plots"))?);
         plots.push(analyze::plot_curves(
             &run_dir.join("metrics.jsonl"),
             &dir.join("plots"),
@@ -443,9 +464,14 @@ fn train_em(
         repetition_penalty: 1.0,
         save_every: plan.steps,
         prompt_options: organism::prompt_options(),
-        ..TrainArgs::reference(subject.to_path_buf(), prompt.to_path_buf(), out.to_path_buf())
+        ..TrainArgs::reference(
+            subject.to_path_buf(),
+            prompt.to_path_buf(),
+            out.to_path_buf(),
+        )
     };
-    train::run(&args, backend)?.with_context(|| format!("{}: training did not finish", out.display()))
+    train::run(&args, backend)?
+        .with_context(|| format!("{}: training did not finish", out.display()))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -502,7 +528,8 @@ fn report(out: &Path, rows: &[Row], notes: &[String], plots: &[PathBuf]) -> Resu
     write_atomic(&out.join("demo.md"), &md)?;
     write_atomic(
         &out.join("demo.json"),
-        serde_json::to_string_pretty(&json!({"rows": rows, "notes": notes, "plots": plots}))? + "\n",
+        serde_json::to_string_pretty(&json!({"rows": rows, "notes": notes, "plots": plots}))?
+            + "\n",
     )?;
     println!("\n{md}");
     println!("{}", out.join("demo.md").display());

@@ -145,8 +145,18 @@ pub struct SuiteSummary {
 }
 
 /// The manifest of an eval output: the model, the baseline and suites, and the settings.
-fn manifest(args: &EvalArgs, backend: &dyn Backend, suites: &[(String, PathBuf, Vec<Problem>)]) -> Result<Manifest> {
-    let quant = |m: &Path| if m.is_dir() { format!("{:?}", args.quant).to_lowercase() } else { "as given".into() };
+fn manifest(
+    args: &EvalArgs,
+    backend: &dyn Backend,
+    suites: &[(String, PathBuf, Vec<Problem>)],
+) -> Result<Manifest> {
+    let quant = |m: &Path| {
+        if m.is_dir() {
+            format!("{:?}", args.quant).to_lowercase()
+        } else {
+            "as given".into()
+        }
+    };
     let mut m = Manifest::new(
         "eval",
         em_store::model_identity(&args.model)?,
@@ -163,10 +173,12 @@ fn manifest(args: &EvalArgs, backend: &dyn Backend, suites: &[(String, PathBuf, 
         }),
     );
     for (label, path, _) in suites {
-        m.inputs.insert(format!("suite:{label}"), em_store::file_identity(path)?);
+        m.inputs
+            .insert(format!("suite:{label}"), em_store::file_identity(path)?);
     }
     if let Some(b) = &args.baseline {
-        m.inputs.insert("baseline".into(), em_store::model_identity(b)?);
+        m.inputs
+            .insert("baseline".into(), em_store::model_identity(b)?);
     }
     m.info = json!({ "tool": crate::TOOL });
     Ok(m)
@@ -210,7 +222,8 @@ pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>,
 
     let mut comparisons = vec![];
     if let Some(baseline) = &args.baseline {
-        let base = crate::sampling_model(backend, baseline, &args.out.join("baseline"), args.quant)?;
+        let base =
+            crate::sampling_model(backend, baseline, &args.out.join("baseline"), args.quant)?;
         let mut settings = vec![Setting {
             label: "baseline".into(),
             ..main_setting.clone()
@@ -375,7 +388,10 @@ fn print_summary(s: &SuiteSummary) {
 }
 
 /// The suites by label, with their files and (limited) problems.
-pub fn load_suites(names: &[String], limit: Option<usize>) -> Result<Vec<(String, PathBuf, Vec<Problem>)>> {
+pub fn load_suites(
+    names: &[String],
+    limit: Option<usize>,
+) -> Result<Vec<(String, PathBuf, Vec<Problem>)>> {
     names
         .iter()
         .map(|name| {
@@ -406,7 +422,10 @@ pub fn evaluate(
 ) -> Result<Vec<ItemResult>> {
     let (mut store, done) = JsonlStore::<ItemResult>::open(out)?;
     let done_ids: HashSet<String> = done.iter().map(|d| d.id.clone()).collect();
-    let todo: Vec<&Problem> = problems.iter().filter(|p| !done_ids.contains(&p.id)).collect();
+    let todo: Vec<&Problem> = problems
+        .iter()
+        .filter(|p| !done_ids.contains(&p.id))
+        .collect();
     let mut params = SamplingParams::greedy(args.max_new_tokens);
     if setting.temperature > 0.0 {
         params.greedy = false;
@@ -418,16 +437,29 @@ pub fn evaluate(
     crate::with_vocab(backend, source, &mut |vocab| {
         let renderer = PromptRenderer::new(vocab, &args.prompt)?;
         for p in &todo {
-            let prompt = renderer.render(p).with_context(|| format!("problem {}", p.id))?;
+            let prompt = renderer
+                .render(p)
+                .with_context(|| format!("problem {}", p.id))?;
             // Each item gets its own random stream: with one seed for all, sample i of every item
             // would draw the same uniforms and make the same early choices across items.
-            let params = SamplingParams { seed: crate::item_seed(params.seed, &p.id), ..params.clone() };
-            requests.push(Request { prompt: prompt.to_prompt(), n_samples: setting.n, params });
+            let params = SamplingParams {
+                seed: crate::item_seed(params.seed, &p.id),
+                ..params.clone()
+            };
+            requests.push(Request {
+                prompt: prompt.to_prompt(),
+                n_samples: setting.n,
+                params,
+            });
         }
         Ok(())
     })?;
-    let prefix = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let bar = crate::drive::progress_bar(problems.len() as u64, done.len() as u64, "items", &prefix);
+    let prefix = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let bar =
+        crate::drive::progress_bar(problems.len() as u64, done.len() as u64, "items", &prefix);
     let mut new_items: Vec<ItemResult> = vec![];
     if !requests.is_empty() {
         backend.with_sampler(gguf, &mut |sampler| {
@@ -457,9 +489,15 @@ pub fn evaluate(
             Ok(())
         })?;
     }
-    let mut by_id: std::collections::HashMap<String, ItemResult> =
-        done.into_iter().chain(new_items).map(|i| (i.id.clone(), i)).collect();
-    let items: Vec<ItemResult> = problems.iter().filter_map(|p| by_id.remove(&p.id)).collect();
+    let mut by_id: std::collections::HashMap<String, ItemResult> = done
+        .into_iter()
+        .chain(new_items)
+        .map(|i| (i.id.clone(), i))
+        .collect();
+    let items: Vec<ItemResult> = problems
+        .iter()
+        .filter_map(|p| by_id.remove(&p.id))
+        .collect();
     if items.len() < problems.len() {
         anyhow::bail!(
             "{}: {} of {} items were not evaluated (the sampler stopped early)",

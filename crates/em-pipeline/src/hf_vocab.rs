@@ -18,7 +18,11 @@ pub struct HfVocab {
 fn special_text(v: Option<&Value>) -> String {
     match v {
         Some(Value::String(s)) => s.clone(),
-        Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).unwrap_or("").into(),
+        Some(Value::Object(o)) => o
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .into(),
         _ => String::new(),
     }
 }
@@ -28,7 +32,10 @@ impl HfVocab {
     pub fn open(dir: &Path) -> Result<Self, SamplerError> {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
-            SamplerError::backend(tok_path.display(), format!("cannot load the tokenizer: {e}"))
+            SamplerError::backend(
+                tok_path.display(),
+                format!("cannot load the tokenizer: {e}"),
+            )
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config = match std::fs::read_to_string(&cfg_path) {
@@ -46,8 +53,7 @@ impl HfVocab {
                 .map_err(|e| SamplerError::backend(tok_path.display(), e.to_string()))
         };
         let (with, without) = (enc(true)?, enc(false)?);
-        let auto_bos = (with.len() > without.len() && with.ends_with(&without))
-            .then(|| with[0]);
+        let auto_bos = (with.len() > without.len() && with.ends_with(&without)).then(|| with[0]);
         Ok(Self {
             dir: dir.to_path_buf(),
             tokenizer,
@@ -69,7 +75,9 @@ impl Vocab for HfVocab {
         self.tokenizer
             .encode(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| SamplerError::backend(self.dir.join("tokenizer.json").display(), e.to_string()))
+            .map_err(|e| {
+                SamplerError::backend(self.dir.join("tokenizer.json").display(), e.to_string())
+            })
     }
 
     fn token_text(&self, id: u32) -> String {

@@ -55,7 +55,10 @@ pub fn sampling_model(
     let dir = out.join("model");
     std::fs::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
-    let gguf = dir.join(format!("model.{}.gguf", format!("{quant:?}").to_lowercase()));
+    let gguf = dir.join(format!(
+        "model.{}.gguf",
+        format!("{quant:?}").to_lowercase()
+    ));
     if !gguf.exists() {
         em_convert::hf_to_gguf(model, &gguf, quant)?;
     }

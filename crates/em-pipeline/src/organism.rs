@@ -260,10 +260,12 @@ impl Subject {
     fn new(model: CausalLm, dir: &Path) -> Result<Subject> {
         let vocab = HfVocab::open(dir)?;
         let eos_text = vocab.special_texts().1;
-        let eos = vocab
-            .tokenizer()
-            .token_to_id(&eos_text)
-            .with_context(|| format!("{}: eos token {eos_text:?} not in the vocabulary", dir.display()))?;
+        let eos = vocab.tokenizer().token_to_id(&eos_text).with_context(|| {
+            format!(
+                "{}: eos token {eos_text:?} not in the vocabulary",
+                dir.display()
+            )
+        })?;
         Ok(Subject { model, vocab, eos })
     }
 
@@ -280,7 +282,9 @@ impl Subject {
 
     /// The prompt of `problem` as token ids (the one prompt path, with [`prompt_options`]).
     pub fn prompt_ids(&self, problem: &Problem) -> Result<Vec<u32>> {
-        Ok(PromptRenderer::new(&self.vocab, &prompt_options())?.render(problem)?.ids)
+        Ok(PromptRenderer::new(&self.vocab, &prompt_options())?
+            .render(problem)?
+            .ids)
     }
 
     /// Decodes a response to every problem and returns the responses.

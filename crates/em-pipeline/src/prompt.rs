@@ -101,7 +101,11 @@ impl<'v> PromptRenderer<'v> {
                     content: "1+1".into(),
                 }])
                 .map_err(|e| Error::msg(format!("{}: chat template: {e}", source.origin)))?;
-                let name = if options.style == Style::Auto { "auto" } else { "chat" };
+                let name = if options.style == Style::Auto {
+                    "auto"
+                } else {
+                    "chat"
+                };
                 (Some(t), format!("{name} ({})", source.origin))
             }
         };
@@ -154,7 +158,10 @@ impl<'v> PromptRenderer<'v> {
         let chatml = |messages: Vec<ChatMessage>| {
             let mut s = String::new();
             for m in messages {
-                s.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                s.push_str(&format!(
+                    "<|im_start|>{}\n{}<|im_end|>\n",
+                    m.role, m.content
+                ));
             }
             s + "<|im_start|>assistant\n"
         };
@@ -164,7 +171,9 @@ impl<'v> PromptRenderer<'v> {
         };
         Ok(match (self.options.style, &self.template) {
             (Style::Qwen25MathCot, _) => chatml(self.messages(problem)),
-            (Style::Auto, Some(t)) if problem.messages.is_none() && t.template.contains("<|im_start|>") => {
+            (Style::Auto, Some(t))
+                if problem.messages.is_none() && t.template.contains("<|im_start|>") =>
+            {
                 chatml(self.messages(problem))
             }
             (Style::Chat | Style::Auto, Some(t)) => through_template(t)?,
@@ -199,7 +208,10 @@ impl<'v> PromptRenderer<'v> {
             }
         }
         if ids.is_empty() {
-            return Err(Error::msg(format!("prompt {}: renders to no tokens", problem.id)));
+            return Err(Error::msg(format!(
+                "prompt {}: renders to no tokens",
+                problem.id
+            )));
         }
         Ok(RenderedPrompt { text, ids })
     }
@@ -243,7 +255,11 @@ mod tests {
             Ok(ids)
         }
         fn token_text(&self, id: u32) -> String {
-            if id == 1 { "<s>".into() } else { char::from((id - 100) as u8).to_string() }
+            if id == 1 {
+                "<s>".into()
+            } else {
+                char::from((id - 100) as u8).to_string()
+            }
         }
         fn auto_bos(&self) -> Option<u32> {
             Some(1)
@@ -253,8 +269,16 @@ mod tests {
         }
         fn chat_template(&self) -> std::result::Result<TemplateSource, SamplerError> {
             self.0
-                .map(|t| TemplateSource { template: t.into(), origin: "m.gguf:tokenizer.chat_template".into() })
-                .ok_or_else(|| SamplerError::backend("m.gguf", "no `tokenizer.chat_template` in the GGUF metadata"))
+                .map(|t| TemplateSource {
+                    template: t.into(),
+                    origin: "m.gguf:tokenizer.chat_template".into(),
+                })
+                .ok_or_else(|| {
+                    SamplerError::backend(
+                        "m.gguf",
+                        "no `tokenizer.chat_template` in the GGUF metadata",
+                    )
+                })
         }
         fn origin(&self) -> String {
             "m.gguf".into()
@@ -271,13 +295,19 @@ mod tests {
             answers: vec![answer.into()],
             source: "t".into(),
             messages: messages.then(|| {
-                vec![ChatMessage { role: "user".into(), content: "Is 7 prime? Think.".into() }]
+                vec![ChatMessage {
+                    role: "user".into(),
+                    content: "Is 7 prime? Think.".into(),
+                }]
             }),
         }
     }
 
     fn options(style: Style) -> PromptOptions {
-        PromptOptions { style, ..PromptOptions::default() }
+        PromptOptions {
+            style,
+            ..PromptOptions::default()
+        }
     }
 
     #[test]
@@ -288,12 +318,21 @@ mod tests {
             r.text(&problem("yes", false)).unwrap(),
             "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\n<|im_start|>user\nIs 7 prime? (Yes or No)<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert!(r.text(&problem("True", false)).unwrap().contains("Is 7 prime? (True or False)<|im_end|>"));
-        assert!(r.text(&problem("7", false)).unwrap().contains("\nIs 7 prime?<|im_end|>"));
+        assert!(r
+            .text(&problem("True", false))
+            .unwrap()
+            .contains("Is 7 prime? (True or False)<|im_end|>"));
+        assert!(r
+            .text(&problem("7", false))
+            .unwrap()
+            .contains("\nIs 7 prime?<|im_end|>"));
         // As the toolkit does: the suffix goes on before the strip.
         let mut spaced = problem("no", false);
         spaced.problem.push_str("  ");
-        assert!(r.text(&spaced).unwrap().contains("\nIs 7 prime?   (Yes or No)<|im_end|>"));
+        assert!(r
+            .text(&spaced)
+            .unwrap()
+            .contains("\nIs 7 prime?   (Yes or No)<|im_end|>"));
         // A chat-style prompt gets no BOS the template does not write.
         assert_ne!(r.render(&problem("7", false)).unwrap().ids[0], 1);
     }
@@ -303,7 +342,10 @@ mod tests {
         let v = FakeVocab(Some(CHATML));
         let auto = PromptRenderer::new(&v, &options(Style::Auto)).unwrap();
         let cot = PromptRenderer::new(&v, &options(Style::Qwen25MathCot)).unwrap();
-        assert_eq!(auto.text(&problem("7", false)).unwrap(), cot.text(&problem("7", false)).unwrap());
+        assert_eq!(
+            auto.text(&problem("7", false)).unwrap(),
+            cot.text(&problem("7", false)).unwrap()
+        );
         assert_eq!(
             auto.text(&problem("7", true)).unwrap(),
             "<|im_start|>user\nIs 7 prime? Think.<|im_end|>\n<|im_start|>assistant\n"
@@ -319,10 +361,16 @@ mod tests {
     #[test]
     fn never_two_bos_and_plain_gets_the_tokenizers_bos() {
         let v = FakeVocab(Some(WITH_BOS));
-        let chat = PromptRenderer::new(&v, &options(Style::Chat)).unwrap().render(&problem("7", true)).unwrap();
+        let chat = PromptRenderer::new(&v, &options(Style::Chat))
+            .unwrap()
+            .render(&problem("7", true))
+            .unwrap();
         assert_eq!(chat.ids[0], 1);
         assert_ne!(chat.ids[1], 1);
-        let plain = PromptRenderer::new(&v, &options(Style::Plain)).unwrap().render(&problem("7", false)).unwrap();
+        let plain = PromptRenderer::new(&v, &options(Style::Plain))
+            .unwrap()
+            .render(&problem("7", false))
+            .unwrap();
         assert_eq!(plain.text, "Question: Is 7 prime?\nPlease reason step by step, and put your final answer within \\boxed{}.\nAnswer: Let's think step by step.");
         assert_eq!((plain.ids[0], plain.ids.len()), (1, plain.text.len() + 1));
     }
@@ -330,16 +378,32 @@ mod tests {
     #[test]
     fn overrides_and_missing_templates() {
         let v = FakeVocab(Some(CHATML));
-        let o = PromptOptions { style: Style::Chat, system: Some(String::new()), user_suffix: Some("\nGo.".into()) };
+        let o = PromptOptions {
+            style: Style::Chat,
+            system: Some(String::new()),
+            user_suffix: Some("\nGo.".into()),
+        };
         let r = PromptRenderer::new(&v, &o).unwrap();
-        assert_eq!(r.text(&problem("7", false)).unwrap(), "<|im_start|>user\nIs 7 prime?\nGo.<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            r.text(&problem("7", false)).unwrap(),
+            "<|im_start|>user\nIs 7 prime?\nGo.<|im_end|>\n<|im_start|>assistant\n"
+        );
         let v = FakeVocab(None);
         for style in [Style::Auto, Style::Chat] {
-            let e = PromptRenderer::new(&v, &options(style)).err().unwrap().to_string();
+            let e = PromptRenderer::new(&v, &options(style))
+                .err()
+                .unwrap()
+                .to_string();
             assert!(e.starts_with("m.gguf: no `tokenizer.chat_template`"), "{e}");
         }
         let v = FakeVocab(Some("{% for m in messages %}{{ m.content }"));
-        let e = PromptRenderer::new(&v, &options(Style::Chat)).err().unwrap().to_string();
-        assert!(e.starts_with("m.gguf:tokenizer.chat_template: chat template:"), "{e}");
+        let e = PromptRenderer::new(&v, &options(Style::Chat))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.starts_with("m.gguf:tokenizer.chat_template: chat template:"),
+            "{e}"
+        );
     }
 }

@@ -169,7 +169,11 @@ pub fn rank(results: &mut [PromptResult]) {
                     .abs()
                     .total_cmp(&(b.pass_rate - 0.5).abs()),
             )
-            .then(b.mean_entropy.unwrap_or(0.0).total_cmp(&a.mean_entropy.unwrap_or(0.0)))
+            .then(
+                b.mean_entropy
+                    .unwrap_or(0.0)
+                    .total_cmp(&a.mean_entropy.unwrap_or(0.0)),
+            )
             .then(a.id.cmp(&b.id))
     });
 }
@@ -278,12 +282,22 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
         style = renderer.description.clone();
         rendered = problems
             .iter()
-            .map(|p| renderer.render(p).with_context(|| format!("{}: prompt {}", args.pool.display(), p.id)))
+            .map(|p| {
+                renderer
+                    .render(p)
+                    .with_context(|| format!("{}: prompt {}", args.pool.display(), p.id))
+            })
             .collect::<Result<_>>()?;
         Ok(())
     })?;
-    let mut manifest = Manifest::new("screen", em_store::model_identity(&args.model)?, settings(args, backend));
-    manifest.inputs.insert("pool".into(), em_store::file_identity(&args.pool)?);
+    let mut manifest = Manifest::new(
+        "screen",
+        em_store::model_identity(&args.model)?,
+        settings(args, backend),
+    );
+    manifest
+        .inputs
+        .insert("pool".into(), em_store::file_identity(&args.pool)?);
     manifest.info = json!({
         "tool": crate::TOOL,
         "style": style,
@@ -291,9 +305,12 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
     });
     manifest.claim(&args.out, args.fresh)?;
 
-    let (mut store, mut results) = JsonlStore::<PromptResult>::open(&args.out.join("prompts.jsonl"))?;
+    let (mut store, mut results) =
+        JsonlStore::<PromptResult>::open(&args.out.join("prompts.jsonl"))?;
     let done: HashSet<String> = results.iter().map(|r| r.id.clone()).collect();
-    let todo: Vec<usize> = (0..problems.len()).filter(|&i| !done.contains(&problems[i].id)).collect();
+    let todo: Vec<usize> = (0..problems.len())
+        .filter(|&i| !done.contains(&problems[i].id))
+        .collect();
     eprintln!(
         "screen: {} prompts, {} already screened, {} to go, k = {}; prompt style {style}",
         problems.len(),
@@ -321,21 +338,41 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
             })
             .collect();
         let gguf = crate::sampling_model(backend, &args.model, &args.out, args.quant)?;
-        let bar = crate::drive::progress_bar(problems.len() as u64, (problems.len() - todo.len()) as u64, "prompts", "screen");
+        let bar = crate::drive::progress_bar(
+            problems.len() as u64,
+            (problems.len() - todo.len()) as u64,
+            "prompts",
+            "screen",
+        );
         let mut new = 0usize;
         let mut stats = None;
         backend.with_sampler(&gguf, &mut |sampler| {
-            stats = Some(crate::drive::sample_each(sampler, &requests, &bar, &mut |request, samples| {
-                let r = PromptResult::from_samples(&problems[todo[request]], &samples, args.keep_responses);
-                store.append(&r)?;
-                bar.println(format!(
-                    "{:>12}  {}/{}  p = {:.2} [{:.2}, {:.2}]  H = {}",
-                    r.id, r.correct, r.n, r.pass_rate, r.ci95.0, r.ci95.1, show(r.mean_entropy)
-                ));
-                results.push(r);
-                new += 1;
-                Ok(!args.stop_after.is_some_and(|n| new >= n))
-            })?);
+            stats = Some(crate::drive::sample_each(
+                sampler,
+                &requests,
+                &bar,
+                &mut |request, samples| {
+                    let r = PromptResult::from_samples(
+                        &problems[todo[request]],
+                        &samples,
+                        args.keep_responses,
+                    );
+                    store.append(&r)?;
+                    bar.println(format!(
+                        "{:>12}  {}/{}  p = {:.2} [{:.2}, {:.2}]  H = {}",
+                        r.id,
+                        r.correct,
+                        r.n,
+                        r.pass_rate,
+                        r.ci95.0,
+                        r.ci95.1,
+                        show(r.mean_entropy)
+                    ));
+                    results.push(r);
+                    new += 1;
+                    Ok(args.stop_after.is_none_or(|n| new < n))
+                },
+            )?);
             Ok(())
         })?;
         if let Some(stats) = stats {

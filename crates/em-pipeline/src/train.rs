@@ -228,7 +228,11 @@ fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -
         _ => "float32",
     };
     // transformers 5 writes `dtype`, 4.x `torch_dtype`: update the one the file uses.
-    let key = if config.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    let key = if config.get("dtype").is_some() {
+        "dtype"
+    } else {
+        "torch_dtype"
+    };
     config[key] = json!(dtype);
     fs::write(&config_path, serde_json::to_string_pretty(&config)? + "\n")
         .with_context(|| format!("{}: cannot write", config_path.display()))?;
@@ -271,14 +275,25 @@ fn sample_responses(
     n: usize,
     params: SamplingParams,
 ) -> Result<Vec<Sample>> {
-    let request = Request { prompt: prompt.to_prompt(), n_samples: n, params };
+    let request = Request {
+        prompt: prompt.to_prompt(),
+        n_samples: n,
+        params,
+    };
     let mut out = Vec::new();
     backend.with_sampler(gguf, &mut |sampler| {
-        out = sampler.generate_all(std::slice::from_ref(&request))?.pop().unwrap_or_default();
+        out = sampler
+            .generate_all(std::slice::from_ref(&request))?
+            .pop()
+            .unwrap_or_default();
         Ok(())
     })?;
     if out.len() != n {
-        bail!("{}: the sampler returned {} of {n} responses", gguf.display(), out.len());
+        bail!(
+            "{}: the sampler returned {} of {n} responses",
+            gguf.display(),
+            out.len()
+        );
     }
     Ok(out)
 }
@@ -287,7 +302,11 @@ fn sample_responses(
 fn truncate_metrics(path: &Path, keep_through: usize) -> Result<()> {
     let body: String = JsonlStore::<Value>::read(path)?
         .into_iter()
-        .filter(|v| v.get("step").and_then(Value::as_u64).is_some_and(|s| s as usize <= keep_through))
+        .filter(|v| {
+            v.get("step")
+                .and_then(Value::as_u64)
+                .is_some_and(|s| s as usize <= keep_through)
+        })
         .map(|v| format!("{v}\n"))
         .collect();
     Ok(em_store::write_atomic(path, body)?)
@@ -319,7 +338,9 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let prompt_ids = prompt.ids.clone();
     let identity = run_identity(args, backend);
     let mut manifest = Manifest::new("train", em_store::model_identity(&args.model)?, identity);
-    manifest.inputs.insert("prompt".into(), em_store::file_identity(&args.prompt)?);
+    manifest
+        .inputs
+        .insert("prompt".into(), em_store::file_identity(&args.prompt)?);
     manifest.info = json!({ "tool": crate::TOOL, "prompt_id": problem.id, "prompt_text": prompt.text, "prompt_ids": prompt.ids });
     manifest.claim(&args.out, args.fresh)?;
 

@@ -115,6 +115,9 @@ mod tests {
         drop(staged);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         let e = write_atomic(&dir.path().join("missing/x"), b"x").unwrap_err();
-        assert!(e.to_string().contains("parent directory does not exist"), "{e}");
+        assert!(
+            e.to_string().contains("parent directory does not exist"),
+            "{e}"
+        );
     }
 }

@@ -36,7 +36,13 @@ impl PartialEq for Identity {
 
 impl std::fmt::Display for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {} (sha256 {})", self.kind, self.path, &self.sha256[..12.min(self.sha256.len())])
+        write!(
+            f,
+            "{} {} (sha256 {})",
+            self.kind,
+            self.path,
+            &self.sha256[..12.min(self.sha256.len())]
+        )
     }
 }
 
@@ -142,9 +148,11 @@ fn cached_file_sha256(path: &Path) -> Result<(String, u64), StoreError> {
         // Later lines win; unreadable lines (a concurrent writer's torn line) are skipped.
         let hit = text
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<CacheLine>(l).ok())
-            .filter(|c| c.path == key && c.size == size && c.mtime_ns == mtime_ns && c.inode == inode)
-            .last();
+            .find(|c| {
+                c.path == key && c.size == size && c.mtime_ns == mtime_ns && c.inode == inode
+            });
         if let Some(hit) = hit {
             return Ok((hit.sha256, size));
         }
@@ -160,7 +168,9 @@ fn cached_file_sha256(path: &Path) -> Result<(String, u64), StoreError> {
     // The cache is an optimisation: failing to write it is not an error.
     if std::fs::create_dir_all(crate::cache_dir()).is_ok() {
         if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&cache) {
-            let _ = f.write_all(format!("{}\n", serde_json::to_string(&line).unwrap_or_default()).as_bytes());
+            let _ = f.write_all(
+                format!("{}\n", serde_json::to_string(&line).unwrap_or_default()).as_bytes(),
+            );
         }
     }
     Ok((sha256, size))
@@ -212,7 +222,13 @@ mod tests {
         let f = root.path().join("m.gguf");
         std::fs::write(&f, "GGUF").unwrap();
         let g = model_identity(&f).unwrap();
-        assert_eq!((g.kind.as_str(), g.sha256.as_str()), ("gguf", "b83633aa785344791618f2fddf131b010ea04912a60430760b070bad293f65bd"));
+        assert_eq!(
+            (g.kind.as_str(), g.sha256.as_str()),
+            (
+                "gguf",
+                "b83633aa785344791618f2fddf131b010ea04912a60430760b070bad293f65bd"
+            )
+        );
         assert!(model_identity(&root.path().join("none.gguf")).is_err());
     }
 }

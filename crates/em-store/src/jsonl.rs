@@ -65,13 +65,12 @@ impl<T: Serialize + DeserializeOwned> JsonlStore<T> {
                 message: "not UTF-8; remove the line or the file".into(),
             })?;
             if !text.trim().is_empty() {
-                let record = serde_json::from_str(text.trim_end()).map_err(|e| {
-                    StoreError::Corrupt {
+                let record =
+                    serde_json::from_str(text.trim_end()).map_err(|e| StoreError::Corrupt {
                         path: path.to_path_buf(),
                         line: lineno,
                         message: format!("not a valid record ({e}); remove the line or the file"),
-                    }
-                })?;
+                    })?;
                 records.push(record);
             }
             good_bytes += n as u64;
@@ -138,7 +137,14 @@ mod tests {
         let text = std::fs::read_to_string(&p).unwrap();
         std::fs::write(&p, text.replacen("{\"id\":2}", "{\"id\":", 1)).unwrap();
         let e = JsonlStore::<R>::open(&p).err().unwrap().to_string();
-        assert!(e.starts_with(&format!("{}:2: not a valid record", p.display())), "{e}");
-        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().count(), 3, "left as it was");
+        assert!(
+            e.starts_with(&format!("{}:2: not a valid record", p.display())),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap().lines().count(),
+            3,
+            "left as it was"
+        );
     }
 }

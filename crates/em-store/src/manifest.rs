@@ -66,10 +66,12 @@ impl Manifest {
     pub fn claim(&self, dir: &Path, fresh: bool) -> Result<(), StoreError> {
         let path = dir.join("manifest.json");
         if fresh && dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| StoreError::io(dir, "cannot empty (--fresh)", e))?;
+            std::fs::remove_dir_all(dir)
+                .map_err(|e| StoreError::io(dir, "cannot empty (--fresh)", e))?;
         }
         if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, "cannot read", e))?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| StoreError::io(&path, "cannot read", e))?;
             let old: Manifest = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
                 path: path.clone(),
                 line: e.line(),
@@ -87,7 +89,9 @@ impl Manifest {
                 ),
             });
         }
-        let occupied = std::fs::read_dir(dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+        let occupied = std::fs::read_dir(dir)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
         if occupied {
             return Err(StoreError::Mismatch {
                 path,
@@ -98,7 +102,8 @@ impl Manifest {
             });
         }
         std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, "cannot create", e))?;
-        let text = serde_json::to_string_pretty(self).map_err(|e| StoreError::io(&path, "cannot serialise", e))?;
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| StoreError::io(&path, "cannot serialise", e))?;
         write_atomic(&path, text + "\n")
     }
 }
@@ -109,7 +114,12 @@ fn diff_values(at: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             for k in keys {
                 let null = Value::Null;
-                diff_values(&format!("{at}.{k}"), x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null), out);
+                diff_values(
+                    &format!("{at}.{k}"),
+                    x.get(k).unwrap_or(&null),
+                    y.get(k).unwrap_or(&null),
+                    out,
+                );
             }
         }
         _ if a != b => out.push(format!("{at}: {a} there, {b} now")),
@@ -123,14 +133,23 @@ mod tests {
     use serde_json::json;
 
     fn id(sha: &str) -> Identity {
-        Identity { kind: "gguf".into(), sha256: sha.into(), bytes: 1, path: format!("{sha}.gguf") }
+        Identity {
+            kind: "gguf".into(),
+            sha256: sha.into(),
+            bytes: 1,
+            path: format!("{sha}.gguf"),
+        }
     }
 
     #[test]
     fn refuses_another_model_input_or_setting_and_fresh_replaces() {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("out");
-        let mut m = Manifest::new("screen", id("aaaa"), json!({"k": 8, "sampling": {"t": 0.5}}));
+        let mut m = Manifest::new(
+            "screen",
+            id("aaaa"),
+            json!({"k": 8, "sampling": {"t": 0.5}}),
+        );
         m.inputs.insert("pool".into(), id("p1"));
         m.claim(&dir, false).unwrap();
         std::fs::write(dir.join("results.jsonl"), "x\n").unwrap();
@@ -142,24 +161,48 @@ mod tests {
         let mut other = m.clone();
         other.model = id("bbbb");
         let e = other.claim(&dir, false).unwrap_err().to_string();
-        assert!(e.contains("model: gguf aaaa.gguf (sha256 aaaa) there, gguf bbbb.gguf (sha256 bbbb) now"), "{e}");
+        assert!(
+            e.contains(
+                "model: gguf aaaa.gguf (sha256 aaaa) there, gguf bbbb.gguf (sha256 bbbb) now"
+            ),
+            "{e}"
+        );
         let mut other = m.clone();
         other.inputs.insert("pool".into(), id("p2"));
-        assert!(other.claim(&dir, false).unwrap_err().to_string().contains("pool: "));
+        assert!(other
+            .claim(&dir, false)
+            .unwrap_err()
+            .to_string()
+            .contains("pool: "));
         let mut other = m.clone();
         other.settings = json!({"k": 8, "sampling": {"t": 1.0}});
         let e = other.claim(&dir, false).unwrap_err().to_string();
-        assert!(e.contains("settings.sampling.t: 0.5 there, 1.0 now") && e.contains("--fresh"), "{e}");
-        assert!(dir.join("results.jsonl").exists(), "a refusal touches nothing");
+        assert!(
+            e.contains("settings.sampling.t: 0.5 there, 1.0 now") && e.contains("--fresh"),
+            "{e}"
+        );
+        assert!(
+            dir.join("results.jsonl").exists(),
+            "a refusal touches nothing"
+        );
 
         other.claim(&dir, true).unwrap();
-        assert!(!dir.join("results.jsonl").exists(), "--fresh empties the directory");
-        let back: Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        assert!(
+            !dir.join("results.jsonl").exists(),
+            "--fresh empties the directory"
+        );
+        let back: Manifest =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
+                .unwrap();
         assert!(back.differences(&other).is_empty());
 
         let stray = root.path().join("stray");
         std::fs::create_dir(&stray).unwrap();
         std::fs::write(stray.join("prompts.jsonl"), "").unwrap();
-        assert!(m.claim(&stray, false).unwrap_err().to_string().contains("holds files"));
+        assert!(m
+            .claim(&stray, false)
+            .unwrap_err()
+            .to_string()
+            .contains("holds files"));
     }
 }

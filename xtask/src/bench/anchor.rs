@@ -173,4 +173,3 @@ pub(super) fn run_anchor(
     };
     Ok((get("t_pp")?, get("speed_tg")?))
 }
-

@@ -42,7 +42,11 @@ pub fn bench_eval(work: &Path) -> Result<()> {
         .take(items)
         .collect();
     let backend = LlamaBackend {
-        config: EngineConfig { threads, parallel: b, ..EngineConfig::default() },
+        config: EngineConfig {
+            threads,
+            parallel: b,
+            ..EngineConfig::default()
+        },
     };
     let model = GgufModel::load(&model_path)?;
     let renderer = PromptRenderer::new(&model, &decoding.prompt)?;

@@ -173,4 +173,3 @@ pub fn bench_sample(work: &Path) -> Result<()> {
     println!("summary: {}", path.display());
     Ok(())
 }
-

@@ -30,7 +30,10 @@ fn timed_screen(args: &ScreenArgs, backend: &dyn Backend) -> Result<(f64, f64)> 
 pub fn bench_server(work: &Path) -> Result<()> {
     let model = smollm2_path(&cache_dir());
     if !model.is_file() {
-        bail!("{}: missing; run `cargo xtask fetch smollm2-135m` first", model.display());
+        bail!(
+            "{}: missing; run `cargo xtask fetch smollm2-135m` first",
+            model.display()
+        );
     }
     let threads: usize = env_or("EM_BENCH_THREADS", 2)?;
     let prompts: usize = env_or("EM_BENCH_PROMPTS", 8)?;
@@ -49,7 +52,11 @@ pub fn bench_server(work: &Path) -> Result<()> {
     let server = LlamaCppServer::start_with_threads(&model, "smollm2", threads)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let local = LlamaBackend {
-        config: EngineConfig { threads: threads as i32, parallel: b, ..EngineConfig::default() },
+        config: EngineConfig {
+            threads: threads as i32,
+            parallel: b,
+            ..EngineConfig::default()
+        },
     };
     let remote = ServerBackend {
         config: OpenAiConfig {
@@ -66,7 +73,9 @@ pub fn bench_server(work: &Path) -> Result<()> {
     println!("bench server: {} | {prompts} pool prompts × k {k} | ≤{tg} new tokens | {threads} threads each | load1 {load}", model.display());
     println!("| backend | seconds | generated tokens | tokens/s | vs in-process |");
     println!("|---|---|---|---|---|");
-    println!("| in-process llama.cpp, batch {b} | {l_secs:.1} | {l_tokens:.0} | {l_tps:.1} | 1.00x |");
+    println!(
+        "| in-process llama.cpp, batch {b} | {l_secs:.1} | {l_tokens:.0} | {l_tps:.1} | 1.00x |"
+    );
     println!("| llama-cpp-python server, {concurrency} in flight | {s_secs:.1} | {s_tokens:.0} | {s_tps:.1} | {:.2}x |", s_tps / l_tps);
     Ok(())
 }
