@@ -220,6 +220,21 @@ fn bad_inputs_give_one_line_errors_naming_the_file() {
         "{e}"
     );
 
+    // A model whose chat template cannot be read is an error naming the file, not a plain prompt.
+    let no_template = tmp.path().join("no-template");
+    std::fs::create_dir(&no_template).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tiny_qwen2().join(f), no_template.join(f)).unwrap();
+    }
+    let mut config: Value = serde_json::from_str(
+        &std::fs::read_to_string(tiny_qwen2().join("tokenizer_config.json")).unwrap(),
+    )
+    .unwrap();
+    config.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(no_template.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let e = err(TrainArgs { model: no_template, ..args(&prompt, &out, None) });
+    assert!(e.contains("tokenizer_config.json: no `chat_template`"), "{e}");
+
     let mut a = args(&prompt, &out, None);
     a.model = tmp.path().to_path_buf();
     let e = err(a);

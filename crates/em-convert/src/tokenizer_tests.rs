@@ -17,12 +17,7 @@ const SAMPLES: &[&str] = &[
 ];
 
 fn cache_dir() -> PathBuf {
-    match std::env::var_os("EM_CACHE_DIR") {
-        Some(d) => PathBuf::from(d),
-        None => {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/oneshot-em")
-        }
-    }
+    em_store::cache_dir()
 }
 
 fn load_gguf(rel: &str) -> Option<HashMap<String, Value>> {
