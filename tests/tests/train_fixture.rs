@@ -231,9 +231,19 @@ fn bad_inputs_give_one_line_errors_naming_the_file() {
     )
     .unwrap();
     config.as_object_mut().unwrap().remove("chat_template");
-    std::fs::write(no_template.join("tokenizer_config.json"), config.to_string()).unwrap();
-    let e = err(TrainArgs { model: no_template, ..args(&prompt, &out, None) });
-    assert!(e.contains("tokenizer_config.json: no `chat_template`"), "{e}");
+    std::fs::write(
+        no_template.join("tokenizer_config.json"),
+        config.to_string(),
+    )
+    .unwrap();
+    let e = err(TrainArgs {
+        model: no_template,
+        ..args(&prompt, &out, None)
+    });
+    assert!(
+        e.contains("tokenizer_config.json: no `chat_template`"),
+        "{e}"
+    );
 
     let mut a = args(&prompt, &out, None);
     a.model = tmp.path().to_path_buf();
