@@ -91,3 +91,34 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(args) => crate::bench::run(&args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_line_is_well_formed() {
+        // Duplicate flags among flattened argument groups panic only in debug builds; check here.
+        super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn library_reference_settings_are_the_command_line_defaults() {
+        use clap::Parser;
+        let cli = super::Cli::parse_from(["x", "train", "--model", "m", "--prompt", "p"]);
+        let super::Command::Train { args, .. } = cli.command else {
+            unreachable!()
+        };
+        let reference =
+            em_pipeline::train::TrainArgs::reference("m".into(), "p".into(), "runs/em".into());
+        assert_eq!(format!("{args:?}"), format!("{reference:?}"));
+        let cli =
+            super::Cli::parse_from(["x", "screen", "--model", "m", "--pool", "p", "--out", "o"]);
+        let super::Command::Screen { args, .. } = cli.command else {
+            unreachable!()
+        };
+        let reference =
+            em_pipeline::screen::ScreenArgs::reference("m".into(), "p".into(), "o".into());
+        assert_eq!(format!("{args:?}"), format!("{reference:?}"));
+    }
+}
