@@ -75,7 +75,14 @@ pub(crate) fn build(
         }
         Dialect::LlamaServer => {
             set("repeat_penalty", num(p.repetition_penalty));
-            set("repeat_last_n", json!(-1));
+            // The whole prompt and generation (HF's rule); llama-server refuses -1 ("whole
+            // context") since 2025, so the window is given as a count: the prompt's tokens (or its
+            // bytes, which are at least as many) plus the new tokens.
+            let prompt_len = match &request.prompt {
+                Prompt::Tokens(ids) | Prompt::Rendered { tokens: ids, .. } => ids.len(),
+                Prompt::Text(text) => text.len(),
+            };
+            set("repeat_last_n", json!(prompt_len + p.max_new_tokens));
             set("frequency_penalty", json!(0.0));
             set("presence_penalty", json!(0.0));
             set("mirostat", json!(0));
@@ -205,7 +212,8 @@ mod tests {
         let b = body(Dialect::LlamaServer, p);
         assert_eq!(b["top_k"], 0);
         assert_eq!(b["repeat_penalty"], 1.15);
-        assert_eq!(b["repeat_last_n"], -1);
+        // The test prompt has 3 token ids; 16 new tokens.
+        assert_eq!(b["repeat_last_n"], 3 + 16);
         assert_eq!(b["ignore_eos"], true);
         assert_eq!(b["samplers"], json!(LLAMA_SERVER_SAMPLERS));
         assert_eq!(b["n_probs"], 1);

@@ -18,7 +18,7 @@
 //! | greedy | `temperature: 0` | `temperature: 0` | `temperature: 0` | `temperature: 0` |
 //! | top-k off | `top_k: -1` | `top_k: -1` | `top_k: 0` | `top_k: 0` |
 //! | min-p | `min_p` | `min_p` | `min_p` | `min_p` |
-//! | repetition penalty | `repetition_penalty` | `repetition_penalty` | `repeat_penalty`, `repeat_last_n: -1` | `repeat_penalty` |
+//! | repetition penalty | `repetition_penalty` | `repetition_penalty` | `repeat_penalty`, `repeat_last_n` = prompt + new tokens | `repeat_penalty` |
 //! | sampler order | server's | server's | `samplers` sent in HF order | server's |
 //! | ignore EOS | `ignore_eos` | `ignore_eos` | `ignore_eos` | refused (error) |
 //! | log-probs | `logprobs: 0`, `return_tokens_as_token_ids` | `logprobs: 0` | `n_probs: 1`, `post_sampling_probs` | `logprobs: 0` |
@@ -33,8 +33,8 @@
 //! # What servers do differently from `em_sampler::maths`
 //!
 //! - Repetition penalty: vLLM penalises prompt and generated tokens, as HF does. llama-server is
-//!   sent `repeat_last_n: -1`, a window of the slot's whole context, which holds the prompt and the
-//!   generation, so it matches as long as they fit the slot. SGLang penalises generated tokens only.
+//!   sent `repeat_last_n` = prompt + new tokens (it refuses -1, "whole context", since 2025), a
+//!   window that holds the prompt and the generation, so it matches HF. SGLang penalises generated tokens only.
 //!   llama-cpp-python penalises the last `last_n_tokens_size` tokens (a server setting, default 64).
 //! - Order of the truncations: llama-server is sent `samplers` in HF's order (penalties →
 //!   temperature → top-k → top-p → min-p). llama-cpp-python applies temperature last (after

@@ -590,7 +590,7 @@ fn each_dialect_sends_its_field_names() {
                 assert_eq!(body["prompt"], json!([1, 2, 3]));
                 assert_eq!(body["top_k"], 0);
                 assert_eq!(body["repeat_penalty"], 1.15);
-                assert_eq!(body["repeat_last_n"], -1);
+                assert_eq!(body["repeat_last_n"], 3 + 32);
                 assert_eq!(body["ignore_eos"], true);
                 assert_eq!(body["n_probs"], 1);
                 assert_eq!(body["post_sampling_probs"], true);
