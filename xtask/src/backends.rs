@@ -105,7 +105,9 @@ pub struct LlamaBackend {
 
 impl Backend for LlamaBackend {
     fn identity(&self) -> Value {
-        json!({ "kind": "llama.cpp" })
+        // The batch shape changes llama.cpp's quantized accumulation and so can flip greedy
+        // near-ties: outputs sampled at different `parallel` do not mix.
+        json!({ "kind": "llama.cpp", "parallel": self.config.parallel, "n_batch": self.config.n_batch })
     }
 
     fn samples_local_gguf(&self) -> bool {
