@@ -434,26 +434,29 @@ pub fn evaluate(
         params.seed = args.seed;
     }
     let mut requests = Vec::with_capacity(todo.len());
-    crate::with_vocab(backend, source, &mut |vocab| {
-        let renderer = PromptRenderer::new(vocab, &args.prompt)?;
-        for p in &todo {
-            let prompt = renderer
-                .render(p)
-                .with_context(|| format!("problem {}", p.id))?;
-            // Each item gets its own random stream: with one seed for all, sample i of every item
-            // would draw the same uniforms and make the same early choices across items.
-            let params = SamplingParams {
-                seed: crate::item_seed(params.seed, &p.id),
-                ..params.clone()
-            };
-            requests.push(Request {
-                prompt: prompt.to_prompt(),
-                n_samples: setting.n,
-                params,
-            });
-        }
-        Ok(())
-    })?;
+    // A finished suite loads nothing: the model is read only when items remain.
+    if !todo.is_empty() {
+        crate::with_vocab(backend, source, &mut |vocab| {
+            let renderer = PromptRenderer::new(vocab, &args.prompt)?;
+            for p in &todo {
+                let prompt = renderer
+                    .render(p)
+                    .with_context(|| format!("problem {}", p.id))?;
+                // Each item gets its own random stream: with one seed for all, sample i of every item
+                // would draw the same uniforms and make the same early choices across items.
+                let params = SamplingParams {
+                    seed: crate::item_seed(params.seed, &p.id),
+                    ..params.clone()
+                };
+                requests.push(Request {
+                    prompt: prompt.to_prompt(),
+                    n_samples: setting.n,
+                    params,
+                });
+            }
+            Ok(())
+        })?;
+    }
     let prefix = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
