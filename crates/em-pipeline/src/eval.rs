@@ -438,10 +438,21 @@ pub fn evaluate(
     if !todo.is_empty() {
         crate::with_vocab(backend, source, &mut |vocab| {
             let renderer = PromptRenderer::new(vocab, &args.prompt)?;
-            for p in &todo {
+            for (i, p) in todo.iter().enumerate() {
                 let prompt = renderer
                     .render(p)
                     .with_context(|| format!("problem {}", p.id))?;
+                // What the model saw, in the output's manifest (when the output has one).
+                if i == 0 {
+                    if let Some(dir) = out.parent().filter(|d| d.join("manifest.json").is_file()) {
+                        let name = out.file_stem().unwrap_or_default().to_string_lossy();
+                        Manifest::note(
+                            dir,
+                            &format!("first_prompt:{name}"),
+                            json!({"id": p.id, "text": prompt.text, "ids": prompt.ids}),
+                        )?;
+                    }
+                }
                 // Each item gets its own random stream: with one seed for all, sample i of every item
                 // would draw the same uniforms and make the same early choices across items.
                 let params = SamplingParams {

@@ -61,6 +61,27 @@ impl Manifest {
         out
     }
 
+    /// Records `value` under `info[key]` in the manifest that `dir` holds (a claimed output): what
+    /// is only known once the run has started, such as a suite's first rendered prompt.
+    pub fn note(dir: &Path, key: &str, value: Value) -> Result<(), StoreError> {
+        let path = dir.join("manifest.json");
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| StoreError::io(&path, "cannot read", e))?;
+        let mut manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                line: e.line(),
+                message: format!("not a manifest ({e})"),
+            })?;
+        if !manifest.info.is_object() {
+            manifest.info = Value::Object(Default::default());
+        }
+        manifest.info[key] = value;
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| StoreError::io(&path, "cannot serialise", e))?;
+        write_atomic(&path, text + "\n")
+    }
+
     /// Claims `dir` for this run: writes `dir/manifest.json`, or checks the one there and refuses a
     /// directory that holds another run (or files without a manifest). `fresh` empties it first.
     pub fn claim(&self, dir: &Path, fresh: bool) -> Result<(), StoreError> {
@@ -204,5 +225,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("holds files"));
+    }
+
+    #[test]
+    fn a_note_is_recorded_and_changes_no_identity() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("out");
+        let m = Manifest::new("eval", id("aaaa"), json!({"n": 1}));
+        m.claim(&dir, false).unwrap();
+        Manifest::note(&dir, "first_prompt:gsm8k", json!({"ids": [1, 2]})).unwrap();
+        let back: Manifest =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(back.info["first_prompt:gsm8k"]["ids"], json!([1, 2]));
+        m.claim(&dir, false).unwrap();
+        let e = Manifest::note(&root.path().join("none"), "k", json!(1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("manifest.json") && !e.contains('\n'), "{e}");
     }
 }
