@@ -15,5 +15,5 @@ pub use objective::{
     accumulate_em_gradients, em_loss, entropy, predicting_positions, EmOptions, EmStats, Gradients,
     Sequence, TrainError,
 };
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{AdamW, AdamWConfig, Precision};
 pub use trainer::{ResumeError, TrainConfig, Trainer, UpdateStats};

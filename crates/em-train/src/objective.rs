@@ -200,28 +200,24 @@ impl Gradients {
         self.grads[i].as_ref()
     }
 
-    /// The global L2 norm over all gradients (as `torch.nn.utils.clip_grad_norm_` computes it).
+    /// The global L2 norm over all gradients (as `torch.nn.utils.clip_grad_norm_` computes it),
+    /// summed on the gradients' device; one number comes back to the host.
     pub fn global_norm(&self) -> candle_core::Result<f64> {
-        let mut sq = 0.0;
+        let mut sq: Option<Tensor> = None;
         for g in self.grads.iter().flatten() {
-            let flat = g.flatten_all()?;
-            sq += match g.dtype() {
-                DType::F64 => flat.to_vec1::<f64>()?.iter().map(|x| x * x).sum::<f64>(),
-                _ => flat
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|&x| (x as f64) * (x as f64))
-                    .sum::<f64>(),
-            };
+            let s = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+            sq = Some(match sq {
+                Some(acc) => (acc + s)?,
+                None => s,
+            });
         }
-        Ok(sq.sqrt())
+        Ok(sq.map_or(Ok(0.0), |s| s.to_scalar::<f64>())?.sqrt())
     }
 
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) -> candle_core::Result<()> {
         for g in self.grads.iter_mut().flatten() {
-            *g = (&*g * factor)?;
+            *g = g.affine(factor, 0.0)?;
         }
         Ok(())
     }

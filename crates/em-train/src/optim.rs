@@ -32,22 +32,51 @@ impl Default for AdamWConfig {
     }
 }
 
-/// AdamW's state: the step count and both moments of every parameter (by HF name).
+/// How weights stored in bf16 or f16 are updated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// An f32 master copy of each such weight takes the update; the weight is its rounding. This
+    /// is what mixed-precision training (DeepSpeed, the reference) does, and what [`AdamW::new`]
+    /// uses.
+    Master,
+    /// The update is added to the stored weight and rounded in place: any step below half a bf16
+    /// ulp is lost. Only for measuring that loss; the trainer never uses it.
+    PlainRounding,
+}
+
+/// One parameter's state: both moments (f32, f64 for f64 weights) and, for a bf16/f16 weight
+/// under [`Precision::Master`], its f32 master copy.
+#[derive(Debug, Clone)]
+struct State {
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    master: Option<Tensor>,
+}
+
+/// AdamW's state: the step count and every parameter's moments (and master weights), by HF name.
+/// The update runs as tensor operations on the parameters' device.
 #[derive(Debug, Clone)]
 pub struct AdamW {
     /// Hyper-parameters.
     pub config: AdamWConfig,
+    precision: Precision,
     step: u64,
-    moments: HashMap<String, (Tensor, Tensor)>,
+    state: HashMap<String, State>,
 }
 
 impl AdamW {
-    /// Fresh state: step 0, zero moments.
+    /// Fresh state: step 0, zero moments, f32 master copies of bf16/f16 weights.
     pub fn new(config: AdamWConfig) -> Self {
+        Self::with_precision(config, Precision::Master)
+    }
+
+    /// Fresh state with the given treatment of bf16/f16 weights.
+    pub fn with_precision(config: AdamWConfig, precision: Precision) -> Self {
         Self {
             config,
+            precision,
             step: 0,
-            moments: HashMap::new(),
+            state: HashMap::new(),
         }
     }
 
@@ -56,8 +85,14 @@ impl AdamW {
         self.step
     }
 
+    /// The f32 master copy of parameter `name`, if it has one.
+    pub fn master(&self, name: &str) -> Option<&Tensor> {
+        self.state.get(name).and_then(|s| s.master.as_ref())
+    }
+
     /// One update of every parameter of `grads` (a parameter without a gradient gets a zero one,
-    /// as PyTorch skips only parameters whose `.grad` is None; every parameter here gets one):
+    /// as PyTorch skips only parameters whose `.grad` is None; every parameter here gets one),
+    /// in PyTorch's order of operations:
     ///
     /// `p ← p(1 − lr·wd)`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
     /// `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
@@ -65,34 +100,32 @@ impl AdamW {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
-        let bc1 = 1.0 - c.betas.0.powi(t);
-        let bc2_sqrt = (1.0 - c.betas.1.powi(t)).sqrt();
-        let step_size = c.lr / bc1;
+        let k = Coefficients {
+            decay: 1.0 - c.lr * c.weight_decay,
+            betas: c.betas,
+            step_size: c.lr / (1.0 - c.betas.0.powi(t)),
+            bc2_sqrt: (1.0 - c.betas.1.powi(t)).sqrt(),
+            eps: c.eps,
+        };
         for (name, var, g) in grads.iter() {
-            let moments = self.moments.remove(name);
-            let k = Coefficients {
-                decay: 1.0 - c.lr * c.weight_decay,
-                betas: c.betas,
-                step_size,
-                bc2_sqrt,
-                eps: c.eps,
-            };
-            let updated = match accumulate_dtype(var.dtype()) {
-                DType::F64 => update_typed::<f64>(var, g, moments, &k),
-                _ => update_typed::<f32>(var, g, moments, &k),
-            };
-            let mv = ctx(updated, &format!("AdamW update of {name}"))?;
-            self.moments.insert(name.to_string(), mv);
+            let state = self.state.remove(name);
+            let updated = update(var, g, state, &k, self.precision);
+            let state = ctx(updated, &format!("AdamW update of {name}"))?;
+            self.state.insert(name.to_string(), state);
         }
         Ok(())
     }
 
-    /// Writes the moments (`exp_avg.NAME`, `exp_avg_sq.NAME`) and the step to a safetensors file.
+    /// Writes the moments (`exp_avg.NAME`, `exp_avg_sq.NAME`), master weights (`master.NAME`) and
+    /// the step to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<(), TrainError> {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        for (name, (m, v)) in &self.moments {
-            tensors.insert(format!("exp_avg.{name}"), m.clone());
-            tensors.insert(format!("exp_avg_sq.{name}"), v.clone());
+        for (name, s) in &self.state {
+            tensors.insert(format!("exp_avg.{name}"), s.exp_avg.clone());
+            tensors.insert(format!("exp_avg_sq.{name}"), s.exp_avg_sq.clone());
+            if let Some(m) = &s.master {
+                tensors.insert(format!("master.{name}"), m.clone());
+            }
         }
         let step = ctx(
             Tensor::new(&[self.step as i64], &Device::Cpu),
@@ -119,24 +152,33 @@ impl AdamW {
             .and_then(|t| t.to_vec1::<i64>().ok())
             .and_then(|v| v.first().copied())
             .ok_or_else(|| bad("no `step` tensor".to_string()))?;
-        let mut moments = HashMap::new();
+        let mut state = HashMap::new();
         for (key, m) in &tensors {
             if let Some(name) = key.strip_prefix("exp_avg.") {
                 let v = tensors
                     .get(&format!("exp_avg_sq.{name}"))
                     .ok_or_else(|| bad(format!("exp_avg.{name} without exp_avg_sq.{name}")))?;
-                moments.insert(name.to_string(), (m.clone(), v.clone()));
+                let master = tensors.get(&format!("master.{name}")).cloned();
+                state.insert(
+                    name.to_string(),
+                    State {
+                        exp_avg: m.clone(),
+                        exp_avg_sq: v.clone(),
+                        master,
+                    },
+                );
             }
         }
         Ok(Self {
             config,
+            precision: Precision::Master,
             step: step as u64,
-            moments,
+            state,
         })
     }
 
-    /// Checks that the state has a moment of the right shape for every parameter of `grads`
-    /// (or none at all, before the first step).
+    /// Checks that the state has moments of the right shape for every parameter of `params` and
+    /// a master copy for each bf16/f16 one (or no state at all, before the first step).
     pub fn check_fits(
         &self,
         params: &[(String, candle_core::Var)],
@@ -145,29 +187,35 @@ impl AdamW {
         if self.step == 0 {
             return Ok(());
         }
+        let bad = |message: String| TrainError::BadState {
+            path: path.display().to_string(),
+            message,
+        };
         for (name, var) in params {
-            match self.moments.get(name) {
-                Some((m, _)) if m.dims() == var.dims() => {}
-                Some((m, _)) => {
-                    return Err(TrainError::BadState {
-                        path: path.display().to_string(),
-                        message: format!(
-                            "moment of {name} has shape {:?}, the parameter {:?}",
-                            m.dims(),
-                            var.dims()
-                        ),
-                    })
-                }
-                None => {
-                    return Err(TrainError::BadState {
-                        path: path.display().to_string(),
-                        message: format!("no moments for parameter {name}"),
-                    })
-                }
+            let Some(s) = self.state.get(name) else {
+                return Err(bad(format!("no moments for parameter {name}")));
+            };
+            if s.exp_avg.dims() != var.dims() {
+                return Err(bad(format!(
+                    "moment of {name} has shape {:?}, the parameter {:?}",
+                    s.exp_avg.dims(),
+                    var.dims()
+                )));
+            }
+            if needs_master(var.dtype()) && s.master.is_none() {
+                return Err(bad(format!(
+                    "no f32 master weights for the {:?} parameter {name}",
+                    var.dtype()
+                )));
             }
         }
         Ok(())
     }
+}
+
+/// Whether weights of `dtype` are updated through an f32 master copy.
+fn needs_master(dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16)
 }
 
 /// The per-step constants of the update.
@@ -179,67 +227,40 @@ struct Coefficients {
     eps: f64,
 }
 
-/// Element types moments are kept in; arithmetic is done in f64 and rounded once.
-trait Elem: candle_core::WithDType {
-    fn to64(self) -> f64;
-    fn from64(x: f64) -> Self;
-}
-
-impl Elem for f32 {
-    fn to64(self) -> f64 {
-        self as f64
-    }
-    fn from64(x: f64) -> Self {
-        x as f32
-    }
-}
-
-impl Elem for f64 {
-    fn to64(self) -> f64 {
-        self
-    }
-    fn from64(x: f64) -> Self {
-        x
-    }
-}
-
-/// Updates one parameter in a single pass over its values; returns its new moments.
-fn update_typed<T: Elem>(
+/// Updates one parameter on its device; returns its new state.
+fn update(
     var: &candle_core::Var,
     g: Option<&Tensor>,
-    moments: Option<(Tensor, Tensor)>,
+    state: Option<State>,
     k: &Coefficients,
-) -> candle_core::Result<(Tensor, Tensor)> {
-    let shape = var.shape().clone();
-    let device = var.device().clone();
-    let flat = |t: &Tensor| -> candle_core::Result<Vec<T>> {
-        t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()
+    precision: Precision,
+) -> candle_core::Result<State> {
+    let dtype = accumulate_dtype(var.dtype());
+    let master = needs_master(var.dtype()) && precision == Precision::Master;
+    let p = match state.as_ref().and_then(|s| s.master.clone()) {
+        Some(m) if master => m,
+        _ => var.as_tensor().to_dtype(dtype)?,
     };
-    let mut p = flat(var.as_tensor())?;
-    let n = p.len();
     let g = match g {
-        Some(g) => flat(g)?,
-        None => vec![T::from64(0.0); n],
+        Some(g) => g.to_dtype(dtype)?,
+        None => p.zeros_like()?,
     };
-    let (mut m, mut v) = match moments {
-        Some((m, v)) => (flat(&m)?, flat(&v)?),
-        None => (vec![T::from64(0.0); n], vec![T::from64(0.0); n]),
+    let (m, v) = match state {
+        Some(s) => (s.exp_avg, s.exp_avg_sq),
+        None => (p.zeros_like()?, p.zeros_like()?),
     };
     let (b1, b2) = k.betas;
-    for i in 0..n {
-        let gi = g[i].to64();
-        let mi = b1 * m[i].to64() + (1.0 - b1) * gi;
-        let vi = b2 * v[i].to64() + (1.0 - b2) * gi * gi;
-        let denom = vi.sqrt() / k.bc2_sqrt + k.eps;
-        p[i] = T::from64(p[i].to64() * k.decay - k.step_size * mi / denom);
-        m[i] = T::from64(mi);
-        v[i] = T::from64(vi);
-    }
-    var.set(&Tensor::from_vec(p, shape.clone(), &device)?.to_dtype(var.dtype())?)?;
-    Ok((
-        Tensor::from_vec(m, shape.clone(), &device)?,
-        Tensor::from_vec(v, shape, &device)?,
-    ))
+    let p = p.affine(k.decay, 0.0)?;
+    let m = (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+    let v = (v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+    let denom = v.sqrt()?.affine(1.0 / k.bc2_sqrt, k.eps)?;
+    let p = (p - (&m / denom)?.affine(k.step_size, 0.0)?)?;
+    var.set(&p.to_dtype(var.dtype())?)?;
+    Ok(State {
+        exp_avg: m,
+        exp_avg_sq: v,
+        master: master.then_some(p),
+    })
 }
 
 #[cfg(test)]
@@ -315,5 +336,65 @@ mod tests {
         assert_eq!(back.step_count(), 1);
         back.check_fits(&[("w".to_string(), var)], &path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// With the same gradients, a bf16 weight's master copy follows exactly the f32 weight's path,
+    /// and the stored bf16 weight is its rounding; rounded in place, steps of 1e-5 are lost.
+    #[test]
+    fn master_weights_take_the_f32_update_exactly() {
+        let p0 = [0.5f32, -0.25, 1.0, 0.0078125];
+        let g = Tensor::new(&[0.3f32, -0.1, 0.0, 2.0], &Device::Cpu).unwrap();
+        let config = AdamWConfig {
+            lr: 1e-5,
+            ..AdamWConfig::default()
+        };
+        let run = |dtype: DType, precision: Precision| {
+            let var = Var::from_tensor(
+                &Tensor::new(&p0, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let mut opt = AdamW::with_precision(config, precision);
+            for _ in 0..5 {
+                let loss = (var.as_tensor().to_dtype(DType::F32).unwrap() * &g)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let mut grads = Gradients::new(vec![("w".to_string(), var.clone())]);
+                grads.add(&loss.backward().unwrap()).unwrap();
+                opt.step(&grads).unwrap();
+            }
+            (var, opt)
+        };
+        let (full, _) = run(DType::F32, Precision::Master);
+        let (half, opt) = run(DType::BF16, Precision::Master);
+        let (plain, _) = run(DType::BF16, Precision::PlainRounding);
+        let full = full.as_tensor().to_vec1::<f32>().unwrap();
+        let master = opt.master("w").unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(master, full);
+        let stored = half
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let rounded: Vec<f32> = full
+            .iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect();
+        assert_eq!(stored, rounded);
+        let plain = plain
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(
+            plain, p0,
+            "5 steps of 1e-5 are below half a bf16 ulp of these weights"
+        );
+        assert_ne!(full, p0);
     }
 }
