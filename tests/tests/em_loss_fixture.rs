@@ -173,6 +173,7 @@ fn gradient_file_names_every_parameter_and_input_errors_name_the_file() {
         grads_out: Some(grads_path.clone()),
         dtype: ModelDtype::F32,
         micro_batch: 2,
+        train_pad_row: false,
     })
     .unwrap();
     let saved = candle_core::safetensors::load(&grads_path, &Device::Cpu).unwrap();

@@ -280,6 +280,9 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     /// The declared storage type (`dtype`, or 4.x `torch_dtype`), e.g. "bfloat16"; informational.
     pub dtype: Option<String>,
+    /// `pad_token_id`: transformers' `nn.Embedding(padding_idx=…)` gives this row of the input
+    /// embedding no gradient through the input path (absent or null: none).
+    pub pad_token_id: Option<u32>,
     /// `(key, value)` for every absent key that got its transformers class default, in the order applied.
     pub defaults_applied: Vec<(String, String)>,
     /// The config.json as read, for writing it back unchanged.
@@ -312,6 +315,7 @@ impl PartialEq for ModelConfig {
             final_logit_softcapping,
             max_position_embeddings,
             dtype,
+            pad_token_id,
             defaults_applied,
             raw: _,
         } = self;
@@ -337,6 +341,7 @@ impl PartialEq for ModelConfig {
             && *final_logit_softcapping == other.final_logit_softcapping
             && *max_position_embeddings == other.max_position_embeddings
             && *dtype == other.dtype
+            && *pad_token_id == other.pad_token_id
             && *defaults_applied == other.defaults_applied
     }
 }
@@ -566,6 +571,7 @@ pub(crate) struct CommonKeys {
     pub layer_types: Option<Vec<String>>,
     pub dtype: Option<Value>,
     pub torch_dtype: Option<Value>,
+    pub pad_token_id: Option<Value>,
 }
 
 /// The required hyper-parameters, present in every file.
@@ -653,6 +659,15 @@ impl<'a> Resolver<'a> {
             .or(c.torch_dtype.as_ref())
             .and_then(Value::as_str)
             .map(str::to_string)
+    }
+
+    /// `pad_token_id` when it is a token id (null, absent or a list: none).
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.common
+            .pad_token_id
+            .as_ref()
+            .and_then(Value::as_u64)
+            .and_then(|id| u32::try_from(id).ok())
     }
 
     pub fn into_applied(self) -> Vec<(String, String)> {

@@ -60,6 +60,7 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
         final_logit_softcapping: None,
         max_position_embeddings: req.max_position_embeddings,
         dtype: r.dtype(),
+        pad_token_id: r.pad_token_id(),
         defaults_applied: r.into_applied(),
         raw: src.raw.clone(),
     })

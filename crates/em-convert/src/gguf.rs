@@ -39,6 +39,7 @@ pub struct GgufWriter {
     specs: Vec<TensorSpec>,
     next: usize,
     path: PathBuf,
+    data_start: u64,
 }
 
 impl GgufWriter {
@@ -96,7 +97,21 @@ impl GgufWriter {
             specs,
             next: 0,
             path: path.to_path_buf(),
+            data_start: align(pos),
         })
+    }
+
+    /// Where in the file each tensor's data starts, in `specs` order.
+    pub fn data_offsets(&self) -> Vec<u64> {
+        let mut at = self.data_start;
+        self.specs
+            .iter()
+            .map(|s| {
+                let here = at;
+                at += align(s.n_bytes());
+                here
+            })
+            .collect()
     }
 
     /// Appends the data of the next tensor, which must be exactly its spec's size.

@@ -9,6 +9,7 @@
 pub mod arch;
 pub mod gguf;
 pub mod quant;
+pub mod refresh;
 pub mod safetensors_io;
 pub mod tokenizer;
 
@@ -104,130 +105,213 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
             config_path.display()
         );
     }
-    let config = ModelConfig::from_file(&config_path)?;
-    let hp = Hparams::from_model_config(&config, &config_path)?;
-    let tokenizer_path = dir.join("tokenizer.json");
-    if !tokenizer_path.exists() {
-        bail!(
-            "{}: missing (the GGUF needs the tokenizer)",
-            tokenizer_path.display()
-        );
-    }
-    let tokenizer_config_path = dir.join("tokenizer_config.json");
-    let tokenizer_md = tokenizer::hf_to_gguf(
-        &tokenizer_path,
-        tokenizer_config_path
-            .exists()
-            .then_some(tokenizer_config_path.as_path()),
-        hp.arch.gguf_name(),
-    )?;
     let tensors = HfTensors::open(dir)?;
-
-    // Check names and shapes against config.json before writing anything.
-    for name in hp.required_hf_names() {
-        if !tensors.contains(&name) {
-            bail!(
-                "{}: missing tensor {name} (config.json describes {} layers)",
-                dir.display(),
-                hp.num_layers
-            );
-        }
-    }
-    let mut plan: Vec<(String, String, Vec<usize>)> = vec![]; // (hf, gguf, shape)
-    for name in tensors.names() {
-        let shape = tensors.shape(&name)?;
-        let Some(expected) = hp.expected_shape(&name) else {
-            if name.ends_with("rotary_emb.inv_freq") {
-                continue;
-            }
-            bail!(
-                "{}: tensor {name} is not part of a {} model",
-                tensors.file_of(&name).display(),
-                hp.arch.gguf_name()
-            );
-        };
-        if name == "lm_head.weight" && hp.tie_word_embeddings {
-            continue; // tied: llama.cpp reuses token_embd
-        }
-        if shape != expected {
-            bail!(
-                "{}: tensor {name} has shape {shape:?}, config.json implies {expected:?}",
-                tensors.file_of(&name).display()
-            );
-        }
-        let gguf_name = hp
-            .hf_to_gguf_name(&name)
-            .expect("every expected tensor has a GGUF name");
-        plan.push((name, gguf_name, shape));
-    }
-    plan.sort_by_key(|(_, g, _)| gguf_order(g));
-
-    let has_output = plan.iter().any(|(_, g, _)| g == "output.weight");
-    let mut report = Report {
-        defaults_applied: config.defaults_applied.clone(),
-        ..Report::default()
-    };
-    let mut specs = vec![];
-    for (_, gguf_name, shape) in &plan {
-        let choice = quant::choose(
-            outtype,
-            &quant::TensorRole {
-                gguf_name,
-                shape,
-                has_output,
-                n_layers: hp.num_layers,
-            },
-        );
-        if choice.dtype != choice.wanted {
-            report
-                .fallbacks
-                .push((gguf_name.clone(), choice.wanted, choice.dtype));
-        }
-        specs.push(TensorSpec {
-            name: gguf_name.clone(),
-            shape: shape.clone(),
-            dtype: choice.dtype,
-        });
-    }
-
-    let model_name = dir
-        .canonicalize()
-        .ok()
-        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
-    let mut metadata: Vec<(String, Value)> = vec![
-        (
-            "general.architecture".into(),
-            Value::String(hp.arch.gguf_name().into()),
-        ),
-        (
-            "general.name".into(),
-            Value::String(model_name.unwrap_or_else(|| "model".into())),
-        ),
-        ("general.file_type".into(), Value::U32(outtype.file_type())),
-    ];
-    if outtype.is_quantized() {
-        metadata.push(("general.quantization_version".into(), Value::U32(2)));
-    }
-    metadata.extend(hp.to_gguf_metadata());
-    metadata.extend(tokenizer_md);
-
+    let shapes = tensors
+        .names()
+        .into_iter()
+        .map(|n| {
+            let shape = tensors.shape(&n)?;
+            Ok((n, shape))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let plan = GgufPlan::new(dir, &shapes, outtype, &|name| {
+        tensors.file_of(name).to_path_buf()
+    })?;
+    let mut report = plan.report();
     let staged = Staged::new(out)?;
-    let mut writer = GgufWriter::create(staged.path(), &metadata, specs.clone())?;
-    for ((hf_name, _, _), spec) in plan.iter().zip(&specs) {
-        let t = tensors.load_f32(hf_name)?;
-        report.bytes_in += tensors.n_bytes(hf_name)?;
-        let t = hp
-            .hf_to_gguf_values(hf_name, t)
-            .with_context(|| format!("{}: tensor {hf_name}", tensors.file_of(hf_name).display()))?;
-        let bytes = encode(&t, spec.dtype)
-            .with_context(|| format!("tensor {hf_name} as {:?}", spec.dtype))?;
+    let mut writer = GgufWriter::create(staged.path(), &plan.metadata, plan.specs())?;
+    for t in &plan.tensors {
+        let values = tensors.load_f32(&t.hf_name)?;
+        report.bytes_in += tensors.n_bytes(&t.hf_name)?;
+        let bytes = plan.encode(t, values).with_context(|| {
+            format!(
+                "{}: tensor {}",
+                tensors.file_of(&t.hf_name).display(),
+                t.hf_name
+            )
+        })?;
         report.bytes_out += bytes.len() as u64;
         writer.write_tensor(&bytes)?;
     }
     writer.finish()?;
     staged.commit()?;
-    report.tensors = plan.len();
     Ok(report)
+}
+
+/// One tensor of a [`GgufPlan`]: its HF name and how the GGUF stores it.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    pub hf_name: String,
+    pub spec: TensorSpec,
+}
+
+/// What a GGUF of an HF model holds: the metadata (hyper-parameters from config.json, the
+/// tokenizer) and every tensor's GGUF name, shape and type, in llama.cpp's order. Built from the
+/// HF directory's config and tokenizer files and a list of tensor names and shapes, so the
+/// tensors may come from the directory or from memory.
+#[derive(Debug, Clone)]
+pub struct GgufPlan {
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<PlannedTensor>,
+    hp: Hparams,
+    fallbacks: Vec<(String, GgmlDType, GgmlDType)>,
+    defaults_applied: Vec<(String, String)>,
+}
+
+impl GgufPlan {
+    /// Checks `shapes` (HF names) against `dir`'s config.json and plans the file; `file_of` names
+    /// the file a tensor came from, for errors.
+    pub fn new(
+        dir: &Path,
+        shapes: &[(String, Vec<usize>)],
+        outtype: OutType,
+        file_of: &dyn Fn(&str) -> PathBuf,
+    ) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        if !config_path.exists() {
+            bail!(
+                "{}: missing (an HF model directory needs config.json)",
+                config_path.display()
+            );
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+        let hp = Hparams::from_model_config(&config, &config_path)?;
+        let tokenizer_path = dir.join("tokenizer.json");
+        if !tokenizer_path.exists() {
+            bail!(
+                "{}: missing (the GGUF needs the tokenizer)",
+                tokenizer_path.display()
+            );
+        }
+        let tokenizer_config_path = dir.join("tokenizer_config.json");
+        let tokenizer_md = tokenizer::hf_to_gguf(
+            &tokenizer_path,
+            tokenizer_config_path
+                .exists()
+                .then_some(tokenizer_config_path.as_path()),
+            hp.arch.gguf_name(),
+        )?;
+        // Check names and shapes against config.json before writing anything.
+        for name in hp.required_hf_names() {
+            if !shapes.iter().any(|(n, _)| *n == name) {
+                bail!(
+                    "{}: missing tensor {name} (config.json describes {} layers)",
+                    dir.display(),
+                    hp.num_layers
+                );
+            }
+        }
+        let mut plan: Vec<(String, String, Vec<usize>)> = vec![]; // (hf, gguf, shape)
+        for (name, shape) in shapes {
+            let Some(expected) = hp.expected_shape(name) else {
+                if name.ends_with("rotary_emb.inv_freq") {
+                    continue;
+                }
+                bail!(
+                    "{}: tensor {name} is not part of a {} model",
+                    file_of(name).display(),
+                    hp.arch.gguf_name()
+                );
+            };
+            if name == "lm_head.weight" && hp.tie_word_embeddings {
+                continue; // tied: llama.cpp reuses token_embd
+            }
+            if *shape != expected {
+                bail!(
+                    "{}: tensor {name} has shape {shape:?}, config.json implies {expected:?}",
+                    file_of(name).display()
+                );
+            }
+            let gguf_name = hp
+                .hf_to_gguf_name(name)
+                .expect("every expected tensor has a GGUF name");
+            plan.push((name.clone(), gguf_name, shape.clone()));
+        }
+        plan.sort_by_key(|(_, g, _)| gguf_order(g));
+
+        let has_output = plan.iter().any(|(_, g, _)| g == "output.weight");
+        let mut fallbacks = vec![];
+        let mut tensors = vec![];
+        for (hf_name, gguf_name, shape) in plan {
+            let choice = quant::choose(
+                outtype,
+                &quant::TensorRole {
+                    gguf_name: &gguf_name,
+                    shape: &shape,
+                    has_output,
+                    n_layers: hp.num_layers,
+                },
+            );
+            if choice.dtype != choice.wanted {
+                fallbacks.push((gguf_name.clone(), choice.wanted, choice.dtype));
+            }
+            tensors.push(PlannedTensor {
+                hf_name,
+                spec: TensorSpec {
+                    name: gguf_name,
+                    shape,
+                    dtype: choice.dtype,
+                },
+            });
+        }
+
+        let model_name = dir
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+        let mut metadata: Vec<(String, Value)> = vec![
+            (
+                "general.architecture".into(),
+                Value::String(hp.arch.gguf_name().into()),
+            ),
+            (
+                "general.name".into(),
+                Value::String(model_name.unwrap_or_else(|| "model".into())),
+            ),
+            ("general.file_type".into(), Value::U32(outtype.file_type())),
+        ];
+        if outtype.is_quantized() {
+            metadata.push(("general.quantization_version".into(), Value::U32(2)));
+        }
+        metadata.extend(hp.to_gguf_metadata());
+        metadata.extend(tokenizer_md);
+        Ok(Self {
+            metadata,
+            tensors,
+            hp,
+            fallbacks,
+            defaults_applied: config.defaults_applied,
+        })
+    }
+
+    /// The tensor infos of the header, in file order.
+    pub fn specs(&self) -> Vec<TensorSpec> {
+        self.tensors.iter().map(|t| t.spec.clone()).collect()
+    }
+
+    /// Bytes of tensor data, padding included.
+    pub fn data_bytes(&self) -> u64 {
+        self.tensors
+            .iter()
+            .map(|t| t.spec.n_bytes().div_ceil(gguf::ALIGNMENT) * gguf::ALIGNMENT)
+            .sum()
+    }
+
+    /// The bytes the file stores for `t`, from its HF values (f32, any device).
+    pub fn encode(&self, t: &PlannedTensor, values: Tensor) -> Result<Vec<u8>> {
+        let values = values.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+        let values = self.hp.hf_to_gguf_values(&t.hf_name, values)?;
+        encode(&values, t.spec.dtype).with_context(|| format!("as {:?}", t.spec.dtype))
+    }
+
+    fn report(&self) -> Report {
+        Report {
+            tensors: self.tensors.len(),
+            fallbacks: self.fallbacks.clone(),
+            defaults_applied: self.defaults_applied.clone(),
+            ..Report::default()
+        }
+    }
 }
 
 /// llama.cpp's usual order: embeddings, blocks by number, then the output head.

@@ -49,6 +49,10 @@ pub struct EmLossArgs {
     /// Sequences per forward/backward pass (the result does not depend on it).
     #[arg(long, default_value_t = 4)]
     pub micro_batch: usize,
+    /// Train the `pad_token_id` row of the input embedding through the input path too (by
+    /// default it gets none there, as transformers' `padding_idx` rules).
+    #[arg(long)]
+    pub train_pad_row: bool,
 }
 
 /// The input file.
@@ -125,7 +129,10 @@ pub fn save_gradients(grads: &Gradients, path: &Path) -> Result<()> {
 
 pub fn run(args: &EmLossArgs) -> Result<()> {
     let input = read_input(&args.input)?;
-    let model = CausalLm::from_hf_dir(&args.model, args.dtype.dtype(), &Device::Cpu)?;
+    let mut model = CausalLm::from_hf_dir(&args.model, args.dtype.dtype(), &Device::Cpu)?;
+    if args.train_pad_row {
+        model.set_padding_idx(None);
+    }
     let (loss, n_tokens, grads) = compute(&model, &input, args.micro_batch)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
     if let Some(path) = &args.grads_out {

@@ -55,21 +55,31 @@ impl Linear {
     }
 }
 
-/// A token embedding table `[vocab, hidden]`.
+/// A token embedding table `[vocab, hidden]`, with transformers' `padding_idx` rule: the row of
+/// the padding token gets no gradient through this lookup (a tied LM head still trains it).
 #[derive(Debug, Clone)]
 pub struct Embedding {
     weight: Var,
+    padding_idx: Option<u32>,
 }
 
 impl Embedding {
-    /// Wraps a table `[vocab, hidden]`.
-    pub fn new(weight: Var) -> Self {
-        Self { weight }
+    /// Wraps a table `[vocab, hidden]`; `padding_idx` is the row the lookup does not train.
+    pub fn new(weight: Var, padding_idx: Option<u32>) -> Self {
+        Self {
+            weight,
+            padding_idx,
+        }
     }
 
     /// The table `[vocab, hidden]`.
     pub fn weight(&self) -> &Var {
         &self.weight
+    }
+
+    /// Sets or clears the row the lookup does not train.
+    pub fn set_padding_idx(&mut self, padding_idx: Option<u32>) {
+        self.padding_idx = padding_idx;
     }
 
     /// Looks up `ids` (`[batch, seq]`, u32) and returns `[batch, seq, hidden]`.
@@ -78,7 +88,14 @@ impl Embedding {
         let hidden = w.dim(1)?;
         let mut dims = ids.dims().to_vec();
         let flat = ids.flatten_all()?;
-        let rows = w.index_select(&flat, 0)?;
+        let mut rows = w.index_select(&flat, 0)?;
+        if let Some(pad) = self.padding_idx {
+            let is_pad = flat.eq(pad)?;
+            if is_pad.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? > 0 {
+                let mask = is_pad.unsqueeze(1)?.broadcast_as(rows.shape())?;
+                rows = mask.where_cond(&rows.detach(), &rows)?;
+            }
+        }
         dims.push(hidden);
         rows.reshape(dims)
     }

@@ -322,3 +322,63 @@ fn an_update_lowers_the_entropy_and_bad_input_is_named() {
         "sequence 1: token id 11 is not below the vocabulary size 11"
     );
 }
+
+/// transformers' `padding_idx`: with `pad_token_id` set, the input embedding's row of that token
+/// gets no gradient through the lookup. Everything else is unchanged; an untied model's row gets
+/// none at all, a tied model's keeps its LM-head part.
+#[test]
+fn the_pad_row_gets_no_gradient_through_the_input_path() {
+    const PAD: usize = 6; // twice in the third prompt
+    for (label, mut raw) in tiny_configs().into_iter().take(2) {
+        raw["pad_token_id"] = json!(PAD);
+        let ruled = model(&raw, DType::F64, 3);
+        assert_eq!(ruled.config().pad_token_id, Some(PAD as u32));
+        let mut free = ruled.clone();
+        free.set_padding_idx(None);
+        let opts = options(2, 5);
+        let (loss_ruled, g_ruled) = loss_and_grads(&ruled, &sequences(), &opts);
+        let (loss_free, g_free) = loss_and_grads(&free, &sequences(), &opts);
+        assert_eq!(
+            loss_ruled, loss_free,
+            "{label}: the forward pass is the same"
+        );
+        let tied = raw["tie_word_embeddings"] == json!(true);
+        for (name, _, g) in g_ruled.iter() {
+            let a = g.unwrap().to_dtype(DType::F64).unwrap();
+            let b = g_free.get(name).unwrap().to_dtype(DType::F64).unwrap();
+            if name != "model.embed_tokens.weight" {
+                let (a, b) = (
+                    a.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+                );
+                assert_eq!(a, b, "{label}: {name}");
+                continue;
+            }
+            let rows = |t: &Tensor| t.to_vec2::<f64>().unwrap();
+            let (a, b) = (rows(&a), rows(&b));
+            for (i, (ra, rb)) in a.iter().zip(&b).enumerate() {
+                if i != PAD {
+                    assert_eq!(ra, rb, "{label}: row {i}");
+                }
+            }
+            let norm = |r: &[f64]| r.iter().map(|x| x * x).sum::<f64>().sqrt();
+            assert!(
+                norm(&b[PAD]) > 0.0,
+                "{label}: without the rule the pad row trains"
+            );
+            assert_ne!(a[PAD], b[PAD], "{label}: the rule changes the pad row");
+            if tied {
+                assert!(
+                    norm(&a[PAD]) > 0.0,
+                    "{label}: the tied LM head still trains the pad row"
+                );
+            } else {
+                assert_eq!(
+                    norm(&a[PAD]),
+                    0.0,
+                    "{label}: untied, the pad row gets nothing"
+                );
+            }
+        }
+    }
+}

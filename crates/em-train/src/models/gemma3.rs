@@ -59,8 +59,10 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.intermediate_size,
         );
-        let embed_tokens =
-            Embedding::new(w.var("model.embed_tokens.weight", &[cfg.vocab_size, hs])?);
+        let embed_tokens = Embedding::new(
+            w.var("model.embed_tokens.weight", &[cfg.vocab_size, hs])?,
+            cfg.pad_token_id,
+        );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, window) in cfg.layer_windows.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -112,6 +114,11 @@ impl Model {
             global_rotary: RotaryEmbedding::new(hd, &cfg.rope),
             local_rotary: RotaryEmbedding::new(hd, &cfg.local_rope),
         })
+    }
+
+    /// The input embedding.
+    pub fn embed_tokens_mut(&mut self) -> &mut Embedding {
+        &mut self.embed_tokens
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`.

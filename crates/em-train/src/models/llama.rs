@@ -91,8 +91,10 @@ impl Model {
     /// Takes every weight `cfg` needs from `w`.
     pub fn load(cfg: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, ModelError> {
         let (hs, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
-        let embed_tokens =
-            Embedding::new(w.var("model.embed_tokens.weight", &[cfg.vocab_size, hs])?);
+        let embed_tokens = Embedding::new(
+            w.var("model.embed_tokens.weight", &[cfg.vocab_size, hs])?,
+            cfg.pad_token_id,
+        );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for (i, window) in cfg.layer_windows.iter().enumerate() {
             let input_layernorm =
@@ -120,6 +122,11 @@ impl Model {
             lm_head,
             rotary: RotaryEmbedding::new(cfg.head_dim, &cfg.rope),
         })
+    }
+
+    /// The input embedding.
+    pub fn embed_tokens_mut(&mut self) -> &mut Embedding {
+        &mut self.embed_tokens
     }
 
     /// Final-norm hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`.

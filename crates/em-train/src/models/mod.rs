@@ -189,6 +189,15 @@ impl CausalLm {
         }
     }
 
+    /// Sets the input-embedding row that gets no gradient through the input path (transformers'
+    /// `padding_idx`; from `pad_token_id` when loaded), or `None` to train every row.
+    pub fn set_padding_idx(&mut self, padding_idx: Option<u32>) {
+        match &mut self.inner {
+            Inner::Qwen2(m) | Inner::Llama(m) => m.embed_tokens_mut().set_padding_idx(padding_idx),
+            Inner::Gemma3(m) => m.embed_tokens_mut().set_padding_idx(padding_idx),
+        }
+    }
+
     /// The trainable parameters under their HF names (tied lm_head appears once, as model.embed_tokens.weight).
     pub fn parameters(&self) -> Vec<(String, Var)> {
         self.parameters.clone()
