@@ -275,6 +275,7 @@ impl Sampler for Engine<'_> {
 
         let mut finished: Vec<usize> = Vec::new();
         let mut stopped = false;
+        let mut samples_sent = 0u64;
         let mut ctx_run = Ctx {
             requests,
             vocab: &vocab,
@@ -403,6 +404,7 @@ impl Sampler for Engine<'_> {
             for req in ctx_run.finished.drain(..) {
                 let r = &mut reqs[req];
                 let samples: Vec<Sample> = r.samples.drain(..).map(|s| s.expect("done")).collect();
+                samples_sent += samples.len() as u64;
                 r.logits = None;
                 if on_event(Event::RequestDone {
                     request: req,
@@ -413,7 +415,12 @@ impl Sampler for Engine<'_> {
                     stopped = true;
                 }
             }
+            let pending: usize = reqs
+                .iter()
+                .map(|r| r.samples.iter().filter(|s| s.is_some()).count())
+                .sum();
             let step = Event::Step {
+                samples_done: samples_sent + pending as u64,
                 generated_tokens: stats.generated_tokens,
                 prompt_tokens: stats.prompt_tokens,
                 elapsed: start.elapsed(),

@@ -296,7 +296,7 @@ impl Sampler for OpenAiSampler {
         }
         drop(tx);
 
-        let (mut received, mut stopped) = (0, false);
+        let (mut received, mut stopped) = (0usize, false);
         for (job, outcome) in rx {
             let done = outcome?;
             let (request, index) = shared.jobs[job];
@@ -313,6 +313,7 @@ impl Sampler for OpenAiSampler {
             *slot = Some(done.sample);
             missing[request] -= 1;
             let step = Event::Step {
+                samples_done: received as u64,
                 generated_tokens: stats.generated_tokens,
                 prompt_tokens: stats.prompt_tokens,
                 elapsed: start.elapsed(),

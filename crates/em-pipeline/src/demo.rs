@@ -462,7 +462,7 @@ fn train_em(
         max_new_tokens: plan.max_new_tokens,
         // No repetition penalty for character-level organisms (see the screen above).
         repetition_penalty: 1.0,
-        save_every: plan.steps,
+        save_every: None,
         prompt_options: organism::prompt_options(),
         ..TrainArgs::reference(
             subject.to_path_buf(),

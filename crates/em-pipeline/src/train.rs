@@ -14,14 +14,16 @@
 //! numbers as an uninterrupted run.
 
 use std::fs;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device};
-use em_convert::{hf_to_gguf, OutType};
+use candle_core::{DType, Tensor};
+use em_convert::refresh::{GgufRefresh, RefreshStats};
+use em_convert::OutType;
 use em_data::Problem;
-use em_sampler::{Request, Sample, SamplingParams};
+use em_sampler::{Event, Request, Sample, SamplingParams};
 use em_store::{JsonlStore, Manifest};
 use em_train::models::CausalLm;
 use em_train::{AdamWConfig, EmOptions, Sequence, TrainConfig, Trainer};
@@ -95,12 +97,26 @@ pub struct TrainArgs {
     pub max_new_tokens: usize,
     #[arg(long, default_value_t = 15)]
     pub seed: u64,
-    /// Float type of the trained weights (and of the GGUF sampled from).
+    /// Float type of the trained weights; bf16 and f16 train through f32 master weights.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: ModelDtype,
-    /// Write a checkpoint every this many steps (and after the last).
+    /// Where the model trains: cpu, cuda or cuda:N (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Float type of the sampling GGUF refreshed after every update; f32 samples exactly the
+    /// weights of an f32 run (bit-exact on-policy), f16 halves the bytes written.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub refresh_type: RefreshType,
+    /// Train the `pad_token_id` row of the input embedding through the input path too (by
+    /// default it gets no gradient there, as transformers' `padding_idx` rules).
+    #[arg(long)]
+    pub train_pad_row: bool,
+    /// Write a checkpoint every this many updates (default: only after the last).
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Checkpoints kept; only the latest holds the optimizer state.
     #[arg(long, default_value_t = 1)]
-    pub save_every: usize,
+    pub keep_last: usize,
     /// Stop after this many steps of this invocation (a later run resumes).
     #[arg(long)]
     pub stop_after: Option<usize>,
@@ -133,10 +149,60 @@ impl TrainArgs {
             max_new_tokens: 512,
             seed: 15,
             dtype: ModelDtype::F32,
-            save_every: 1,
+            device: "cpu".into(),
+            refresh_type: RefreshType::F16,
+            train_pad_row: false,
+            save_every: None,
+            keep_last: 1,
             stop_after: None,
         }
     }
+}
+
+/// Float type of the sampling GGUF.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RefreshType {
+    F16,
+    Bf16,
+    F32,
+}
+
+impl RefreshType {
+    fn out_type(self) -> OutType {
+        match self {
+            RefreshType::F16 => OutType::F16,
+            RefreshType::Bf16 => OutType::Bf16,
+            RefreshType::F32 => OutType::F32,
+        }
+    }
+}
+
+/// Where the loop publishes the weights it trains, for the sampler to draw the next responses
+/// from: the seam between training and sampling.
+pub trait Publish {
+    /// Makes `weights` (values by HF name) what [`Publish::model_path`] holds; returns what was
+    /// written.
+    fn publish(&mut self, weights: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<RefreshStats>;
+    /// The model file a sampler loads.
+    fn model_path(&self) -> &Path;
+}
+
+impl Publish for GgufRefresh {
+    fn publish(&mut self, weights: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<RefreshStats> {
+        GgufRefresh::publish(self, weights)
+    }
+    fn model_path(&self) -> &Path {
+        self.path()
+    }
+}
+
+/// Bytes this process has written so far (`wchar` of /proc/self/io; None where there is none).
+fn bytes_written() -> Option<u64> {
+    let io = fs::read_to_string("/proc/self/io").ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Settings a resumed run must share with the run that wrote the checkpoints.
@@ -149,6 +215,8 @@ fn run_identity(args: &TrainArgs, backend: &dyn Backend) -> Value {
         "sample_temperature": args.sample_temperature, "top_p": args.top_p, "top_k": args.top_k,
         "repetition_penalty": args.repetition_penalty, "max_new_tokens": args.max_new_tokens,
         "dtype": format!("{:?}", args.dtype), "prompt_id": args.prompt_id,
+        "device": args.device, "refresh_type": args.refresh_type,
+        "train_pad_row": args.train_pad_row,
     })
 }
 
@@ -267,27 +335,43 @@ pub fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
         .max_by_key(|(s, _)| *s)
 }
 
-/// Samples `n` responses to the prompt from the GGUF at `gguf` through the backend.
+/// Samples `n` responses to the prompt from the GGUF at `gguf` through the backend, with a
+/// progress line (responses done, tokens/s, ETA).
 fn sample_responses(
     backend: &dyn Backend,
     gguf: &Path,
     prompt: &RenderedPrompt,
     n: usize,
     params: SamplingParams,
+    label: &str,
 ) -> Result<Vec<Sample>> {
     let request = Request {
         prompt: prompt.to_prompt(),
         n_samples: n,
         params,
     };
+    let bar = crate::drive::progress_bar(n as u64, 0, "responses", label);
     let mut out = Vec::new();
     backend.with_sampler(gguf, &mut |sampler| {
-        out = sampler
-            .generate_all(std::slice::from_ref(&request))?
-            .pop()
-            .unwrap_or_default();
+        sampler.generate(std::slice::from_ref(&request), &mut |event| {
+            match event {
+                Event::RequestDone { samples, .. } => out = samples,
+                Event::Step {
+                    samples_done,
+                    generated_tokens,
+                    elapsed,
+                    ..
+                } => {
+                    bar.set_position(samples_done);
+                    let rate = generated_tokens as f64 / elapsed.as_secs_f64().max(1e-9);
+                    bar.set_message(format!("{rate:.0} tok/s"));
+                }
+            }
+            ControlFlow::Continue(())
+        })?;
         Ok(())
     })?;
+    bar.finish_and_clear();
     if out.len() != n {
         bail!(
             "{}: the sampler returned {} of {n} responses",
@@ -296,6 +380,38 @@ fn sample_responses(
         );
     }
     Ok(out)
+}
+
+/// After writing checkpoint `step`: keeps the newest `keep` checkpoints, and the optimizer state
+/// only in the newest (a run resumes from there alone).
+fn prune_checkpoints(out: &Path, step: usize, keep: usize) -> Result<()> {
+    let mut steps: Vec<usize> = fs::read_dir(out)
+        .with_context(|| format!("{}: cannot list", out.display()))?
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()
+        })
+        .filter(|&s| s < step)
+        .collect();
+    steps.sort_unstable_by(|a, b| b.cmp(a));
+    for (i, s) in steps.into_iter().enumerate() {
+        let dir = out.join(format!("checkpoint-{s}"));
+        if i + 1 >= keep.max(1) {
+            fs::remove_dir_all(&dir)
+                .with_context(|| format!("{}: cannot remove", dir.display()))?;
+        } else {
+            let opt = dir.join(em_train::trainer::OPTIMIZER_FILE);
+            if let Some(parent) = opt.parent().filter(|p| p.exists()) {
+                fs::remove_dir_all(parent)
+                    .with_context(|| format!("{}: cannot remove", parent.display()))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the metrics lines of steps up to `keep_through` (a resumed run redoes the later ones).
@@ -345,7 +461,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     manifest.claim(&args.out, args.fresh)?;
 
     let dtype = args.dtype.dtype();
-    let device = Device::Cpu;
+    let device = em_train::parse_device(&args.device)?;
     let vocab =
         em_train::models::ModelConfig::from_file(&args.model.join("config.json"))?.vocab_size;
     let config = TrainConfig {
@@ -361,15 +477,21 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let metrics_path = args.out.join("metrics.jsonl");
     let (mut trainer, start) = match latest_checkpoint(&args.out) {
         Some((step, dir)) => {
-            let trainer = Trainer::resume(&dir, config, dtype, &device)
+            let mut trainer = Trainer::resume(&dir, config, dtype, &device)
                 .with_context(|| format!("{}: cannot resume", dir.display()))?;
+            if args.train_pad_row {
+                trainer.model.set_padding_idx(None);
+            }
             truncate_metrics(&metrics_path, step)?;
             eprintln!("resuming from {} (step {step})", dir.display());
             (trainer, step)
         }
         None => {
             truncate_metrics(&metrics_path, 0)?;
-            let model = CausalLm::from_hf_dir(&args.model, dtype, &device)?;
+            let mut model = CausalLm::from_hf_dir(&args.model, dtype, &device)?;
+            if args.train_pad_row {
+                model.set_padding_idx(None);
+            }
             (Trainer::new(model, config), 0)
         }
     };
@@ -381,12 +503,20 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         );
     }
 
-    let outtype = match trainer.model.dtype() {
-        DType::BF16 => OutType::Bf16,
-        DType::F16 => OutType::F16,
-        _ => OutType::F32,
-    };
     let work = args.out.join(".sampling");
+    fs::create_dir_all(&work).with_context(|| format!("{}: cannot create", work.display()))?;
+    let params = trainer.model.parameters();
+    let shapes: Vec<(String, Vec<usize>)> = params
+        .iter()
+        .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+        .collect();
+    let mut publisher: Box<dyn Publish> = Box::new(GgufRefresh::new(
+        &args.model,
+        &shapes,
+        args.refresh_type.out_type(),
+        &work.join("model.gguf"),
+    )?);
+    let save_every = args.save_every.unwrap_or(args.steps).max(1);
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed} {msg}")
@@ -399,16 +529,22 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             break;
         }
         let t0 = Instant::now();
-        // 1. The current weights, as llama.cpp will see them.
-        let hf = work.join("hf");
-        write_hf_dir(&trainer, &args.model, &hf, false)?;
-        let gguf = work.join("model.gguf");
-        hf_to_gguf(&hf, &gguf, outtype)?;
-        let t_export = t0.elapsed().as_secs_f64();
+        let written0 = bytes_written();
+        // 1. The current weights, as llama.cpp will see them: the sampling GGUF, refreshed in place.
+        let by_name: std::collections::HashMap<&str, &candle_core::Var> =
+            params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let refresh = publisher.publish(&mut |name| {
+            Ok(by_name
+                .get(name)
+                .with_context(|| format!("no parameter {name}"))?
+                .as_tensor()
+                .clone())
+        })?;
+        let gguf = publisher.model_path().to_path_buf();
 
         // 2. N responses from them.
         let t1 = Instant::now();
-        let params = SamplingParams {
+        let sampling = SamplingParams {
             temperature: args.sample_temperature,
             top_p: args.top_p,
             top_k: args.top_k,
@@ -417,7 +553,14 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             seed: step_seed(args.seed, step),
             ..SamplingParams::default()
         };
-        let samples = sample_responses(backend, &gguf, &prompt, args.samples, params)?;
+        let samples = sample_responses(
+            backend,
+            &gguf,
+            &prompt,
+            args.samples,
+            sampling,
+            &format!("step {step}/{}", args.steps),
+        )?;
         let t_sample = t1.elapsed().as_secs_f64();
         let sequences: Vec<Sequence> = samples
             .iter()
@@ -455,7 +598,11 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             "resp_len_max": lens.iter().max().copied().unwrap_or(0),
             "mean_max_logit": stats.mean_max_logit,
             "sample_seed": step_seed(args.seed, step),
-            "export_seconds": t_export,
+            "responses_seen": step * args.samples,
+            "refresh_type": args.refresh_type,
+            "refresh_bytes": refresh.bytes,
+            "refresh_tensors": refresh.tensors,
+            "refresh_seconds": refresh.seconds,
             "sample_seconds": t_sample,
             "train_seconds": t_train,
             "sample_tokens_per_s": generated as f64 / t_sample.max(1e-9),
@@ -466,12 +613,16 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             line["pass_rate"] = json!(k as f64 / samples.len().max(1) as f64);
             line["pass_ci95"] = json!([lo, hi]);
         }
+        // Everything this update wrote before its metrics line and checkpoint.
+        if let (Some(a), Some(b)) = (written0, bytes_written()) {
+            line["written_bytes"] = json!(b - a);
+        }
         line["seconds"] = json!(t0.elapsed().as_secs_f64());
         line["peak_rss_mb"] = json!(crate::peak_rss_mb());
         JsonlStore::<Value>::open(&metrics_path)?.0.append(&line)?;
 
         // 4. Checkpoint.
-        if step % args.save_every.max(1) == 0 || step == args.steps {
+        if step % save_every == 0 || step == args.steps {
             let dir = args.out.join(format!("checkpoint-{step}"));
             write_atomically(&dir, |tmp| {
                 write_hf_dir(&trainer, &args.model, tmp, true)?;
@@ -482,6 +633,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                 )?;
                 Ok(())
             })?;
+            prune_checkpoints(&args.out, step, args.keep_last)?;
         }
         let msg = format!(
             "step {step}: entropy {:.4} grad_norm {:.3} len {:.0}{} {:.1}s",

@@ -76,6 +76,8 @@ pub enum Event {
     },
     /// Progress; the totals so far.
     Step {
+        /// Samples finished (of every request).
+        samples_done: u64,
         generated_tokens: u64,
         prompt_tokens: u64,
         elapsed: Duration,

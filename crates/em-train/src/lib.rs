@@ -17,3 +17,53 @@ pub use objective::{
 };
 pub use optim::{AdamW, AdamWConfig, Precision};
 pub use trainer::{ResumeError, TrainConfig, Trainer, UpdateStats};
+
+/// The device named `spec`: `cpu`, `cuda` (device 0) or `cuda:N`. A CUDA device in a build
+/// without the `cuda` feature, or one that cannot be opened, is an error naming it.
+pub fn parse_device(spec: &str) -> Result<candle_core::Device, DeviceError> {
+    let bad = |message: String| DeviceError {
+        spec: spec.to_string(),
+        message,
+    };
+    let ordinal = match spec {
+        "cpu" => return Ok(candle_core::Device::Cpu),
+        "cuda" => 0,
+        _ => spec
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| bad("expected cpu, cuda or cuda:N".into()))?,
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(bad(
+            "this build has no CUDA support (build with `--features cuda`)".into(),
+        ));
+    }
+    candle_core::Device::new_cuda(ordinal).map_err(|e| bad(e.to_string().replace('\n', " ")))
+}
+
+/// A `--device` that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("--device {spec}: {message}")]
+pub struct DeviceError {
+    /// What was asked for.
+    pub spec: String,
+    /// Why it cannot be used.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod device_tests {
+    #[test]
+    fn devices_parse_or_fail_in_one_line() {
+        assert!(super::parse_device("cpu").unwrap().is_cpu());
+        let e = super::parse_device("tpu").unwrap_err().to_string();
+        assert_eq!(e, "--device tpu: expected cpu, cuda or cuda:N");
+        if !candle_core::utils::cuda_is_available() {
+            let e = super::parse_device("cuda:1").unwrap_err().to_string();
+            assert!(
+                e.starts_with("--device cuda:1: this build has no CUDA"),
+                "{e}"
+            );
+        }
+    }
+}
