@@ -27,9 +27,10 @@ pub struct BackendArgs {
     /// llama.cpp threads (default: all cores but one).
     #[arg(long)]
     pub threads: Option<i32>,
-    /// Sequences llama.cpp decodes together.
-    #[arg(long, default_value_t = 8)]
-    pub parallel: usize,
+    /// Sequences llama.cpp decodes together (default 8; train: all responses of an update,
+    /// as many as fit in 65,536 KV cells).
+    #[arg(long)]
+    pub parallel: Option<usize>,
     /// Server base URL (`http://host:port`), with --backend openai.
     #[arg(long)]
     pub base_url: Option<String>,
@@ -61,7 +62,7 @@ impl BackendArgs {
             BackendKind::Llama => Box::new(LlamaBackend {
                 config: EngineConfig {
                     threads: self.threads.unwrap_or_else(em_llama::default_threads),
-                    parallel: self.parallel,
+                    parallel: self.parallel.unwrap_or(8),
                     ..EngineConfig::default()
                 },
             }),

@@ -83,8 +83,12 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Fixture(args) => fixture::run(&args),
         Command::Organism(args) => organism::run(&args),
-        Command::Train { args, backend } => {
+        Command::Train { args, mut backend } => {
             crate::backends::require_local(&backend, "train")?;
+            backend.parallel = backend.parallel.or(Some(train::default_parallel(
+                args.samples,
+                args.max_new_tokens,
+            )));
             train::run(&args, backend.build()?.as_ref()).map(|_| ())
         }
         Command::EmLoss(args) => em_loss::run(&args),

@@ -159,6 +159,16 @@ impl TrainArgs {
     }
 }
 
+/// KV cells the default decoding of an update's responses may take.
+const DEFAULT_KV_CELLS: usize = 1 << 16;
+
+/// How many of an update's `samples` responses llama.cpp decodes together by default: all of
+/// them when each one's cells (512 for the prompt + `max_new_tokens`) fit in 65,536 together,
+/// else as many as fit. (The reference draws all of them in one vLLM call.)
+pub fn default_parallel(samples: usize, max_new_tokens: usize) -> usize {
+    (DEFAULT_KV_CELLS / (512 + max_new_tokens)).clamp(1, samples.max(1))
+}
+
 /// Float type of the sampling GGUF.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -382,6 +392,28 @@ fn sample_responses(
     Ok(out)
 }
 
+/// Removes what a killed run leaves half-written: staged checkpoints (`.checkpoint-N.tmp-PID`),
+/// a staged `final`, the sampling GGUF (rewritten whole by the next refresh).
+fn remove_leftovers(out: &Path) -> Result<()> {
+    for entry in fs::read_dir(out)
+        .with_context(|| format!("{}: cannot list", out.display()))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let staged = name.starts_with('.') && name.contains(".tmp-");
+        if staged || name == ".sampling" {
+            let path = entry.path();
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.with_context(|| format!("{}: cannot remove", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// After writing checkpoint `step`: keeps the newest `keep` checkpoints, and the optimizer state
 /// only in the newest (a run resumes from there alone).
 fn prune_checkpoints(out: &Path, step: usize, keep: usize) -> Result<()> {
@@ -459,6 +491,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         .insert("prompt".into(), em_store::file_identity(&args.prompt)?);
     manifest.info = json!({ "tool": crate::TOOL, "prompt_id": problem.id, "prompt_text": prompt.text, "prompt_ids": prompt.ids });
     manifest.claim(&args.out, args.fresh)?;
+    remove_leftovers(&args.out)?;
 
     let dtype = args.dtype.dtype();
     let device = em_train::parse_device(&args.device)?;
