@@ -1,17 +1,22 @@
 //! One-shot entropy minimization, on-policy.
 //!
-//! Each update publishes the current weights to the sampler: they are written as an HF directory
-//! and converted to a GGUF of the same float type (f32 by default, so the sampler draws from
-//! exactly the weights being trained), which the [`Backend`] loads; it draws N responses to the one
-//! prompt with METHOD.md's settings and a seed derived from (seed, step); em-train takes one AdamW
-//! step on the token-mean entropy of those responses.
+//! Each update publishes the current weights through [`Publish`]: em-convert's [`GgufRefresh`]
+//! writes the sampling GGUF straight from the weights in memory (f16 by default, bf16 or f32 with
+//! `--refresh-type`; f32 samples exactly the weights of an f32 run), whole once and then in place,
+//! tensor by tensor. The [`Backend`] loads it and draws N responses to the one prompt with
+//! METHOD.md's settings, all decoded together where they fit, with a seed derived from (seed,
+//! step); em-train takes one AdamW step on the token-mean entropy of those responses (bf16/f16
+//! weights through f32 master weights).
 //!
 //! Output directory: `manifest.json` (model, prompt file, settings; a rerun that differs is
-//! refused), `metrics.jsonl` (one line per step), `checkpoint-{step}/` (HF directory with
-//! tokenizer files, `optimizer/adamw.safetensors`, `state.json`; written under a temporary name and
-//! renamed when complete), `final/` (HF directory). A run started again on the same directory
-//! resumes from its last checkpoint, drops metrics lines after it, and continues with the same
-//! numbers as an uninterrupted run.
+//! refused), `metrics.jsonl` (one line per step, with `refresh_bytes`, `refresh_seconds`,
+//! `written_bytes`: all this process wrote during the update before its metrics line), and
+//! `checkpoint-{step}/` (HF directory with tokenizer files, `state.json`, and in the latest only
+//! `optimizer/adamw.safetensors`; written under a temporary name and renamed when complete) after
+//! the last update, every `--save-every` updates, the newest `--keep-last` kept; `final/` (HF
+//! directory). A run started again on the same directory (after a kill -9 too) removes what was
+//! half-written, resumes from its last checkpoint, drops metrics lines after it, and continues
+//! with the same numbers as an uninterrupted run.
 
 use std::fs;
 use std::ops::ControlFlow;
