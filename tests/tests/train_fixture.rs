@@ -140,7 +140,7 @@ fn training_lowers_entropy_checkpoints_load_and_resume_is_exact() {
         let refreshed = m["refresh_bytes"].as_u64().unwrap();
         let written = m["written_bytes"].as_u64().unwrap();
         assert!(refreshed <= file_size, "{m}");
-        assert!(written >= refreshed && written <= refreshed + 4096, "{m}");
+        assert!(written >= refreshed && written <= refreshed + 65536, "{m}");
         assert_eq!(m["refresh_type"], "f32");
     }
     assert_eq!(ma[0]["refresh_bytes"].as_u64().unwrap(), file_size);

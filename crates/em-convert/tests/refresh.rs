@@ -13,6 +13,20 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-qwen2")
 }
 
+/// A GGUF tensor's values as f32.
+fn values(path: &std::path::Path, name: &str) -> Vec<f32> {
+    GgufFile::open(path)
+        .unwrap()
+        .tensor(name)
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 #[test]
 fn refresh_writes_the_converted_file_then_only_what_changed() {
     let dir = fixture();
@@ -59,16 +73,7 @@ fn refresh_writes_the_converted_file_then_only_what_changed() {
         let width = if outtype == OutType::F16 { 2 } else { 4 };
         assert_eq!(third.bytes, (changed.elem_count() * width) as u64);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes.len() as u64);
-        let mut file = GgufFile::open(&path).unwrap();
-        let got = file
-            .tensor("blk.1.ffn_down.weight")
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = values(&path, "blk.1.ffn_down.weight");
         let want = changed
             .to_dtype(DType::F32)
             .unwrap()
@@ -76,31 +81,12 @@ fn refresh_writes_the_converted_file_then_only_what_changed() {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert_eq!(
-            got, want,
-            "{outtype:?}: bf16 values are exact in f16 and f32 here"
-        );
-        let untouched = file
-            .tensor("blk.0.ffn_down.weight")
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let before = GgufFile::open(&converted)
-            .unwrap()
-            .tensor("blk.0.ffn_down.weight")
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
         assert!(
-            untouched == before,
+            got == want,
+            "{outtype:?}: bf16 values near 0.5 are exact in f16 and f32"
+        );
+        assert!(
+            values(&path, "blk.0.ffn_down.weight") == values(&converted, "blk.0.ffn_down.weight"),
             "{outtype:?}: an unchanged tensor keeps its bytes"
         );
     }
