@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use em_convert::{hf_to_gguf, OutType};
 use em_llama::GgufModel;
-use em_pipeline::em_loss::ModelDtype;
 use em_pipeline::train::{self, RefreshType, TrainArgs};
 use em_tests::tiny_qwen2;
 use em_train::models::CausalLm;
@@ -28,35 +27,16 @@ fn run(args: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
 
 fn args(prompt: &Path, out: &Path, stop_after: Option<usize>) -> TrainArgs {
     TrainArgs {
-        model: tiny_qwen2(),
-        prompt: prompt.to_path_buf(),
-        prompt_id: None,
-        out: out.to_path_buf(),
         steps: 3,
         samples: 8,
         micro_batch: 4,
         lr: 1e-3,
-        beta1: 0.9,
-        beta2: 0.999,
-        adam_eps: 1e-8,
-        weight_decay: 0.01,
-        max_grad_norm: 1.0,
-        temperature: 0.5,
-        sample_temperature: 0.5,
-        top_p: 0.95,
-        top_k: 0,
-        repetition_penalty: 1.15,
         max_new_tokens: 32,
-        seed: 15,
-        dtype: ModelDtype::F32,
-        device: "cpu".into(),
         refresh_type: RefreshType::F32,
-        train_pad_row: false,
         save_every: Some(1),
         keep_last: 3,
         stop_after,
-        prompt_options: Default::default(),
-        fresh: false,
+        ..TrainArgs::reference(tiny_qwen2(), prompt.to_path_buf(), out.to_path_buf())
     }
 }
 

@@ -98,13 +98,7 @@ fn write_json(path: &Path, value: &Json) -> Result<()> {
 
 /// HF directory -> GGUF file of the given type.
 pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
-    let config_path = dir.join("config.json");
-    if !config_path.exists() {
-        bail!(
-            "{}: missing (an HF model directory needs config.json)",
-            config_path.display()
-        );
-    }
+    required_config(dir)?;
     let tensors = HfTensors::open(dir)?;
     let shapes = tensors
         .names()
@@ -138,6 +132,18 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
     Ok(report)
 }
 
+/// `dir/config.json`, which must exist.
+fn required_config(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("config.json");
+    if !path.exists() {
+        bail!(
+            "{}: missing (an HF model directory needs config.json)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
 /// One tensor of a [`GgufPlan`]: its HF name and how the GGUF stores it.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {
@@ -167,13 +173,7 @@ impl GgufPlan {
         outtype: OutType,
         file_of: &dyn Fn(&str) -> PathBuf,
     ) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        if !config_path.exists() {
-            bail!(
-                "{}: missing (an HF model directory needs config.json)",
-                config_path.display()
-            );
-        }
+        let config_path = required_config(dir)?;
         let config = ModelConfig::from_file(&config_path)?;
         let hp = Hparams::from_model_config(&config, &config_path)?;
         let tokenizer_path = dir.join("tokenizer.json");

@@ -275,13 +275,13 @@ impl Sampler for Engine<'_> {
 
         let mut finished: Vec<usize> = Vec::new();
         let mut stopped = false;
-        let mut samples_sent = 0u64;
         let mut ctx_run = Ctx {
             requests,
             vocab: &vocab,
             scratch,
             piece: &mut piece,
             finished: &mut finished,
+            samples_done: 0,
         };
 
         loop {
@@ -404,7 +404,6 @@ impl Sampler for Engine<'_> {
             for req in ctx_run.finished.drain(..) {
                 let r = &mut reqs[req];
                 let samples: Vec<Sample> = r.samples.drain(..).map(|s| s.expect("done")).collect();
-                samples_sent += samples.len() as u64;
                 r.logits = None;
                 if on_event(Event::RequestDone {
                     request: req,
@@ -415,12 +414,8 @@ impl Sampler for Engine<'_> {
                     stopped = true;
                 }
             }
-            let pending: usize = reqs
-                .iter()
-                .map(|r| r.samples.iter().filter(|s| s.is_some()).count())
-                .sum();
             let step = Event::Step {
-                samples_done: samples_sent + pending as u64,
+                samples_done: ctx_run.samples_done,
                 generated_tokens: stats.generated_tokens,
                 prompt_tokens: stats.prompt_tokens,
                 elapsed: start.elapsed(),
@@ -442,6 +437,8 @@ struct Ctx<'a, 'v> {
     piece: &'a mut Vec<u8>,
     /// Requests whose last sample just ended.
     finished: &'a mut Vec<usize>,
+    /// Samples ended so far.
+    samples_done: u64,
 }
 
 impl Ctx<'_, '_> {
@@ -540,6 +537,7 @@ impl Ctx<'_, '_> {
                     stats: token_stats,
                 });
                 r.done += 1;
+                self.samples_done += 1;
                 if r.done == r.samples.len() {
                     self.finished.push(req);
                 }

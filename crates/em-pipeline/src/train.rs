@@ -336,18 +336,27 @@ fn write_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resu
     Ok(staged.commit()?)
 }
 
-/// The latest complete checkpoint of `out` and its step.
-pub fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
-    fs::read_dir(out)
-        .ok()?
+/// The checkpoints in `out` (`checkpoint-{step}` directories), newest first.
+fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = fs::read_dir(out)
+        .into_iter()
+        .flatten()
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            let path = e.path();
-            path.join("state.json").is_file().then_some((step, path))
+            Some((step, e.path()))
         })
-        .max_by_key(|(s, _)| *s)
+        .collect();
+    found.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    found
+}
+
+/// The latest complete checkpoint of `out` and its step.
+pub fn latest_checkpoint(out: &Path) -> Option<(usize, PathBuf)> {
+    checkpoints(out)
+        .into_iter()
+        .find(|(_, dir)| dir.join("state.json").is_file())
 }
 
 /// Samples `n` responses to the prompt from the GGUF at `gguf` through the backend, with a
@@ -397,24 +406,14 @@ fn sample_responses(
     Ok(out)
 }
 
-/// Removes what a killed run leaves half-written: staged checkpoints (`.checkpoint-N.tmp-PID`),
-/// a staged `final`, the sampling GGUF (rewritten whole by the next refresh).
+/// Removes what a killed run leaves half-written: staged checkpoints and `final`, and the
+/// sampling GGUF (written whole again by the first refresh).
 fn remove_leftovers(out: &Path) -> Result<()> {
-    for entry in fs::read_dir(out)
-        .with_context(|| format!("{}: cannot list", out.display()))?
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let staged = name.starts_with('.') && name.contains(".tmp-");
-        if staged || name == ".sampling" {
-            let path = entry.path();
-            let removed = if path.is_dir() {
-                fs::remove_dir_all(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            removed.with_context(|| format!("{}: cannot remove", path.display()))?;
-        }
+    em_store::remove_stale_staged(out)?;
+    let sampling = out.join(".sampling");
+    if sampling.exists() {
+        fs::remove_dir_all(&sampling)
+            .with_context(|| format!("{}: cannot remove", sampling.display()))?;
     }
     Ok(())
 }
@@ -422,30 +421,17 @@ fn remove_leftovers(out: &Path) -> Result<()> {
 /// After writing checkpoint `step`: keeps the newest `keep` checkpoints, and the optimizer state
 /// only in the newest (a run resumes from there alone).
 fn prune_checkpoints(out: &Path, step: usize, keep: usize) -> Result<()> {
-    let mut steps: Vec<usize> = fs::read_dir(out)
-        .with_context(|| format!("{}: cannot list", out.display()))?
-        .flatten()
-        .filter_map(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .strip_prefix("checkpoint-")?
-                .parse()
-                .ok()
-        })
-        .filter(|&s| s < step)
-        .collect();
-    steps.sort_unstable_by(|a, b| b.cmp(a));
-    for (i, s) in steps.into_iter().enumerate() {
-        let dir = out.join(format!("checkpoint-{s}"));
+    let older = checkpoints(out).into_iter().filter(|(s, _)| *s < step);
+    for (i, (_, dir)) in older.enumerate() {
         if i + 1 >= keep.max(1) {
             fs::remove_dir_all(&dir)
                 .with_context(|| format!("{}: cannot remove", dir.display()))?;
-        } else {
-            let opt = dir.join(em_train::trainer::OPTIMIZER_FILE);
-            if let Some(parent) = opt.parent().filter(|p| p.exists()) {
-                fs::remove_dir_all(parent)
-                    .with_context(|| format!("{}: cannot remove", parent.display()))?;
-            }
+            continue;
+        }
+        let optimizer = dir.join(em_train::trainer::OPTIMIZER_FILE);
+        if let Some(parent) = optimizer.parent().filter(|p| p.exists()) {
+            fs::remove_dir_all(parent)
+                .with_context(|| format!("{}: cannot remove", parent.display()))?;
         }
     }
     Ok(())
@@ -554,6 +540,8 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         args.refresh_type.out_type(),
         &work.join("model.gguf"),
     )?);
+    let by_name: std::collections::HashMap<&str, &candle_core::Var> =
+        params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let save_every = args.save_every.unwrap_or(args.steps).max(1);
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(
@@ -569,8 +557,6 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         let t0 = Instant::now();
         let written0 = bytes_written();
         // 1. The current weights, as llama.cpp will see them: the sampling GGUF, refreshed in place.
-        let by_name: std::collections::HashMap<&str, &candle_core::Var> =
-            params.iter().map(|(n, v)| (n.as_str(), v)).collect();
         let refresh = publisher.publish(&mut |name| {
             Ok(by_name
                 .get(name)

@@ -6,6 +6,29 @@ use std::path::{Path, PathBuf};
 
 use crate::StoreError;
 
+/// What a staging name holds between the destination's name and the writer's pid.
+const STAGED_MARK: &str = ".tmp-";
+
+/// Removes from `dir` what [`Staged`] writers that were killed left behind (`.NAME.tmp-PID`):
+/// for an output directory that one process owns at a time, at its start.
+pub fn remove_stale_staged(dir: &Path) -> Result<(), StoreError> {
+    let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, "cannot list", e))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !(name.starts_with('.') && name.contains(STAGED_MARK)) {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            fs::remove_dir_all(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        removed.map_err(|e| StoreError::io(&path, "cannot remove", e))?;
+    }
+    Ok(())
+}
+
 /// A temporary sibling of `dest` (file or directory) that becomes `dest` on [`Staged::commit`]
 /// and is removed on drop otherwise.
 pub struct Staged {
@@ -32,7 +55,7 @@ impl Staged {
             ));
         }
         let tmp = parent.join(format!(
-            ".{}.tmp-{}",
+            ".{}{STAGED_MARK}{}",
             name.to_string_lossy(),
             std::process::id()
         ));

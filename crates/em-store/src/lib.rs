@@ -15,7 +15,7 @@ pub mod identity;
 mod jsonl;
 mod manifest;
 
-pub use atomic::{write_atomic, Staged};
+pub use atomic::{remove_stale_staged, write_atomic, Staged};
 pub use identity::{file_identity, model_identity, Identity};
 pub use jsonl::JsonlStore;
 pub use manifest::Manifest;
