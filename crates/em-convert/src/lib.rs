@@ -289,14 +289,6 @@ impl GgufPlan {
         self.tensors.iter().map(|t| t.spec.clone()).collect()
     }
 
-    /// Bytes of tensor data, padding included.
-    pub fn data_bytes(&self) -> u64 {
-        self.tensors
-            .iter()
-            .map(|t| t.spec.n_bytes().div_ceil(gguf::ALIGNMENT) * gguf::ALIGNMENT)
-            .sum()
-    }
-
     /// The bytes the file stores for `t`, from its HF values (f32, any device).
     pub fn encode(&self, t: &PlannedTensor, values: Tensor) -> Result<Vec<u8>> {
         let values = values.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;

@@ -64,11 +64,6 @@ impl GgufRefresh {
         &self.path
     }
 
-    /// Bytes of the file's tensor data.
-    pub fn data_bytes(&self) -> u64 {
-        self.plan.data_bytes()
-    }
-
     /// Writes the current weights: `weights(hf_name)` gives a tensor's values in the HF layout
     /// (any float type, any device). The first call writes the whole file under a temporary
     /// name; later calls rewrite in place only the tensors whose bytes changed.
