@@ -29,12 +29,10 @@ fn smollm2_gsm8k_slice_evaluates() {
         seed: 0,
         fresh: false,
     };
-    let backend = xtask::backends::LlamaBackend {
-        config: em_llama::EngineConfig {
-            parallel: 6,
-            ..Default::default()
-        },
-    };
+    let backend = xtask::backends::LlamaBackend::new(em_llama::EngineConfig {
+        parallel: 6,
+        ..Default::default()
+    });
     eval::run(&args, &backend).unwrap();
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("summary.json")).unwrap())

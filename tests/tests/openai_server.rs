@@ -39,12 +39,10 @@ fn server_backend(server: &LlamaCppServer, format: PromptFormat) -> ServerBacken
 }
 
 fn local() -> LlamaBackend {
-    LlamaBackend {
-        config: em_llama::EngineConfig {
-            parallel: 4,
-            ..Default::default()
-        },
-    }
+    LlamaBackend::new(em_llama::EngineConfig {
+        parallel: 4,
+        ..Default::default()
+    })
 }
 
 fn screen_args(model: &Path, out: PathBuf) -> ScreenArgs {

@@ -13,13 +13,11 @@ use em_tests::tiny_qwen2;
 use xtask::backends::LlamaBackend;
 
 fn backend() -> LlamaBackend {
-    LlamaBackend {
-        config: em_llama::EngineConfig {
-            threads: 1,
-            parallel: 4,
-            ..Default::default()
-        },
-    }
+    LlamaBackend::new(em_llama::EngineConfig {
+        threads: 1,
+        parallel: 4,
+        ..Default::default()
+    })
 }
 
 fn fixture_gguf(dir: &Path) -> PathBuf {

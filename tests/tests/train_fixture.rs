@@ -15,13 +15,11 @@ use serde_json::Value;
 use xtask::backends::LlamaBackend;
 
 fn run(args: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
-    let backend = LlamaBackend {
-        config: em_llama::EngineConfig {
-            threads: 1,
-            parallel: 8,
-            ..Default::default()
-        },
-    };
+    let backend = LlamaBackend::new(em_llama::EngineConfig {
+        threads: 1,
+        parallel: 8,
+        ..Default::default()
+    });
     train::run(args, &backend)
 }
 

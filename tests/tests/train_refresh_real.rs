@@ -38,12 +38,10 @@ fn three_updates(gguf: &Path, name: &str, style: Style) {
         },
         ..TrainArgs::reference(hf.clone(), prompt, out.clone())
     };
-    let backend = LlamaBackend {
-        config: em_llama::EngineConfig {
-            parallel: 2,
-            ..Default::default()
-        },
-    };
+    let backend = LlamaBackend::new(em_llama::EngineConfig {
+        parallel: 2,
+        ..Default::default()
+    });
     let t0 = std::time::Instant::now();
     train::run(&args, &backend).unwrap().expect("finished");
     let metrics: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))

@@ -27,6 +27,9 @@ pub struct BackendArgs {
     /// llama.cpp threads (default: all cores but one).
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Model layers llama.cpp runs on the GPU (default: all in a `cuda` build, none otherwise).
+    #[arg(long)]
+    pub gpu_layers: Option<u32>,
     /// Sequences llama.cpp decodes together (default 8; train: all responses of an update,
     /// as many as fit in 65,536 KV cells).
     #[arg(long)]
@@ -60,6 +63,7 @@ impl BackendArgs {
     pub fn build(&self) -> Result<Box<dyn Backend>> {
         Ok(match self.backend {
             BackendKind::Llama => Box::new(LlamaBackend {
+                gpu_layers: self.gpu_layers.unwrap_or_else(em_llama::default_gpu_layers),
                 config: EngineConfig {
                     threads: self.threads.unwrap_or_else(em_llama::default_threads),
                     parallel: self.parallel.unwrap_or(8),
@@ -102,13 +106,30 @@ impl BackendArgs {
 /// llama.cpp in-process: every sampler loads the GGUF it is given.
 pub struct LlamaBackend {
     pub config: EngineConfig,
+    /// Layers offloaded to the GPU.
+    pub gpu_layers: u32,
+}
+
+impl LlamaBackend {
+    /// The engine `config` with [`em_llama::default_gpu_layers`].
+    pub fn new(config: EngineConfig) -> Self {
+        Self {
+            config,
+            gpu_layers: em_llama::default_gpu_layers(),
+        }
+    }
 }
 
 impl Backend for LlamaBackend {
     fn identity(&self) -> Value {
         // The batch shape changes llama.cpp's quantized accumulation and so can flip greedy
         // near-ties: outputs sampled at different `parallel` do not mix.
-        json!({ "kind": "llama.cpp", "parallel": self.config.parallel, "n_batch": self.config.n_batch })
+        // GPU kernels round differently again; CPU-only identities carry no GPU key.
+        let mut id = json!({ "kind": "llama.cpp", "parallel": self.config.parallel, "n_batch": self.config.n_batch });
+        if self.gpu_layers > 0 {
+            id["gpu_layers"] = json!(self.gpu_layers);
+        }
+        id
     }
 
     fn samples_local_gguf(&self) -> bool {
@@ -128,7 +149,7 @@ impl Backend for LlamaBackend {
         gguf: &Path,
         f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
     ) -> Result<()> {
-        let model = GgufModel::load(gguf)?;
+        let model = GgufModel::load_with_gpu_layers(gguf, self.gpu_layers)?;
         let mut engine = Engine::new(&model, self.config.clone());
         f(&mut engine)
     }
@@ -174,14 +195,13 @@ impl Backend for ServerBackend {
 
 /// Runs `f` with the tokenizer and chat template of a local GGUF (llama.cpp reads them).
 fn gguf_vocab(gguf: &Path, f: &mut dyn FnMut(&dyn Vocab) -> Result<()>) -> Result<()> {
-    f(&GgufModel::load(gguf)?)
+    // Only the vocabulary is read: nothing goes to the GPU.
+    f(&GgufModel::load_with_gpu_layers(gguf, 0)?)
 }
 
 /// The in-process backend with default settings (for commands that take no backend flags).
 pub fn llama_default() -> LlamaBackend {
-    LlamaBackend {
-        config: EngineConfig::default(),
-    }
+    LlamaBackend::new(EngineConfig::default())
 }
 
 /// Refuses a server backend where a command needs local weights.

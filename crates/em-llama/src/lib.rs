@@ -42,19 +42,42 @@ pub fn default_threads() -> i32 {
     cores.saturating_sub(1).max(1) as i32
 }
 
-/// A GGUF model loaded into llama.cpp (CPU).
+/// Layers llama.cpp offloads to the GPU when none is asked for: all of them in a build with the
+/// `cuda` feature, none otherwise.
+pub fn default_gpu_layers() -> u32 {
+    if cfg!(feature = "cuda") {
+        u32::MAX
+    } else {
+        0
+    }
+}
+
+/// A GGUF model loaded into llama.cpp (on the CPU, or with layers offloaded to a GPU).
 pub struct GgufModel {
     model: LlamaModel,
     path: PathBuf,
 }
 
 impl GgufModel {
-    /// Loads `path`; errors name the file.
+    /// Loads `path` with [`default_gpu_layers`]; errors name the file.
     pub fn load(path: &Path) -> Result<Self, SamplerError> {
+        Self::load_with_gpu_layers(path, default_gpu_layers())
+    }
+
+    /// Loads `path` with `gpu_layers` of its layers on the GPU (0: CPU only; more than the model
+    /// has: all). A build without the `cuda` feature refuses any offload.
+    pub fn load_with_gpu_layers(path: &Path, gpu_layers: u32) -> Result<Self, SamplerError> {
         if !path.is_file() {
             return Err(SamplerError::backend(path.display(), "no such file"));
         }
-        let model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
+        if gpu_layers > 0 && !cfg!(feature = "cuda") {
+            return Err(SamplerError::backend(
+                path.display(),
+                "--gpu-layers needs a build with the `cuda` feature (docs/cuda.md)",
+            ));
+        }
+        let params = LlamaModelParams::default().with_n_gpu_layers(gpu_layers);
+        let model = LlamaModel::load_from_file(backend()?, path, &params)
             .map_err(|e| {
                 SamplerError::backend(
                     path.display(),

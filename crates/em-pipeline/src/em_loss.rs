@@ -53,7 +53,22 @@ pub struct EmLossArgs {
     /// default it gets none there, as transformers' `padding_idx` rules).
     #[arg(long)]
     pub train_pad_row: bool,
+    /// Where to compute: cpu, cuda or cuda:N (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations
+    /// (the same gradients, less memory, one more forward pass).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub recompute: bool,
+    /// Compute again on this device and fail unless the loss agrees to 1e-4 and every gradient
+    /// to 1e-3 (relative to the tensor's largest entry), e.g. `--device cuda --check-against cpu`.
+    #[arg(long)]
+    pub check_against: Option<String>,
 }
+
+/// Relative tolerances of `--check-against`.
+pub const CHECK_LOSS_RTOL: f64 = 1e-4;
+pub const CHECK_GRAD_RTOL: f64 = 1e-3;
 
 /// The input file.
 #[derive(Debug, Clone, Deserialize)]
@@ -100,9 +115,13 @@ pub fn compute(
     model: &CausalLm,
     input: &EmLossInput,
     micro_batch: usize,
+    recompute: bool,
 ) -> Result<(f64, usize, Gradients), em_train::TrainError> {
     let n: usize = input.sequences.iter().map(|s| s.response_ids.len()).sum();
-    let options = EmOptions::new(input.temperature, micro_batch, model.config().vocab_size);
+    let options = EmOptions {
+        recompute,
+        ..EmOptions::new(input.temperature, micro_batch, model.config().vocab_size)
+    };
     let mut grads = Gradients::new(model.parameters());
     let stats = accumulate_em_gradients(
         model,
@@ -127,14 +146,45 @@ pub fn save_gradients(grads: &Gradients, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
-pub fn run(args: &EmLossArgs) -> Result<()> {
-    let input = read_input(&args.input)?;
-    let mut model = CausalLm::from_hf_dir(&args.model, args.dtype.dtype(), &Device::Cpu)?;
+fn load(args: &EmLossArgs, device: &str) -> Result<CausalLm> {
+    let device = em_train::parse_device(device)?;
+    let mut model = CausalLm::from_hf_dir(&args.model, args.dtype.dtype(), &device)?;
     if args.train_pad_row {
         model.set_padding_idx(None);
     }
-    let (loss, n_tokens, grads) = compute(&model, &input, args.micro_batch)
+    Ok(model)
+}
+
+/// The largest per-tensor relative difference `max|a − b| / max|b|` between two gradient sets of
+/// one model, with the tensor's name.
+pub fn worst_gradient_difference(a: &Gradients, b: &Gradients) -> Result<(f64, String)> {
+    let mut worst = (0.0f64, String::new());
+    for ((name, _, ga), (_, _, gb)) in a.iter().zip(b.iter()) {
+        let (ga, gb) = match (ga, gb) {
+            (Some(x), Some(y)) => (x.to_device(&Device::Cpu)?, y.to_device(&Device::Cpu)?),
+            (None, None) => continue,
+            _ => return Ok((f64::INFINITY, name.to_string())),
+        };
+        let max = |t: &Tensor| -> Result<f64> {
+            Ok(t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        };
+        let scale = max(&gb)?;
+        let diff = max(&(&ga - &gb)?)?;
+        let rel = if scale > 0.0 { diff / scale } else { diff };
+        if rel > worst.0 || worst.1.is_empty() {
+            worst = (rel, name.to_string());
+        }
+    }
+    Ok(worst)
+}
+
+pub fn run(args: &EmLossArgs) -> Result<()> {
+    let input = read_input(&args.input)?;
+    let model = load(args, &args.device)?;
+    let start = std::time::Instant::now();
+    let (loss, n_tokens, grads) = compute(&model, &input, args.micro_batch, args.recompute)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+    let seconds = start.elapsed().as_secs_f64();
     if let Some(path) = &args.grads_out {
         save_gradients(&grads, path)?;
         eprintln!(
@@ -143,9 +193,32 @@ pub fn run(args: &EmLossArgs) -> Result<()> {
             path.display()
         );
     }
-    println!(
-        "{}",
-        serde_json::json!({ "loss": loss, "n_tokens": n_tokens })
-    );
+    let mut report = serde_json::json!({
+        "loss": loss, "n_tokens": n_tokens, "device": args.device, "seconds": seconds,
+    });
+    if let Some(other) = &args.check_against {
+        let reference = load(args, other)?;
+        let start = std::time::Instant::now();
+        let (ref_loss, _, ref_grads) = compute(&reference, &input, args.micro_batch, args.recompute)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+        let ref_seconds = start.elapsed().as_secs_f64();
+        let loss_rel = (loss - ref_loss).abs() / ref_loss.abs().max(f64::MIN_POSITIVE);
+        let (grad_rel, worst) = worst_gradient_difference(&grads, &ref_grads)?;
+        report["check"] = serde_json::json!({
+            "device": other, "loss": ref_loss, "seconds": ref_seconds,
+            "loss_relative_difference": loss_rel,
+            "worst_gradient_relative_difference": grad_rel, "worst_gradient": worst,
+        });
+        println!("{report}");
+        if !(loss_rel <= CHECK_LOSS_RTOL && grad_rel <= CHECK_GRAD_RTOL) {
+            bail!(
+                "{} vs {other}: loss differs by {loss_rel:.2e} (limit {CHECK_LOSS_RTOL:.0e}), \
+                 gradient {worst} by {grad_rel:.2e} (limit {CHECK_GRAD_RTOL:.0e})",
+                args.device
+            );
+        }
+        return Ok(());
+    }
+    println!("{report}");
     Ok(())
 }

@@ -71,6 +71,11 @@ pub struct TrainArgs {
     /// does not depend on it, peak memory does: trunk activations grow with it).
     #[arg(long, default_value_t = 2)]
     pub micro_batch: usize,
+    /// Recompute each decoder layer in the backward pass from its saved input instead of keeping
+    /// every layer's activations: the same gradients, one layer's activations alive at a time,
+    /// one more forward pass of the trunk.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub recompute: bool,
     /// AdamW learning rate (constant, no warm-up).
     #[arg(long, default_value_t = 2e-5)]
     pub lr: f64,
@@ -140,6 +145,7 @@ impl TrainArgs {
             steps: 10,
             samples: 64,
             micro_batch: 2,
+            recompute: true,
             lr: 2e-5,
             beta1: 0.9,
             beta2: 0.999,
@@ -496,7 +502,10 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             weight_decay: args.weight_decay,
         },
         max_grad_norm: args.max_grad_norm,
-        em: EmOptions::new(args.temperature, args.micro_batch, vocab),
+        em: EmOptions {
+            recompute: args.recompute,
+            ..EmOptions::new(args.temperature, args.micro_batch, vocab)
+        },
     };
     let metrics_path = args.out.join("metrics.jsonl");
     let (mut trainer, start) = match latest_checkpoint(&args.out) {

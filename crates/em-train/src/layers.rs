@@ -37,6 +37,11 @@ impl Linear {
         &self.weight
     }
 
+    /// The bias `[out]`, if any.
+    pub fn bias(&self) -> Option<&Var> {
+        self.bias.as_ref()
+    }
+
     /// Applies the layer to the last dimension of `x` (any number of leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let w = self.weight.as_tensor();
@@ -253,6 +258,57 @@ pub fn attention_mask(
         })
         .collect();
     Tensor::from_vec(mask, (seq_len, seq_len), device)?.to_dtype(dtype)
+}
+
+/// What every decoder layer of one batch shares: the rotary tables (global, and local for
+/// sliding-window layers where the architecture has a separate base) and the additive masks.
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    global: (Tensor, Tensor),
+    local: (Tensor, Tensor),
+    full: Tensor,
+    sliding: Vec<(usize, Tensor)>,
+}
+
+impl LayerContext {
+    /// Tables for sequences of `seq_len` in `dtype` under layers with the given `windows`; layers
+    /// with a window use `local` rope when given, `global` otherwise.
+    pub fn new(
+        seq_len: usize,
+        dtype: DType,
+        device: &Device,
+        global: &RotaryEmbedding,
+        local: Option<&RotaryEmbedding>,
+        windows: &[Option<usize>],
+    ) -> Result<Self> {
+        let global_tables = global.cos_sin(seq_len, dtype, device)?;
+        let local_tables = match local {
+            Some(r) => r.cos_sin(seq_len, dtype, device)?,
+            None => global_tables.clone(),
+        };
+        let mask_dtype = compute_dtype(dtype);
+        let mut sliding: Vec<(usize, Tensor)> = Vec::new();
+        for w in windows.iter().flatten() {
+            if !sliding.iter().any(|(have, _)| have == w) {
+                sliding.push((*w, attention_mask(seq_len, Some(*w), mask_dtype, device)?));
+            }
+        }
+        Ok(Self {
+            global: global_tables,
+            local: local_tables,
+            full: attention_mask(seq_len, None, mask_dtype, device)?,
+            sliding,
+        })
+    }
+
+    /// `(cos, sin, mask)` for a layer with sliding `window` (`None`: full attention).
+    pub fn for_window(&self, window: Option<usize>) -> (&Tensor, &Tensor, &Tensor) {
+        let found = window.and_then(|w| self.sliding.iter().find(|(have, _)| *have == w));
+        match found {
+            Some((_, mask)) => (&self.local.0, &self.local.1, mask),
+            None => (&self.global.0, &self.global.1, &self.full),
+        }
+    }
 }
 
 /// Multi-head self-attention with grouped key/value heads, optional per-head q/k RMS norms,

@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+pub mod accumulate;
 pub mod layers;
 pub mod models;
 pub mod objective;

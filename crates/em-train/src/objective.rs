@@ -163,26 +163,76 @@ pub fn validate(sequences: &[Sequence], vocab: usize) -> Result<(), TrainError> 
 pub struct Gradients {
     params: Vec<(String, Var)>,
     grads: Vec<Option<Tensor>>,
+    /// Whether `grads[i]` is storage of its own, which may be written in place (a gradient
+    /// taken from a store can share storage with another parameter's).
+    owned: Vec<bool>,
 }
 
 impl Gradients {
     /// Empty (all zero) gradients for `params`.
     pub fn new(params: Vec<(String, Var)>) -> Self {
         let grads = vec![None; params.len()];
-        Self { params, grads }
+        let owned = vec![false; params.len()];
+        Self {
+            params,
+            grads,
+            owned,
+        }
     }
 
     /// Adds every parameter's gradient found in `store`.
     pub(crate) fn add(&mut self, store: &GradStore) -> candle_core::Result<()> {
-        for ((_, var), acc) in self.params.iter().zip(self.grads.iter_mut()) {
-            if let Some(g) = store.get(var.as_tensor()) {
-                let g = g.to_dtype(accumulate_dtype(var.dtype()))?;
-                *acc = Some(match acc.take() {
-                    Some(a) => (a + g)?,
-                    None => g,
-                });
+        for i in 0..self.params.len() {
+            if let Some(g) = store.get(self.params[i].1.as_tensor()) {
+                self.add_at(i, g)?;
             }
         }
+        Ok(())
+    }
+
+    fn add_at(&mut self, i: usize, g: &Tensor) -> candle_core::Result<()> {
+        let g = g.to_dtype(accumulate_dtype(self.params[i].1.dtype()))?;
+        let (sum, owned) = match self.grads[i].take() {
+            Some(a) => ((a + g)?, true),
+            None => (g, false),
+        };
+        self.grads[i] = Some(sum);
+        self.owned[i] = owned;
+        Ok(())
+    }
+
+    fn index_of(&self, var: &Var) -> candle_core::Result<usize> {
+        let id = var.as_tensor().id();
+        match self.params.iter().position(|(_, v)| v.as_tensor().id() == id) {
+            Some(i) => Ok(i),
+            None => candle_core::bail!("not a parameter of this model"),
+        }
+    }
+
+    /// Adds `g` to the gradient of `var`.
+    pub(crate) fn add_to(&mut self, var: &Var, g: &Tensor) -> candle_core::Result<()> {
+        let i = self.index_of(var)?;
+        self.add_at(i, g)
+    }
+
+    /// Adds `aᵀ·b` (`a` `[k, out]`, `b` `[k, in]`) to the gradient of `var` `[out, in]` in its
+    /// own storage: the LM head's weight gradient over many row chunks costs one `[out, in]`.
+    pub(crate) fn add_transposed_product(
+        &mut self,
+        var: &Var,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> candle_core::Result<()> {
+        let i = self.index_of(var)?;
+        let dtype = accumulate_dtype(var.dtype());
+        let acc = match self.grads[i].take() {
+            Some(g) if self.owned[i] && g.is_contiguous() => g,
+            Some(g) => g.copy()?,
+            None => var.as_tensor().zeros_like()?.to_dtype(dtype)?,
+        };
+        crate::accumulate::add_transposed_product(&acc, &a.to_dtype(dtype)?, &b.to_dtype(dtype)?)?;
+        self.grads[i] = Some(acc);
+        self.owned[i] = true;
         Ok(())
     }
 
@@ -216,8 +266,11 @@ impl Gradients {
 
     /// Multiplies every gradient by `factor`.
     pub fn scale(&mut self, factor: f64) -> candle_core::Result<()> {
-        for g in self.grads.iter_mut().flatten() {
-            *g = g.affine(factor, 0.0)?;
+        for (g, owned) in self.grads.iter_mut().zip(&mut self.owned) {
+            if let Some(t) = g {
+                *t = t.affine(factor, 0.0)?;
+                *owned = true;
+            }
         }
         Ok(())
     }
@@ -288,6 +341,10 @@ pub struct EmOptions {
     pub micro_batch: usize,
     /// Rows of `[rows, V]` logits alive at once: the LM head and the entropy run in chunks.
     pub logit_chunk_rows: usize,
+    /// Keep only each decoder layer's input during the forward pass and recompute the layer in
+    /// the backward pass: one layer's activations alive at a time instead of every layer's, for
+    /// one more forward pass of the trunk. The gradients are the same.
+    pub recompute: bool,
 }
 
 impl EmOptions {
@@ -297,6 +354,7 @@ impl EmOptions {
             temperature,
             micro_batch: micro_batch.max(1),
             logit_chunk_rows: ((16usize << 20) / vocab.max(1)).max(1),
+            recompute: true,
         }
     }
 }
@@ -311,8 +369,9 @@ impl EmOptions {
 ///
 /// Memory: the trunk runs on a micro-batch; only response-predicting hidden states reach the LM
 /// head, which runs with the entropy on `logit_chunk_rows` rows at a time, each chunk's graph
-/// freed by its own backward; the trunk is then back-propagated once from the collected
-/// hidden-state gradients. The result equals one backward through the whole graph.
+/// freed by its own backward and the head's weight gradient summed in place; the trunk is then
+/// back-propagated from the collected hidden-state gradients, in one pass or (`recompute`) layer
+/// by layer from each layer's saved input. The result equals one backward through the whole graph.
 pub fn accumulate_em_gradients(
     model: &CausalLm,
     sequences: &[Sequence],
@@ -353,25 +412,113 @@ fn micro_batch(
         .first()
         .map_or(Device::Cpu, |(_, v)| v.device().clone());
     let ids = ctx(padded_ids(batch, &device), "building the batch")?;
-    let hidden = ctx(model.hidden_states(&ids), "forward pass")?;
+    if !options.recompute {
+        let hidden = ctx(model.hidden_states(&ids), "forward pass")?;
+        let selected = ctx(select_predicting(&hidden, batch), "selecting positions")?;
+        let (stats, g) = head(model, &selected.detach(), options, scale, grads)?;
+        if let Some(g) = g {
+            back_through(&selected, &g, grads, "backward (trunk)")?;
+        }
+        return Ok(stats);
+    }
+
+    let seq = ids.dim(1).unwrap_or(0);
+    let x = ctx(model.embed(&ids), "embedding")?.detach();
+    let layers = ctx(
+        model.layer_context(seq, x.dtype(), &device),
+        "rope tables and masks",
+    )?;
+    // Forward without a graph beyond the layer being run: only each layer's input is kept.
+    let mut inputs = Vec::with_capacity(model.num_layers());
+    let mut x = x;
+    for i in 0..model.num_layers() {
+        let out = ctx(model.layer(i, &x, &layers), "forward pass")?.detach();
+        inputs.push(std::mem::replace(&mut x, out));
+    }
+    let last = ctx(Var::from_tensor(&x), "forward pass")?;
+    drop(x);
+    let hidden = ctx(model.final_norm(last.as_tensor()), "final norm")?;
     let selected = ctx(select_predicting(&hidden, batch), "selecting positions")?;
+    let (stats, g) = head(model, &selected.detach(), options, scale, grads)?;
+    let Some(g) = g else { return Ok(stats) };
+    let mut g = back_through(&selected, &g, grads, "backward (final norm)")?
+        .get(last.as_tensor())
+        .cloned();
+    drop((hidden, selected, last));
+    for i in (0..model.num_layers()).rev() {
+        let Some(upstream) = g.take() else { break };
+        let input = ctx(Var::from_tensor(&inputs[i]), "recomputing a layer")?;
+        inputs.truncate(i);
+        let out = ctx(model.layer(i, input.as_tensor(), &layers), "recomputing a layer")?;
+        let store = back_through(&out, &upstream, grads, "backward (decoder layer)")?;
+        g = store.get(input.as_tensor()).cloned();
+    }
+    if let Some(upstream) = g {
+        let embedded = ctx(model.embed(&ids), "embedding")?;
+        back_through(&embedded, &upstream, grads, "backward (embedding)")?;
+    }
+    Ok(stats)
+}
+
+/// Back-propagates `upstream` (the loss gradient with respect to `output`) into `grads`, through
+/// the surrogate `Σ output·upstream` whose gradient with respect to `output` is `upstream`.
+fn back_through(
+    output: &Tensor,
+    upstream: &Tensor,
+    grads: &mut Gradients,
+    what: &str,
+) -> Result<GradStore, TrainError> {
+    let store = ctx(
+        upstream
+            .to_dtype(output.dtype())
+            .and_then(|g| output * g.detach())
+            .and_then(|p| p.sum_all())
+            .and_then(|s| s.backward()),
+        what,
+    )?;
+    ctx(grads.add(&store), "accumulating gradients")?;
+    Ok(store)
+}
+
+/// The LM head and the entropy on `selected` (`[n, hidden]`, no graph) in chunks of rows: adds
+/// the head's gradients to `grads` and returns the figures and the loss gradient with respect to
+/// `selected` (`None` when there is no row).
+fn head(
+    model: &CausalLm,
+    selected: &Tensor,
+    options: &EmOptions,
+    scale: f64,
+    grads: &mut Gradients,
+) -> Result<(EmStats, Option<Tensor>), TrainError> {
     let n = selected.dim(0).unwrap_or(0);
     let mut stats = EmStats {
         n_tokens: n,
         ..EmStats::default()
     };
+    if n == 0 {
+        return Ok((stats, None));
+    }
+    let lm_head = model.lm_head();
+    let weight = lm_head.weight().as_tensor().detach();
+    let weight_t = ctx(weight.t(), "LM head")?;
     let mut hidden_grads = Vec::new();
     let rows = options.logit_chunk_rows.max(1);
     let mut start = 0;
     while start < n {
         let len = rows.min(n - start);
-        let leaf = ctx(
-            selected
-                .narrow(0, start, len)
-                .and_then(|t| Var::from_tensor(&t.detach())),
-            "chunking hidden states",
+        let h = ctx(selected.narrow(0, start, len), "chunking hidden states")?;
+        // The head's matmul runs outside the graph; only the [rows, V] logits are a leaf, so
+        // the graph is the entropy's alone and the weight gradient is summed in place below.
+        let raw = ctx(
+            h.matmul(&weight_t).and_then(|z| Var::from_tensor(&z)),
+            "LM head",
         )?;
-        let logits = ctx(model.logits_from_hidden(leaf.as_tensor()), "LM head")?;
+        let raw = match lm_head.bias() {
+            Some(b) => ctx(raw.as_tensor().broadcast_add(&b.as_tensor().detach()), "LM head")
+                .and_then(|z| ctx(Var::from_tensor(&z), "LM head"))?,
+            None => raw,
+        };
+        let logits = ctx(model.cap_logits(raw.as_tensor()), "logit soft-capping")?;
         let ent = ctx(entropy(&logits, options.temperature), "entropy")?;
         let sum = ctx(ent.sum_all(), "entropy")?;
         stats.entropy_sum += ctx(scalar_f64(&sum), "entropy")?;
@@ -379,30 +526,26 @@ fn micro_batch(
         stats.max_logit_sum += ctx(scalar_f64(&max_logits), "max logit")?;
         let store = ctx(
             (sum * scale).and_then(|l| l.backward()),
-            "backward (LM head)",
+            "backward (entropy)",
         )?;
-        ctx(grads.add(&store), "accumulating gradients")?;
-        let g = store.get(leaf.as_tensor()).cloned();
-        let g = match g {
-            Some(g) => g,
-            None => ctx(leaf.as_tensor().zeros_like(), "zero gradient")?,
+        let d_raw = match store.get(raw.as_tensor()) {
+            Some(g) => g.clone(),
+            None => ctx(raw.as_tensor().zeros_like(), "zero gradient")?,
         };
-        hidden_grads.push(g);
+        drop((store, logits, raw));
+        ctx(
+            grads.add_transposed_product(lm_head.weight(), &d_raw, &h),
+            "LM head gradient",
+        )?;
+        if let Some(b) = lm_head.bias() {
+            let g = ctx(d_raw.sum(0), "LM head bias gradient")?;
+            ctx(grads.add_to(b, &g), "LM head bias gradient")?;
+        }
+        hidden_grads.push(ctx(d_raw.matmul(&weight), "LM head backward")?);
         start += len;
     }
-    if n > 0 {
-        let g = ctx(Tensor::cat(&hidden_grads, 0), "collecting gradients")?;
-        // d/dh Σ h·g = g: one backward through the trunk from the LM head's hidden gradients.
-        let surrogate = ctx(
-            g.to_dtype(hidden.dtype())
-                .and_then(|g| selected * g.detach())
-                .and_then(|p| p.sum_all()),
-            "trunk surrogate",
-        )?;
-        let store = ctx(surrogate.backward(), "backward (trunk)")?;
-        ctx(grads.add(&store), "accumulating gradients")?;
-    }
-    Ok(stats)
+    let g = ctx(Tensor::cat(&hidden_grads, 0), "collecting gradients")?;
+    Ok((stats, Some(g)))
 }
 
 fn scalar_f64(t: &Tensor) -> candle_core::Result<f64> {

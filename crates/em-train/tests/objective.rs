@@ -98,12 +98,25 @@ fn sequences() -> Vec<Sequence> {
     ]
 }
 
-fn options(micro_batch: usize, chunk: usize) -> EmOptions {
+fn options(micro_batch: usize, chunk: usize, recompute: bool) -> EmOptions {
     EmOptions {
         temperature: TAU,
         micro_batch,
         logit_chunk_rows: chunk,
+        recompute,
     }
+}
+
+/// The largest absolute difference between two tensors.
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// (loss, gradients) of the token mean over all response tokens.
@@ -197,7 +210,7 @@ fn loss_equals_direct_entropy_of_each_sequence_alone() {
             }
         }
         let direct = total / n as f64;
-        let ours = loss_only(&m, &seqs, &options(2, 3));
+        let ours = loss_only(&m, &seqs, &options(2, 3, true));
         assert!(
             (ours - direct).abs() < 1e-12,
             "{label}: {ours} vs direct {direct}"
@@ -210,21 +223,42 @@ fn loss_equals_direct_entropy_of_each_sequence_alone() {
 fn micro_batching_and_chunking_do_not_change_the_result() {
     let m = model(&tiny_configs()[0].1, DType::F64, 5);
     let seqs = sequences();
-    let (l_ref, g_ref) = loss_and_grads(&m, &seqs, &options(3, 1000));
-    for opts in [options(1, 1), options(2, 2), options(3, 1)] {
+    let (l_ref, g_ref) = loss_and_grads(&m, &seqs, &options(3, 1000, false));
+    for opts in [
+        options(1, 1, false),
+        options(2, 2, false),
+        options(3, 1, true),
+    ] {
         let (l, g) = loss_and_grads(&m, &seqs, &opts);
         assert!((l - l_ref).abs() < 1e-13, "{opts:?}: loss {l} vs {l_ref}");
         for ((name, _, a), (_, _, b)) in g.iter().zip(g_ref.iter()) {
-            let diff = (a.unwrap() - b.unwrap())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let diff = max_diff(a.unwrap(), b.unwrap());
             assert!(diff < 1e-13, "{opts:?}: {name} differs by {diff}");
         }
+    }
+}
+
+/// Recomputing each decoder layer in the backward pass (only layer inputs kept) gives the
+/// gradients of the one backward through the whole graph, in f64, for every architecture, and
+/// for every parameter: embeddings through the input path, every layer, the final norm, the head.
+#[test]
+fn recomputed_layers_give_the_same_gradients() {
+    let seqs = sequences();
+    for (k, (label, raw)) in tiny_configs().into_iter().enumerate() {
+        let m = model(&raw, DType::F64, 40 + k as u64);
+        let (l_full, g_full) = loss_and_grads(&m, &seqs, &options(2, 3, false));
+        let (l_re, g_re) = loss_and_grads(&m, &seqs, &options(2, 3, true));
+        assert!((l_full - l_re).abs() < 1e-13, "{label}: loss {l_re} vs {l_full}");
+        let mut worst = 0.0f64;
+        for ((name, _, a), (_, _, b)) in g_full.iter().zip(g_re.iter()) {
+            let (a, b) = (a.unwrap(), b.unwrap());
+            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(scale > 0.0, "{label}: zero gradient for {name}");
+            let rel = max_diff(a, b) / scale;
+            assert!(rel < 1e-12, "{label}: {name} differs by {rel:.2e} (relative)");
+            worst = worst.max(rel);
+        }
+        eprintln!("{label}: recompute vs one backward, max relative difference {worst:.2e}");
     }
 }
 
@@ -240,7 +274,7 @@ fn set_entry(var: &Var, values: &[f64], index: usize, value: f64) {
 #[test]
 fn em_loss_gradients_match_finite_differences() {
     let seqs = sequences();
-    let opts = options(2, 3);
+    let opts = options(2, 3, true);
     for (k, (label, raw)) in tiny_configs().into_iter().enumerate() {
         let m = model(&raw, DType::F64, 20 + k as u64);
         let (_, grads) = loss_and_grads(&m, &seqs, &opts);
@@ -302,7 +336,7 @@ fn an_update_lowers_the_entropy_and_bad_input_is_named() {
             ..AdamWConfig::default()
         },
         max_grad_norm: 1.0,
-        em: options(2, 4),
+        em: options(2, 4, true),
     };
     let mut trainer = Trainer::new(m, config);
     let seqs = sequences();
@@ -335,7 +369,7 @@ fn the_pad_row_gets_no_gradient_through_the_input_path() {
         assert_eq!(ruled.config().pad_token_id, Some(PAD as u32));
         let mut free = ruled.clone();
         free.set_padding_idx(None);
-        let opts = options(2, 5);
+        let opts = options(2, 5, true);
         let (loss_ruled, g_ruled) = loss_and_grads(&ruled, &sequences(), &opts);
         let (loss_free, g_free) = loss_and_grads(&free, &sequences(), &opts);
         assert_eq!(

@@ -41,13 +41,11 @@ pub fn bench_eval(work: &Path) -> Result<()> {
         .into_iter()
         .take(items)
         .collect();
-    let backend = LlamaBackend {
-        config: EngineConfig {
-            threads,
-            parallel: b,
-            ..EngineConfig::default()
-        },
-    };
+    let backend = LlamaBackend::new(EngineConfig {
+        threads,
+        parallel: b,
+        ..EngineConfig::default()
+    });
     let model = GgufModel::load(&model_path)?;
     let renderer = PromptRenderer::new(&model, &decoding.prompt)?;
     let prompt_tokens: usize = problems

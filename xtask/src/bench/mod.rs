@@ -12,6 +12,7 @@ use em_pipeline::assets::{cache_dir, smollm2_path};
 mod anchor;
 mod em_step;
 mod eval;
+mod memory;
 mod sample;
 mod server;
 
@@ -35,6 +36,8 @@ pub struct BenchArgs {
     /// Working directory for the converted files (default: target/bench).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub em_step: em_step::EmStepArgs,
 }
 
 pub fn run(args: &BenchArgs) -> Result<()> {
@@ -45,7 +48,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&work).with_context(|| format!("{}: cannot create", work.display()))?;
     match args.kind {
         BenchKind::Convert => bench_convert(&work),
-        BenchKind::EmStep => em_step::bench_em_step(&work),
+        BenchKind::EmStep => em_step::bench_em_step(&work, &args.em_step),
         BenchKind::Sample => sample::bench_sample(&work),
         BenchKind::Eval => eval::bench_eval(&work),
         BenchKind::Server => server::bench_server(&work),

@@ -77,6 +77,43 @@ fn run_ours(
     ))
 }
 
+/// Our generation throughput alone (no baseline to divide by: a figure for the record, not a ratio).
+fn ours_alone(
+    model: &GgufModel,
+    path: &Path,
+    threads: i32,
+    b: usize,
+    pp: usize,
+    tg: usize,
+    reps: usize,
+) -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
+    let prompt: Vec<u32> = (0..pp)
+        .map(|_| rng.gen_range(0..model.n_vocab() as u32))
+        .collect();
+    let config = EngineConfig {
+        threads,
+        parallel: b,
+        shared_prefix: true,
+        ..EngineConfig::default()
+    };
+    let mut engine = Engine::new(model, config);
+    run_ours(&mut engine, &prompt[..16.min(pp)], b, 4, 0)?;
+    let mut tps = Vec::new();
+    for rep in 0..reps {
+        let (t_pp, s_tg, _, _) = run_ours(&mut engine, &prompt, b, tg, rep as u64)?;
+        println!("rep {rep}: prompt phase {t_pp:.3} s, generation {s_tg:.1} tokens/s with sampling");
+        tps.push(s_tg);
+    }
+    println!(
+        "bench sample (no anchor): {} | gpu layers {} | B {b} | prompt {pp} | generate {tg}: median {:.1} tokens/s",
+        path.display(),
+        em_llama::default_gpu_layers(),
+        median(tps)
+    );
+    Ok(())
+}
+
 /// Runs the comparison and prints the ratios (see the module documentation).
 pub fn bench_sample(work: &Path) -> Result<()> {
     let model_path = match std::env::var_os("EM_BENCH_MODEL") {
@@ -95,9 +132,14 @@ pub fn bench_sample(work: &Path) -> Result<()> {
     let tg: usize = env_or("EM_BENCH_TG", 128)?;
     let reps: usize = env_or::<usize>("EM_BENCH_REPS", 3)?.max(1);
     std::fs::create_dir_all(work).with_context(|| format!("{}: cannot create", work.display()))?;
+    // EM_BENCH_ANCHOR=0: ours alone, where llama.cpp's sources cannot be built (a GPU machine).
+    let with_anchor = env_or::<u8>("EM_BENCH_ANCHOR", 1)? != 0;
+    let model = GgufModel::load(&model_path)?;
+    if !with_anchor {
+        return ours_alone(&model, &model_path, threads, b, pp, tg, reps);
+    }
     let bin = anchor_binary(work)?;
 
-    let model = GgufModel::load(&model_path)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
     let prompt: Vec<u32> = (0..pp)
         .map(|_| rng.gen_range(0..model.n_vocab() as u32))

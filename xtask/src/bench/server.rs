@@ -51,13 +51,11 @@ pub fn bench_server(work: &Path) -> Result<()> {
     };
     let server = LlamaCppServer::start_with_threads(&model, "smollm2", threads)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let local = LlamaBackend {
-        config: EngineConfig {
-            threads: threads as i32,
-            parallel: b,
-            ..EngineConfig::default()
-        },
-    };
+    let local = LlamaBackend::new(EngineConfig {
+        threads: threads as i32,
+        parallel: b,
+        ..EngineConfig::default()
+    });
     let remote = ServerBackend {
         config: OpenAiConfig {
             concurrency,

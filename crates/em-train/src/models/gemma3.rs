@@ -4,13 +4,11 @@
 //! their own rotary base (`rope_local_base_freq`), GELU-tanh MLP and tied embeddings. Its
 //! configuration is resolved by [`em_config::gemma3`].
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::llama::load_lm_head;
 use super::{ModelConfig, ModelError, Weights};
-use crate::layers::{
-    attention_mask, compute_dtype, Attention, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
-};
+use crate::layers::{Attention, Embedding, LayerContext, Linear, Mlp, RmsNorm, RotaryEmbedding};
 
 /// One decoder layer with norms before and after attention and MLP.
 #[derive(Debug, Clone)]
@@ -121,48 +119,57 @@ impl Model {
         &mut self.embed_tokens
     }
 
-    /// Final-norm hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`.
-    pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
-        let (_, seq) = ids.dims2()?;
+    /// Input embeddings `[batch, seq, hidden]` for `ids` `[batch, seq]`, scaled by √hidden.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let x = self.embed_tokens.forward(ids)?;
-        let (dtype, device) = (x.dtype(), x.device().clone());
         // transformers multiplies by the scale cast to the weight dtype.
-        let scale = match dtype {
+        let scale = match x.dtype() {
             DType::BF16 => half::bf16::from_f64(self.embed_scale).to_f64(),
             DType::F16 => half::f16::from_f64(self.embed_scale).to_f64(),
             DType::F32 => self.embed_scale as f32 as f64,
             _ => self.embed_scale,
         };
-        let mut x = (x * scale)?;
-        let (gcos, gsin) = self.global_rotary.cos_sin(seq, dtype, &device)?;
-        let (lcos, lsin) = self.local_rotary.cos_sin(seq, dtype, &device)?;
-        let full = attention_mask(seq, None, compute_dtype(dtype), &device)?;
-        let mut sliding: Vec<(usize, Tensor)> = Vec::new();
-        for layer in &self.layers {
-            x = match layer.window {
-                None => layer.forward(&x, &gcos, &gsin, &full)?,
-                Some(wnd) => {
-                    let mask = match sliding.iter().find(|(w, _)| *w == wnd) {
-                        Some((_, m)) => m.clone(),
-                        None => {
-                            let m = attention_mask(seq, Some(wnd), compute_dtype(dtype), &device)?;
-                            sliding.push((wnd, m.clone()));
-                            m
-                        }
-                    };
-                    layer.forward(&x, &lcos, &lsin, &mask)?
-                }
-            };
-        }
-        self.norm.forward(&x)
+        x * scale
     }
 
-    /// Logits `[.., vocab]` from final hidden states, soft-capped if configured.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = self.lm_head.forward(hidden)?;
-        match self.final_logit_softcapping {
-            Some(cap) => (logits / cap)?.tanh()? * cap,
-            None => Ok(logits),
-        }
+    /// The rope tables (global and local) and masks every layer of a `seq_len` batch uses.
+    pub fn layer_context(&self, seq_len: usize, dtype: DType, device: &Device) -> Result<LayerContext> {
+        let windows: Vec<_> = self.layers.iter().map(|l| l.window).collect();
+        LayerContext::new(
+            seq_len,
+            dtype,
+            device,
+            &self.global_rotary,
+            Some(&self.local_rotary),
+            &windows,
+        )
     }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `i` on `x` `[batch, seq, hidden]`.
+    pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let (cos, sin, mask) = ctx.for_window(layer.window);
+        layer.forward(x, cos, sin, mask)
+    }
+
+    /// The final norm, giving the hidden states the LM head reads.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// The LM head (the embedding table: Gemma3 ties them).
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// The final soft-capping of the logits, applied by [`super::CausalLm::cap_logits`].
+    pub fn final_logit_softcapping(&self) -> Option<f64> {
+        self.final_logit_softcapping
+    }
+
 }

@@ -2,12 +2,10 @@
 //! with optional "linear" or "llama3" scaling. The decoder here also serves Qwen2. Its
 //! configuration is resolved by [`em_config::llama`].
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 
 use super::{ModelConfig, ModelError, Weights};
-use crate::layers::{
-    attention_mask, compute_dtype, Attention, Embedding, Linear, Mlp, RmsNorm, RotaryEmbedding,
-};
+use crate::layers::{Attention, Embedding, LayerContext, Linear, Mlp, RmsNorm, RotaryEmbedding};
 
 /// One pre-norm decoder layer.
 #[derive(Debug, Clone)]
@@ -129,34 +127,36 @@ impl Model {
         &mut self.embed_tokens
     }
 
-    /// Final-norm hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`.
-    pub fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
-        let (_, seq) = ids.dims2()?;
-        let mut x = self.embed_tokens.forward(ids)?;
-        let (dtype, device) = (x.dtype(), x.device().clone());
-        let (cos, sin) = self.rotary.cos_sin(seq, dtype, &device)?;
-        let full = attention_mask(seq, None, compute_dtype(dtype), &device)?;
-        let mut sliding = None;
-        for layer in &self.layers {
-            let mask = match layer.window {
-                None => &full,
-                Some(wnd) => match &sliding {
-                    Some(m) => m,
-                    None => sliding.insert(attention_mask(
-                        seq,
-                        Some(wnd),
-                        compute_dtype(dtype),
-                        &device,
-                    )?),
-                },
-            };
-            x = layer.forward(&x, &cos, &sin, mask)?;
-        }
-        self.norm.forward(&x)
+    /// Input embeddings `[batch, seq, hidden]` for `ids` `[batch, seq]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
     }
 
-    /// Logits `[.., vocab]` from final hidden states.
-    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.lm_head.forward(hidden)
+    /// The rope tables and masks every layer of a `seq_len` batch uses.
+    pub fn layer_context(&self, seq_len: usize, dtype: DType, device: &Device) -> Result<LayerContext> {
+        let windows: Vec<_> = self.layers.iter().map(|l| l.window).collect();
+        LayerContext::new(seq_len, dtype, device, &self.rotary, None, &windows)
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Decoder layer `i` on `x` `[batch, seq, hidden]`.
+    pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let (cos, sin, mask) = ctx.for_window(layer.window);
+        layer.forward(x, cos, sin, mask)
+    }
+
+    /// The final norm, giving the hidden states the LM head reads.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(x)
+    }
+
+    /// The LM head.
+    pub fn lm_head(&self) -> &Linear {
+        &self.lm_head
     }
 }

@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::layers::{LayerContext, Linear};
+
 /// The configuration types are em-config's: one reading of config.json for every crate.
 pub use em_config::{Architecture, ConfigError, ConfigSource, ModelConfig};
 pub use weights::Weights;
@@ -173,19 +175,82 @@ impl CausalLm {
 
     /// Final-norm hidden states `[batch, seq, hidden]`, before the LM head.
     pub fn hidden_states(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.inner {
-            Inner::Qwen2(m) => m.hidden_states(input_ids),
-            Inner::Llama(m) => m.hidden_states(input_ids),
-            Inner::Gemma3(m) => m.hidden_states(input_ids),
+        let (_, seq) = input_ids.dims2()?;
+        let mut x = self.embed(input_ids)?;
+        let ctx = self.layer_context(seq, x.dtype(), &x.device().clone())?;
+        for i in 0..self.num_layers() {
+            x = self.layer(i, &x, &ctx)?;
         }
+        self.final_norm(&x)
     }
 
     /// Applies the LM head (and any final soft-capping) to hidden states `[.., hidden]`.
     pub fn logits_from_hidden(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        self.cap_logits(&self.lm_head().forward(hidden)?)
+    }
+
+    /// The scaled input embeddings `[batch, seq, hidden]` the first layer reads.
+    pub fn embed(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         match &self.inner {
-            Inner::Qwen2(m) => m.logits(hidden),
-            Inner::Llama(m) => m.logits(hidden),
-            Inner::Gemma3(m) => m.logits(hidden),
+            Inner::Qwen2(m) | Inner::Llama(m) => m.embed(input_ids),
+            Inner::Gemma3(m) => m.embed(input_ids),
+        }
+    }
+
+    /// The rope tables and masks shared by every layer of a batch of `seq_len` positions.
+    pub fn layer_context(
+        &self,
+        seq_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<LayerContext> {
+        match &self.inner {
+            Inner::Qwen2(m) | Inner::Llama(m) => m.layer_context(seq_len, dtype, device),
+            Inner::Gemma3(m) => m.layer_context(seq_len, dtype, device),
+        }
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        match &self.inner {
+            Inner::Qwen2(m) | Inner::Llama(m) => m.num_layers(),
+            Inner::Gemma3(m) => m.num_layers(),
+        }
+    }
+
+    /// Decoder layer `i` (0-based) on `x` `[batch, seq, hidden]`.
+    pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> candle_core::Result<Tensor> {
+        match &self.inner {
+            Inner::Qwen2(m) | Inner::Llama(m) => m.layer(i, x, ctx),
+            Inner::Gemma3(m) => m.layer(i, x, ctx),
+        }
+    }
+
+    /// The norm after the last layer.
+    pub fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.inner {
+            Inner::Qwen2(m) | Inner::Llama(m) => m.final_norm(x),
+            Inner::Gemma3(m) => m.final_norm(x),
+        }
+    }
+
+    /// The LM head (the embedding table when tied).
+    pub fn lm_head(&self) -> &Linear {
+        match &self.inner {
+            Inner::Qwen2(m) | Inner::Llama(m) => m.lm_head(),
+            Inner::Gemma3(m) => m.lm_head(),
+        }
+    }
+
+    /// Logits from the LM head's raw output: Gemma's final soft-capping, identity elsewhere.
+    pub fn cap_logits(&self, raw: &Tensor) -> candle_core::Result<Tensor> {
+        let cap = match &self.inner {
+            Inner::Gemma3(m) => m.final_logit_softcapping(),
+            _ => None,
+        };
+        match cap {
+            Some(cap) => (raw / cap)?.tanh()? * cap,
+            None => Ok(raw.clone()),
         }
     }
 

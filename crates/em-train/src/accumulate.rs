@@ -1,0 +1,185 @@
+//! `acc += aᵀ·b` written into `acc`'s own storage: the LM head's weight gradient summed over row
+//! chunks without a fresh `[vocab, hidden]` tensor (and a second one for the sum) per chunk.
+
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
+
+/// Adds `aᵀ·b` to `acc` in place: `acc` `[m, n]`, `a` `[k, m]`, `b` `[k, n]`, all contiguous and
+/// of `acc`'s dtype (f32 or f64), on one device.
+pub fn add_transposed_product(acc: &Tensor, a: &Tensor, b: &Tensor) -> Result<()> {
+    let (m, n) = acc.dims2()?;
+    let (k, am) = a.dims2()?;
+    let (bk, bn) = b.dims2()?;
+    if am != m || bk != k || bn != n {
+        candle_core::bail!(
+            "add_transposed_product: acc {:?}, a {:?}, b {:?} do not fit acc += aᵀ·b",
+            acc.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    if a.dtype() != acc.dtype() || b.dtype() != acc.dtype() {
+        candle_core::bail!("add_transposed_product: operands must share acc's dtype");
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    acc.inplace_op3(&a, &b, &TransposedProduct { m, n, k })
+}
+
+struct TransposedProduct {
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+fn contiguous_from<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("add_transposed_product: operand is not contiguous"),
+    }
+}
+
+impl TransposedProduct {
+    /// # Safety
+    /// `dst` holds `m·n`, `a` `k·m`, `b` `k·n` elements, row-major.
+    unsafe fn run<T: 'static + Copy>(&self, dst: &mut [T], a: &[T], b: &[T], one: T) {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // dst[i, j] = 1·dst[i, j] + 1·Σ_t a[t, i]·b[t, j]; the lhs is aᵀ (row stride 1, column
+        // stride m).
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            true,
+            a.as_ptr(),
+            m as isize,
+            1,
+            b.as_ptr(),
+            1,
+            n as isize,
+            one,
+            one,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    }
+}
+
+impl InplaceOp3 for TransposedProduct {
+    fn name(&self) -> &'static str {
+        "add-transposed-product"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        let Some((start, end)) = l1.contiguous_offsets() else {
+            candle_core::bail!("add_transposed_product: acc is not contiguous");
+        };
+        match (s1, s2, s3) {
+            (CpuStorage::F32(d), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let (a, b) = (contiguous_from(a, l2)?, contiguous_from(b, l3)?);
+                // SAFETY: add_transposed_product checked every shape against m, n, k.
+                unsafe { self.run(&mut d[start..end], a, b, 1f32) };
+                Ok(())
+            }
+            (CpuStorage::F64(d), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let (a, b) = (contiguous_from(a, l2)?, contiguous_from(b, l3)?);
+                // SAFETY: as above.
+                unsafe { self.run(&mut d[start..end], a, b, 1f64) };
+                Ok(())
+            }
+            _ => candle_core::bail!("add_transposed_product: only f32 and f64 accumulate"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+        use candle_core::DType;
+        let offsets = |l: &Layout| {
+            l.contiguous_offsets().ok_or_else(|| {
+                candle_core::Error::Msg("add_transposed_product: operand is not contiguous".into())
+            })
+        };
+        let ((d0, d1), (a0, a1), (b0, b1)) = (offsets(l1)?, offsets(l2)?, offsets(l3)?);
+        let (m, n, k) = (self.m as i32, self.n as i32, self.k as i32);
+        // Row-major acc [m, n] is column-major accᵀ [n, m] = accᵀ + bᵀ·a: cuBLAS gets b as
+        // an n×k matrix (no transpose) and a, stored k×m row-major, transposed.
+        let blas = s1.device.cublas_handle();
+        macro_rules! gemm_for {
+            ($t:ty, $one:expr) => {{
+                let cfg = GemmConfig::<$t> {
+                    transa: cublasOperation_t::CUBLAS_OP_N,
+                    transb: cublasOperation_t::CUBLAS_OP_T,
+                    m: n,
+                    n: m,
+                    k,
+                    alpha: $one,
+                    lda: n,
+                    ldb: m,
+                    beta: $one,
+                    ldc: n,
+                };
+                let a = s2.as_cuda_slice::<$t>()?.slice(a0..a1);
+                let b = s3.as_cuda_slice::<$t>()?.slice(b0..b1);
+                let mut d = s1.as_cuda_slice_mut::<$t>()?.slice_mut(d0..d1);
+                // SAFETY: shapes checked by add_transposed_product; views cover exactly them.
+                unsafe { blas.gemm(cfg, &b, &a, &mut d) }
+                    .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+            }};
+        }
+        match s1.dtype() {
+            DType::F32 => gemm_for!(f32, 1.0f32),
+            DType::F64 => gemm_for!(f64, 1.0f64),
+            d => candle_core::bail!("add_transposed_product: unsupported dtype {d:?}"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn adds_the_transposed_product_in_place() -> Result<()> {
+        let dev = Device::Cpu;
+        let acc = Tensor::arange(0f64, 12.0, &dev)?.reshape((3, 4))?;
+        let before = acc.clone().copy()?;
+        let a = (Tensor::arange(0f64, 15.0, &dev)?.reshape((5, 3))? * 0.5)?;
+        let b = (Tensor::arange(0f64, 20.0, &dev)?.reshape((5, 4))? - 3.0)?;
+        add_transposed_product(&acc, &a, &b)?;
+        let want = (before + a.t()?.matmul(&b)?)?;
+        let diff = (acc - want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert_eq!(diff, 0.0);
+        let bad = add_transposed_product(&Tensor::zeros((3, 4), DType::F64, &dev)?, &b, &a);
+        assert!(bad.is_err());
+        Ok(())
+    }
+}

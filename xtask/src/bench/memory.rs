@@ -1,0 +1,194 @@
+//! The memory model `bench em-step` prints: what one EM update holds at its peak, from parts
+//! measured on this machine (one decoder layer's forward + backward, one LM-head chunk) and parts
+//! that are arithmetic (weights, master copies, gradients, moments, saved layer inputs).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use em_train::models::{tensor_shapes, CausalLm, ModelConfig};
+
+const MB: f64 = 1024.0 * 1024.0;
+
+fn status_mb(key: &str) -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Resets the process's peak RSS to its current RSS (Linux `clear_refs` 5).
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+/// The current RSS in MB.
+pub fn rss_mb() -> f64 {
+    status_mb("VmRSS:").unwrap_or(0.0)
+}
+
+/// The peak RSS in MB since the last [`reset_peak_rss`].
+pub fn peak_mb() -> f64 {
+    status_mb("VmHWM:").unwrap_or(0.0)
+}
+
+/// How far above the RSS at its start the process's RSS peaked while `f` ran, in MB.
+pub fn transient_peak_mb(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    reset_peak_rss();
+    let before = rss_mb();
+    f()?;
+    Ok(peak_mb() - before)
+}
+
+/// A published configuration whose memory the model projects.
+pub struct KnownConfig {
+    pub name: &'static str,
+    pub raw: serde_json::Value,
+}
+
+/// Qwen2.5-Math-1.5B and -7B, from the values of their config.json files.
+pub fn qwen_math_configs() -> Vec<KnownConfig> {
+    vec![
+        KnownConfig {
+            name: "Qwen2.5-Math-1.5B",
+            raw: serde_json::json!({
+                "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960,
+                "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2,
+                "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": true, "use_sliding_window": false, "sliding_window": 4096,
+                "max_window_layers": 21, "hidden_act": "silu"
+            }),
+        },
+        KnownConfig {
+            name: "Qwen2.5-Math-7B",
+            raw: serde_json::json!({
+                "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                "vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
+                "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+                "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+                "tie_word_embeddings": false, "use_sliding_window": false, "sliding_window": 4096,
+                "max_window_layers": 28, "hidden_act": "silu"
+            }),
+        },
+    ]
+}
+
+/// Parses a configuration given as JSON values.
+pub fn config(raw: &serde_json::Value, name: &str) -> Result<ModelConfig> {
+    Ok(ModelConfig::from_value(raw.clone(), Path::new(name))?)
+}
+
+/// Number of parameters of `cfg` (a tied head counted once).
+pub fn parameter_count(cfg: &ModelConfig) -> usize {
+    tensor_shapes(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum()
+}
+
+/// Random weights of `cfg`'s shapes on `device`: N(0, 0.02), unit norms.
+pub fn random_tensors(cfg: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    for (name, shape) in tensor_shapes(cfg) {
+        let t = if name.ends_with("norm.weight") {
+            Tensor::ones(shape, DType::F32, device)?
+        } else {
+            Tensor::randn(0f32, 0.02, shape, device)?
+        };
+        tensors.insert(name, t);
+    }
+    Ok(tensors)
+}
+
+/// A random model with `cfg`'s shapes (see [`random_tensors`]).
+pub fn random_model(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<CausalLm> {
+    let tensors = random_tensors(cfg, device)?;
+    Ok(CausalLm::from_tensors(cfg, tensors, dtype, device)?)
+}
+
+/// Peak MB above the start of one decoder layer's forward and backward on `[1, seq, hidden]` in
+/// `dtype`, on a one-layer model with `raw`'s layer shapes (and a small vocabulary).
+pub fn measure_layer_mb(raw: &serde_json::Value, seq: usize, dtype: DType) -> Result<f64> {
+    let mut one = raw.clone();
+    one["num_hidden_layers"] = 1.into();
+    one["vocab_size"] = 256.into();
+    one["max_window_layers"] = 1.into();
+    let cfg = config(&one, "one-layer model")?;
+    let model = random_model(&cfg, dtype, &Device::Cpu)?;
+    let hidden = cfg.hidden_size;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, seq, hidden), &Device::Cpu)?.to_dtype(dtype)?)?;
+    let upstream = Tensor::randn(0f32, 1.0, (1, seq, hidden), &Device::Cpu)?.to_dtype(dtype)?;
+    let ctx = model.layer_context(seq, dtype, &Device::Cpu)?;
+    transient_peak_mb(|| {
+        let out = model.layer(0, x.as_tensor(), &ctx)?;
+        let store = (out * &upstream)?.sum_all()?.backward()?;
+        drop(store);
+        Ok(())
+    })
+}
+
+/// Peak MB above the start of the entropy's forward and backward on one LM-head chunk of
+/// `rows` × `vocab` logits (the chunk size is fixed in elements, so this does not depend on the model).
+pub fn measure_head_chunk_mb(rows: usize, vocab: usize) -> Result<f64> {
+    let z = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu)?;
+    transient_peak_mb(|| {
+        let leaf = Var::from_tensor(&z)?;
+        let sum = em_train::entropy(leaf.as_tensor(), 0.5)?.sum_all()?;
+        let store = sum.backward()?;
+        drop(store);
+        Ok(())
+    })
+    .context("measuring an LM-head chunk")
+}
+
+/// The projected peak of one update, in MB, and its parts.
+pub struct Projection {
+    pub static_mb: f64,
+    pub saved_inputs_mb: f64,
+    pub layer_mb: f64,
+    pub head_mb: f64,
+}
+
+impl Projection {
+    pub fn total(&self) -> f64 {
+        self.static_mb + self.saved_inputs_mb + self.layer_mb + self.head_mb
+    }
+}
+
+/// Bytes held across the update per parameter: weights in `dtype`, an f32 master copy for
+/// bf16/f16, f32 gradients and two f32 moments.
+pub fn bytes_per_parameter(dtype: DType) -> f64 {
+    let weights = dtype.size_in_bytes() as f64;
+    let master = if matches!(dtype, DType::BF16 | DType::F16) { 4.0 } else { 0.0 };
+    weights + master + 4.0 + 8.0
+}
+
+/// The peak of an update of `cfg` at `micro_batch` sequences of `seq` tokens: `layer_mb` is one
+/// layer's measured transient at one sequence of `seq` (it grows linearly with the batch).
+pub fn project(
+    cfg: &ModelConfig,
+    dtype: DType,
+    micro_batch: usize,
+    seq: usize,
+    layer_mb: f64,
+    head_mb: f64,
+    recompute: bool,
+) -> Projection {
+    let params = parameter_count(cfg) as f64;
+    let b = micro_batch as f64;
+    let layers = cfg.num_hidden_layers as f64;
+    let act_bytes = dtype.size_in_bytes() as f64;
+    let (saved_inputs_mb, layer_mb) = if recompute {
+        (layers * b * (seq * cfg.hidden_size) as f64 * act_bytes / MB, b * layer_mb)
+    } else {
+        (0.0, layers * b * layer_mb)
+    };
+    Projection {
+        static_mb: params * bytes_per_parameter(dtype) / MB,
+        saved_inputs_mb,
+        layer_mb,
+        head_mb,
+    }
+}
