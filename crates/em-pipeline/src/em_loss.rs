@@ -161,12 +161,15 @@ pub fn worst_gradient_difference(a: &Gradients, b: &Gradients) -> Result<(f64, S
     let mut worst = (0.0f64, String::new());
     for ((name, _, ga), (_, _, gb)) in a.iter().zip(b.iter()) {
         let (ga, gb) = match (ga, gb) {
-            (Some(x), Some(y)) => (x.to_device(&Device::Cpu)?, y.to_device(&Device::Cpu)?),
+            (Some(x), Some(y)) => (
+                x.to_device(&Device::Cpu)?.to_dtype(DType::F64)?,
+                y.to_device(&Device::Cpu)?.to_dtype(DType::F64)?,
+            ),
             (None, None) => continue,
             _ => return Ok((f64::INFINITY, name.to_string())),
         };
         let max = |t: &Tensor| -> Result<f64> {
-            Ok(t.abs()?.max_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            Ok(t.abs()?.max_all()?.to_scalar::<f64>()?)
         };
         let scale = max(&gb)?;
         let diff = max(&(&ga - &gb)?)?;
