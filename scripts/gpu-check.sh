@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check (docs/cuda.md), about 8 minutes on one GPU machine. Run from the repository root
-# there, with target-cuda/release/xtask built by scripts/cuda-build.sh on a CPU machine and carried.
+# there, with target-cuda/xtask.xz built by scripts/cuda-build.sh on a CPU machine and carried.
 # Every step's log and the GPU memory it used (nvidia-smi, every 200 ms) go to $OUT (default
 # gpu-check/); summary.txt has one line per step.
 set -uo pipefail
-xtask=${XTASK:-target-cuda/release/xtask}
 out=${OUT:-gpu-check}
 work=${WORK:-/tmp/gpu-check-work}
 mkdir -p "$out" "$work"
+xtask=${XTASK:-$work/xtask}
+[ -x "$xtask" ] || { xz -d -c target-cuda/xtask.xz > "$xtask" && chmod +x "$xtask"; }
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 done
