@@ -52,9 +52,13 @@ pub struct EmStepArgs {
     /// Timed updates per setting, after one warm-up.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
-    /// Skip the memory model (its layer measurements take a few minutes).
+    /// Skip the memory model (its layer measurements take a minute or two).
     #[arg(long)]
     pub no_memory_model: bool,
+    /// Only the memory model: its measurements and projections, for the settings given, without
+    /// timing updates (the measured-peak column is then empty).
+    #[arg(long)]
+    pub memory_only: bool,
     /// Instead of timing: the loss and every gradient of the same random weights and responses on
     /// `--device` and on this device; fails beyond em-loss's tolerances (1e-4 loss, 1e-3 gradients).
     #[arg(long)]
@@ -177,6 +181,10 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         settings.extend(micro_batches.iter().map(|&mb| (mb, false)));
     }
     let mut rows = Vec::new();
+    if args.memory_only {
+        let rows: Vec<_> = settings.iter().map(|&(mb, rc)| (mb, rc, f64::NAN, f64::NAN)).collect();
+        return memory_model(&cfg, dtype, seq_len, &rows, rss_before);
+    }
     for (micro_batch, recompute) in settings {
         let options = EmOptions {
             recompute,
@@ -256,7 +264,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         println!("CPU peak {p:.0} GFLOP/s ({how}); FLOPs counted from the shapes: 3× the forward's matmuls (forward, both backward products), one more trunk forward with recompute, attention over the full square");
     }
     if device.is_cpu() && !args.no_memory_model && args.random_config.is_none() {
-        memory_model(&cfg, dtype, seq_len, &rows, rss_before, micro_batches[0])?;
+        memory_model(&cfg, dtype, seq_len, &rows, rss_before)?;
     }
     Ok(())
 }
@@ -370,7 +378,6 @@ fn memory_model(
     seq_len: usize,
     rows: &[(usize, bool, f64, f64)],
     rss_before: f64,
-    _first_mb: usize,
 ) -> Result<()> {
     let chunk = EmOptions::new(0.5, 1, cfg.vocab_size).logit_chunk_rows;
     let head_mb = memory::measure_head_chunk_mb(chunk, cfg.vocab_size)?;
