@@ -107,6 +107,30 @@ pub fn entropy(logits: &Tensor, temperature: f64) -> candle_core::Result<Tensor>
     sum.log()?.squeeze(D::Minus1)? - (p * shifted)?.sum(D::Minus1)?
 }
 
+/// `(Σ_rows H, ∂(Σ_rows H)/∂logits)` for `logits` `[n, V]`, the gradient written out rather than
+/// taken by autograd through [`entropy`]: with `s = z/τ`, `∂H/∂z_v = −(p_v/τ)(s_v − E_p[s])`. The
+/// same values, with a few `[n, V]` intermediates alive instead of every one of the graph's
+/// (test: `entropy_gradient_is_autograds`). The gradient is in the logits' dtype, as autograd's.
+pub fn entropy_sum_and_grad(
+    logits: &Tensor,
+    temperature: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let z = (logits.to_dtype(compute_dtype(logits.dtype()))? / temperature)?;
+    let shifted = z.broadcast_sub(&z.max_keepdim(D::Minus1)?)?;
+    drop(z);
+    let exp = shifted.exp()?;
+    let sum = exp.sum_keepdim(D::Minus1)?;
+    let p = exp.broadcast_div(&sum)?;
+    drop(exp);
+    // E_p[s] − max(s), per row.
+    let mean_shifted = (&p * &shifted)?.sum_keepdim(D::Minus1)?;
+    let entropy = (sum.log()? - &mean_shifted)?.sum_all()?;
+    let grad = (shifted.broadcast_sub(&mean_shifted)? * p)?
+        .affine(-1.0 / temperature, 0.0)?
+        .to_dtype(logits.dtype())?;
+    Ok((entropy, grad))
+}
+
 /// The EM loss of METHOD.md over already selected response-predicting logits `[n, V]`: the mean
 /// over rows of the entropy at temperature τ (a scalar).
 pub fn em_loss(logits: &Tensor, temperature: f64) -> candle_core::Result<Tensor> {
@@ -507,32 +531,47 @@ fn head(
     while start < n {
         let len = rows.min(n - start);
         let h = ctx(selected.narrow(0, start, len), "chunking hidden states")?;
-        // The head's matmul runs outside the graph; only the [rows, V] logits are a leaf, so
-        // the graph is the entropy's alone and the weight gradient is summed in place below.
-        let raw = ctx(
-            h.matmul(&weight_t).and_then(|z| Var::from_tensor(&z)),
-            "LM head",
-        )?;
-        let raw = match lm_head.bias() {
-            Some(b) => ctx(raw.as_tensor().broadcast_add(&b.as_tensor().detach()), "LM head")
-                .and_then(|z| ctx(Var::from_tensor(&z), "LM head"))?,
-            None => raw,
+        // The head's matmul and the entropy's gradient run outside any graph (autograd through
+        // the entropy would keep every [rows, V] intermediate); only a final soft-cap, where the
+        // model has one, is differentiated by autograd. The weight gradient is summed in place.
+        let mut raw = ctx(h.matmul(&weight_t), "LM head")?;
+        if let Some(b) = lm_head.bias() {
+            raw = ctx(raw.broadcast_add(&b.as_tensor().detach()), "LM head")?;
+        }
+        let capped = if model.caps_logits() {
+            let leaf = ctx(Var::from_tensor(&raw), "logit soft-capping")?;
+            raw = ctx(model.cap_logits(leaf.as_tensor()), "logit soft-capping")?;
+            Some(leaf)
+        } else {
+            None
         };
-        let logits = ctx(model.cap_logits(raw.as_tensor()), "logit soft-capping")?;
-        let ent = ctx(entropy(&logits, options.temperature), "entropy")?;
-        let sum = ctx(ent.sum_all(), "entropy")?;
-        stats.entropy_sum += ctx(scalar_f64(&sum), "entropy")?;
+        let logits = raw;
         let max_logits = ctx(logits.max(D::Minus1).and_then(|m| m.sum_all()), "max logit")?;
         stats.max_logit_sum += ctx(scalar_f64(&max_logits), "max logit")?;
-        let store = ctx(
-            (sum * scale).and_then(|l| l.backward()),
-            "backward (entropy)",
+        // Detached: a soft-capped `logits` carries the cap's graph, which the surrogate below
+        // must see only through `logits` itself.
+        let (sum, d_logits) = ctx(
+            entropy_sum_and_grad(&logits.detach(), options.temperature),
+            "entropy",
         )?;
-        let d_raw = match store.get(raw.as_tensor()) {
-            Some(g) => g.clone(),
-            None => ctx(raw.as_tensor().zeros_like(), "zero gradient")?,
+        stats.entropy_sum += ctx(scalar_f64(&sum), "entropy")?;
+        let d_logits = ctx(d_logits.affine(scale, 0.0), "entropy gradient")?;
+        let d_raw = match capped {
+            None => d_logits,
+            Some(leaf) => {
+                let store = ctx(
+                    (&logits * &d_logits)
+                        .and_then(|p| p.sum_all())
+                        .and_then(|s| s.backward()),
+                    "backward (logit soft-capping)",
+                )?;
+                match store.get(leaf.as_tensor()) {
+                    Some(g) => g.clone(),
+                    None => ctx(leaf.as_tensor().zeros_like(), "zero gradient")?,
+                }
+            }
         };
-        drop((store, logits, raw));
+        drop(logits);
         ctx(
             grads.add_transposed_product(lm_head.weight(), &d_raw, &h),
             "LM head gradient",

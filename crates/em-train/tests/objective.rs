@@ -416,3 +416,32 @@ fn the_pad_row_gets_no_gradient_through_the_input_path() {
         }
     }
 }
+
+/// The written-out entropy gradient the LM head uses equals autograd's through `entropy`, in f64,
+/// on rows with a dominant logit, flat rows and everything between.
+#[test]
+fn entropy_gradient_is_autograds() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (rows, vocab) = (6, 13);
+    let values: Vec<f64> = (0..rows * vocab)
+        .map(|i| {
+            let spread = [0.01, 0.5, 2.0, 8.0, 30.0, 1.0][i / vocab];
+            spread * rng.gen_range(-1.0..1.0)
+        })
+        .collect();
+    let z = Var::from_vec(values, (rows, vocab), &Device::Cpu).unwrap();
+    let want_sum = em_train::entropy(z.as_tensor(), TAU)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let want_grad = want_sum.backward().unwrap().get(z.as_tensor()).unwrap().clone();
+    let (sum, grad) = em_train::objective::entropy_sum_and_grad(z.as_tensor(), TAU).unwrap();
+    let (a, b) = (
+        sum.to_scalar::<f64>().unwrap(),
+        want_sum.to_scalar::<f64>().unwrap(),
+    );
+    assert!((a - b).abs() <= 1e-13 * b.abs(), "entropy {a} vs {b}");
+    let scale = want_grad.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let diff = max_diff(&grad, &want_grad);
+    assert!(diff <= 1e-13 * scale, "gradient off by {diff:.2e} (scale {scale:.2e})");
+}

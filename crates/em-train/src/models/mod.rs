@@ -242,6 +242,11 @@ impl CausalLm {
         }
     }
 
+    /// Whether [`CausalLm::cap_logits`] changes the head's output (Gemma's final soft-capping).
+    pub fn caps_logits(&self) -> bool {
+        matches!(&self.inner, Inner::Gemma3(m) if m.final_logit_softcapping().is_some())
+    }
+
     /// Logits from the LM head's raw output: Gemma's final soft-capping, identity elsewhere.
     pub fn cap_logits(&self, raw: &Tensor) -> candle_core::Result<Tensor> {
         let cap = match &self.inner {
