@@ -137,15 +137,14 @@ pub fn measure_layer_mb(raw: &serde_json::Value, seq: usize, dtype: DType) -> Re
     })
 }
 
-/// Peak MB above the start of the entropy's forward and backward on one LM-head chunk of
-/// `rows` × `vocab` logits (the chunk size is fixed in elements, so this does not depend on the model).
+/// Peak MB above the start of the entropy and its gradient on one LM-head chunk of `rows` ×
+/// `vocab` logits, as the objective computes them (the chunk size is fixed in elements, so this
+/// does not depend on the model).
 pub fn measure_head_chunk_mb(rows: usize, vocab: usize) -> Result<f64> {
-    let z = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu)?;
     transient_peak_mb(|| {
-        let leaf = Var::from_tensor(&z)?;
-        let sum = em_train::entropy(leaf.as_tensor(), 0.5)?.sum_all()?;
-        let store = sum.backward()?;
-        drop(store);
+        let z = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu)?;
+        let (sum, grad) = em_train::objective::entropy_sum_and_grad(&z, 0.5)?;
+        drop((sum, grad));
         Ok(())
     })
     .context("measuring an LM-head chunk")
