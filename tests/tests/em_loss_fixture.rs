@@ -186,7 +186,10 @@ fn gradient_file_names_every_parameter_and_input_errors_name_the_file() {
             Err(e) => format!("{e:#}").replace(&shown, "F"),
             Ok(inp) => {
                 let m = CausalLm::from_hf_dir(&dir, DType::F32, &Device::Cpu).unwrap();
-                compute(&m, &inp, 2, true).map(|_| ()).unwrap_err().to_string()
+                compute(&m, &inp, 2, true)
+                    .map(|_| ())
+                    .unwrap_err()
+                    .to_string()
             }
         }
     };

@@ -77,13 +77,12 @@ impl GgufModel {
             ));
         }
         let params = LlamaModelParams::default().with_n_gpu_layers(gpu_layers);
-        let model = LlamaModel::load_from_file(backend()?, path, &params)
-            .map_err(|e| {
-                SamplerError::backend(
-                    path.display(),
-                    format!("llama.cpp could not load the model: {e}"),
-                )
-            })?;
+        let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| {
+            SamplerError::backend(
+                path.display(),
+                format!("llama.cpp could not load the model: {e}"),
+            )
+        })?;
         Ok(Self {
             model,
             path: path.into(),

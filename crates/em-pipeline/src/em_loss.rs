@@ -168,9 +168,7 @@ pub fn worst_gradient_difference(a: &Gradients, b: &Gradients) -> Result<(f64, S
             (None, None) => continue,
             _ => return Ok((f64::INFINITY, name.to_string())),
         };
-        let max = |t: &Tensor| -> Result<f64> {
-            Ok(t.abs()?.max_all()?.to_scalar::<f64>()?)
-        };
+        let max = |t: &Tensor| -> Result<f64> { Ok(t.abs()?.max_all()?.to_scalar::<f64>()?) };
         let scale = max(&gb)?;
         let diff = max(&(&ga - &gb)?)?;
         let rel = if scale > 0.0 { diff / scale } else { diff };
@@ -202,8 +200,9 @@ pub fn run(args: &EmLossArgs) -> Result<()> {
     if let Some(other) = &args.check_against {
         let reference = load(args, other)?;
         let start = std::time::Instant::now();
-        let (ref_loss, _, ref_grads) = compute(&reference, &input, args.micro_batch, args.recompute)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
+        let (ref_loss, _, ref_grads) =
+            compute(&reference, &input, args.micro_batch, args.recompute)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", args.input.display()))?;
         let ref_seconds = start.elapsed().as_secs_f64();
         let loss_rel = (loss - ref_loss).abs() / ref_loss.abs().max(f64::MIN_POSITIVE);
         let (grad_rel, worst) = worst_gradient_difference(&grads, &ref_grads)?;

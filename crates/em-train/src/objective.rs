@@ -227,7 +227,11 @@ impl Gradients {
 
     fn index_of(&self, var: &Var) -> candle_core::Result<usize> {
         let id = var.as_tensor().id();
-        match self.params.iter().position(|(_, v)| v.as_tensor().id() == id) {
+        match self
+            .params
+            .iter()
+            .position(|(_, v)| v.as_tensor().id() == id)
+        {
             Some(i) => Ok(i),
             None => candle_core::bail!("not a parameter of this model"),
         }
@@ -473,7 +477,10 @@ fn micro_batch(
         let Some(upstream) = g.take() else { break };
         let input = ctx(Var::from_tensor(&inputs[i]), "recomputing a layer")?;
         inputs.truncate(i);
-        let out = ctx(model.layer(i, input.as_tensor(), &layers), "recomputing a layer")?;
+        let out = ctx(
+            model.layer(i, input.as_tensor(), &layers),
+            "recomputing a layer",
+        )?;
         let store = back_through(&out, &upstream, grads, "backward (decoder layer)")?;
         g = store.get(input.as_tensor()).cloned();
     }

@@ -248,14 +248,26 @@ fn recomputed_layers_give_the_same_gradients() {
         let m = model(&raw, DType::F64, 40 + k as u64);
         let (l_full, g_full) = loss_and_grads(&m, &seqs, &options(2, 3, false));
         let (l_re, g_re) = loss_and_grads(&m, &seqs, &options(2, 3, true));
-        assert!((l_full - l_re).abs() < 1e-13, "{label}: loss {l_re} vs {l_full}");
+        assert!(
+            (l_full - l_re).abs() < 1e-13,
+            "{label}: loss {l_re} vs {l_full}"
+        );
         let mut worst = 0.0f64;
         for ((name, _, a), (_, _, b)) in g_full.iter().zip(g_re.iter()) {
             let (a, b) = (a.unwrap(), b.unwrap());
-            let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            let scale = a
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
             assert!(scale > 0.0, "{label}: zero gradient for {name}");
             let rel = max_diff(a, b) / scale;
-            assert!(rel < 1e-12, "{label}: {name} differs by {rel:.2e} (relative)");
+            assert!(
+                rel < 1e-12,
+                "{label}: {name} differs by {rel:.2e} (relative)"
+            );
             worst = worst.max(rel);
         }
         eprintln!("{label}: recompute vs one backward, max relative difference {worst:.2e}");
@@ -434,14 +446,28 @@ fn entropy_gradient_is_autograds() {
         .unwrap()
         .sum_all()
         .unwrap();
-    let want_grad = want_sum.backward().unwrap().get(z.as_tensor()).unwrap().clone();
+    let want_grad = want_sum
+        .backward()
+        .unwrap()
+        .get(z.as_tensor())
+        .unwrap()
+        .clone();
     let (sum, grad) = em_train::objective::entropy_sum_and_grad(z.as_tensor(), TAU).unwrap();
     let (a, b) = (
         sum.to_scalar::<f64>().unwrap(),
         want_sum.to_scalar::<f64>().unwrap(),
     );
     assert!((a - b).abs() <= 1e-13 * b.abs(), "entropy {a} vs {b}");
-    let scale = want_grad.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+    let scale = want_grad
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let diff = max_diff(&grad, &want_grad);
-    assert!(diff <= 1e-13 * scale, "gradient off by {diff:.2e} (scale {scale:.2e})");
+    assert!(
+        diff <= 1e-13 * scale,
+        "gradient off by {diff:.2e} (scale {scale:.2e})"
+    );
 }

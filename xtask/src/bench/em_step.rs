@@ -150,7 +150,12 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         let cfg = memory::config(&smollm2_config(), "SmolLM2-135M config")?;
         let model = memory::random_model(&cfg, dtype, &device)?;
         let prompt = random_ids(&mut rng, args.prompt_len, cfg.vocab_size);
-        (model, prompt, None, "SmolLM2-135M (random weights)".to_string())
+        (
+            model,
+            prompt,
+            None,
+            "SmolLM2-135M (random weights)".to_string(),
+        )
     };
     let cfg = model.config().clone();
     let vocab = cfg.vocab_size;
@@ -182,7 +187,10 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     }
     let mut rows = Vec::new();
     if args.memory_only {
-        let rows: Vec<_> = settings.iter().map(|&(mb, rc)| (mb, rc, f64::NAN, f64::NAN)).collect();
+        let rows: Vec<_> = settings
+            .iter()
+            .map(|&(mb, rc)| (mb, rc, f64::NAN, f64::NAN))
+            .collect();
         return memory_model(&cfg, dtype, seq_len, &rows, rss_before);
     }
     for (micro_batch, recompute) in settings {
@@ -217,7 +225,12 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
             }
         }
         times.sort_by(f64::total_cmp);
-        rows.push((micro_batch, recompute, times[times.len() / 2], memory::peak_mb()));
+        rows.push((
+            micro_batch,
+            recompute,
+            times[times.len() / 2],
+            memory::peak_mb(),
+        ));
     }
     println!("(RSS before loading the model: {rss_before:.0} MB)");
 
@@ -271,7 +284,11 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
 
 /// The loss and gradients of one random model and one set of random responses on `--device` and
 /// on `other`, compared as `em-loss --check-against` does.
-fn check_devices(cfg: &em_train::models::ModelConfig, args: &EmStepArgs, other: &str) -> Result<()> {
+fn check_devices(
+    cfg: &em_train::models::ModelConfig,
+    args: &EmStepArgs,
+    other: &str,
+) -> Result<()> {
     use em_pipeline::em_loss::{self, EmLossInput, CHECK_GRAD_RTOL, CHECK_LOSS_RTOL};
     let tensors = memory::random_tensors(cfg, &Device::Cpu)?;
     let mut rng = StdRng::seed_from_u64(7);
@@ -293,7 +310,10 @@ fn check_devices(cfg: &em_train::models::ModelConfig, args: &EmStepArgs, other: 
         let start = Instant::now();
         let (loss, _, grads) = em_loss::compute(&model, &input, mb, true)?;
         device.synchronize()?;
-        println!("{spec}: loss {loss:.8} in {:.2} s", start.elapsed().as_secs_f64());
+        println!(
+            "{spec}: loss {loss:.8} in {:.2} s",
+            start.elapsed().as_secs_f64()
+        );
         results.push((loss, grads));
     }
     let loss_rel = (results[0].0 - results[1].0).abs() / results[1].0.abs();

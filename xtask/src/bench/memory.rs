@@ -126,7 +126,9 @@ pub fn measure_layer_mb(raw: &serde_json::Value, seq: usize, dtype: DType) -> Re
     let cfg = config(&one, "one-layer model")?;
     let model = random_model(&cfg, dtype, &Device::Cpu)?;
     let hidden = cfg.hidden_size;
-    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, seq, hidden), &Device::Cpu)?.to_dtype(dtype)?)?;
+    let x = Var::from_tensor(
+        &Tensor::randn(0f32, 1.0, (1, seq, hidden), &Device::Cpu)?.to_dtype(dtype)?,
+    )?;
     let upstream = Tensor::randn(0f32, 1.0, (1, seq, hidden), &Device::Cpu)?.to_dtype(dtype)?;
     let ctx = model.layer_context(seq, dtype, &Device::Cpu)?;
     transient_peak_mb(|| {
@@ -168,7 +170,11 @@ impl Projection {
 /// bf16/f16, f32 gradients and two f32 moments.
 pub fn bytes_per_parameter(dtype: DType) -> f64 {
     let weights = dtype.size_in_bytes() as f64;
-    let master = if matches!(dtype, DType::BF16 | DType::F16) { 4.0 } else { 0.0 };
+    let master = if matches!(dtype, DType::BF16 | DType::F16) {
+        4.0
+    } else {
+        0.0
+    };
     weights + master + 4.0 + 8.0
 }
 
@@ -188,7 +194,10 @@ pub fn project(
     let layers = cfg.num_hidden_layers as f64;
     let act_bytes = dtype.size_in_bytes() as f64;
     let (saved_inputs_mb, layer_mb) = if recompute {
-        (layers * b * (seq * cfg.hidden_size) as f64 * act_bytes / MB, b * layer_mb)
+        (
+            layers * b * (seq * cfg.hidden_size) as f64 * act_bytes / MB,
+            b * layer_mb,
+        )
     } else {
         (0.0, layers * b * layer_mb)
     };

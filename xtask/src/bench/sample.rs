@@ -102,7 +102,9 @@ fn ours_alone(
     let mut tps = Vec::new();
     for rep in 0..reps {
         let (t_pp, s_tg, _, _) = run_ours(&mut engine, &prompt, b, tg, rep as u64)?;
-        println!("rep {rep}: prompt phase {t_pp:.3} s, generation {s_tg:.1} tokens/s with sampling");
+        println!(
+            "rep {rep}: prompt phase {t_pp:.3} s, generation {s_tg:.1} tokens/s with sampling"
+        );
         tps.push(s_tg);
     }
     println!(

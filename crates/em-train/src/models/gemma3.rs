@@ -133,7 +133,12 @@ impl Model {
     }
 
     /// The rope tables (global and local) and masks every layer of a `seq_len` batch uses.
-    pub fn layer_context(&self, seq_len: usize, dtype: DType, device: &Device) -> Result<LayerContext> {
+    pub fn layer_context(
+        &self,
+        seq_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<LayerContext> {
         let windows: Vec<_> = self.layers.iter().map(|l| l.window).collect();
         LayerContext::new(
             seq_len,
@@ -171,5 +176,4 @@ impl Model {
     pub fn final_logit_softcapping(&self) -> Option<f64> {
         self.final_logit_softcapping
     }
-
 }

@@ -133,7 +133,12 @@ impl Model {
     }
 
     /// The rope tables and masks every layer of a `seq_len` batch uses.
-    pub fn layer_context(&self, seq_len: usize, dtype: DType, device: &Device) -> Result<LayerContext> {
+    pub fn layer_context(
+        &self,
+        seq_len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<LayerContext> {
         let windows: Vec<_> = self.layers.iter().map(|l| l.window).collect();
         LayerContext::new(seq_len, dtype, device, &self.rotary, None, &windows)
     }
