@@ -79,29 +79,17 @@ fn run_ours(
 
 /// Our generation throughput alone (no baseline to divide by: a figure for the record, not a ratio).
 fn ours_alone(
-    model: &GgufModel,
+    engine: &mut Engine<'_>,
+    prompt: &[u32],
     path: &Path,
-    threads: i32,
     b: usize,
-    pp: usize,
     tg: usize,
     reps: usize,
 ) -> Result<()> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
-    let prompt: Vec<u32> = (0..pp)
-        .map(|_| rng.gen_range(0..model.n_vocab() as u32))
-        .collect();
-    let config = EngineConfig {
-        threads,
-        parallel: b,
-        shared_prefix: true,
-        ..EngineConfig::default()
-    };
-    let mut engine = Engine::new(model, config);
-    run_ours(&mut engine, &prompt[..16.min(pp)], b, 4, 0)?;
+    let pp = prompt.len();
     let mut tps = Vec::new();
     for rep in 0..reps {
-        let (t_pp, s_tg, _, _) = run_ours(&mut engine, &prompt, b, tg, rep as u64)?;
+        let (t_pp, s_tg, _, _) = run_ours(engine, prompt, b, tg, rep as u64)?;
         println!(
             "rep {rep}: prompt phase {t_pp:.3} s, generation {s_tg:.1} tokens/s with sampling"
         );
@@ -137,11 +125,6 @@ pub fn bench_sample(work: &Path) -> Result<()> {
     // EM_BENCH_ANCHOR=0: ours alone, where llama.cpp's sources cannot be built (a GPU machine).
     let with_anchor = env_or::<u8>("EM_BENCH_ANCHOR", 1)? != 0;
     let model = GgufModel::load(&model_path)?;
-    if !with_anchor {
-        return ours_alone(&model, &model_path, threads, b, pp, tg, reps);
-    }
-    let bin = anchor_binary(work)?;
-
     let mut rng = rand::rngs::StdRng::seed_from_u64(1234);
     let prompt: Vec<u32> = (0..pp)
         .map(|_| rng.gen_range(0..model.n_vocab() as u32))
@@ -154,6 +137,10 @@ pub fn bench_sample(work: &Path) -> Result<()> {
     };
     let mut engine = Engine::new(&model, config);
     run_ours(&mut engine, &prompt[..16.min(pp)], b, 4, 0)?; // warm-up: context, caches
+    if !with_anchor {
+        return ours_alone(&mut engine, &prompt, &model_path, b, tg, reps);
+    }
+    let bin = anchor_binary(work)?;
 
     println!(
         "bench sample: {} | threads {threads} | B {b} | prompt {pp} | generate {tg} | {reps} reps, interleaved",
