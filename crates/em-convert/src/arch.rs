@@ -333,8 +333,15 @@ impl Hparams {
         })
     }
 
-    /// config.json for transformers.
-    pub fn to_hf_config(&self, bos: Option<u32>, eos: Option<u32>, torch_dtype: &str) -> Json {
+    /// config.json for transformers. `pad` matters beyond tokenization: transformers gives its
+    /// input-embedding row no gradient (`padding_idx`), so dropping it would change training.
+    pub fn to_hf_config(
+        &self,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        pad: Option<u32>,
+        torch_dtype: &str,
+    ) -> Json {
         let mut c = json!({
             "architectures": [self.arch.hf_class()],
             "model_type": self.arch.hf_model_type(),
@@ -351,6 +358,7 @@ impl Hparams {
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": bos,
             "eos_token_id": eos,
+            "pad_token_id": pad,
             "torch_dtype": torch_dtype,
             "attention_dropout": 0.0,
             "initializer_range": 0.02,
@@ -695,7 +703,7 @@ mod tests {
             Value::String(hp.arch.gguf_name().into()),
         );
         let back = Hparams::from_gguf(&md, !hp.tie_word_embeddings, Path::new("x.gguf")).unwrap();
-        model_config(back.to_hf_config(Some(1), Some(2), "float32"))
+        model_config(back.to_hf_config(Some(1), Some(2), cfg.pad_token_id, "float32"))
     }
 
     #[test]
@@ -704,7 +712,7 @@ mod tests {
             "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
             "num_key_value_heads": 3, "rms_norm_eps": 1e-5, "max_position_embeddings": 8192,
             "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
-            "tie_word_embeddings": true, "dtype": "bfloat16"});
+            "tie_word_embeddings": true, "dtype": "bfloat16", "pad_token_id": 2});
         let qwen2 = json!({"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 1536,
             "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
             "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,

@@ -356,9 +356,10 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
     let (tokenizer_json, tokenizer_config) = tokenizer::gguf_to_hf(gguf.metadata())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let token_id = |key: &str| gguf.metadata().get(key).and_then(|v| v.to_u32().ok());
-    let (bos, eos) = (
+    let (bos, eos, pad) = (
         token_id("tokenizer.ggml.bos_token_id"),
         token_id("tokenizer.ggml.eos_token_id"),
+        token_id("tokenizer.ggml.padding_token_id"),
     );
 
     let mut plan = vec![];
@@ -424,7 +425,7 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
     writer.finish()?;
     write_json(
         &staged.path().join("config.json"),
-        &hp.to_hf_config(bos, eos, torch_dtype),
+        &hp.to_hf_config(bos, eos, pad, torch_dtype),
     )?;
     write_json(
         &staged.path().join("generation_config.json"),

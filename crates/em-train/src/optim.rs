@@ -46,7 +46,7 @@ pub enum Precision {
 
 /// One parameter's state: both moments (f32, f64 for f64 weights) and, for a bf16/f16 weight
 /// under [`Precision::Master`], its f32 master copy.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct State {
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -55,7 +55,7 @@ struct State {
 
 /// AdamW's state: the step count and every parameter's moments (and master weights), by HF name.
 /// The update runs as tensor operations on the parameters' device.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct AdamW {
     /// Hyper-parameters.
     pub config: AdamWConfig,
@@ -227,7 +227,18 @@ struct Coefficients {
     eps: f64,
 }
 
-/// Updates one parameter on its device; returns its new state.
+/// Elements updated at once. AdamW runs in pieces of this size, written back in place, so that
+/// its temporaries are a few MB rather than several copies of the largest tensor (the embedding:
+/// 0.6 GB in f32 for a 151,936-token vocabulary at 1,024 wide, 2.2 GB at 3,584). The arithmetic
+/// is elementwise, so the result does not depend on it.
+const PIECE: usize = 1 << 20;
+
+/// `(start, len)` of each piece of `n` elements.
+pub(crate) fn pieces(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(PIECE).map(move |s| (s, PIECE.min(n - s)))
+}
+
+/// Updates one parameter on its device, piece by piece in place; returns its state.
 fn update(
     var: &candle_core::Var,
     g: Option<&Tensor>,
@@ -237,30 +248,54 @@ fn update(
 ) -> candle_core::Result<State> {
     let dtype = accumulate_dtype(var.dtype());
     let master = needs_master(var.dtype()) && precision == Precision::Master;
-    let p = match state.as_ref().and_then(|s| s.master.clone()) {
-        Some(m) if master => m,
-        _ => var.as_tensor().to_dtype(dtype)?,
+    let zeros = || Tensor::zeros(var.shape(), dtype, var.device());
+    let state = match state {
+        Some(s) => s,
+        None => State {
+            exp_avg: zeros()?,
+            exp_avg_sq: zeros()?,
+            master: if master {
+                Some(var.as_tensor().to_dtype(dtype)?.copy()?)
+            } else {
+                None
+            },
+        },
     };
-    let g = match g {
-        Some(g) => g.to_dtype(dtype)?,
-        None => p.zeros_like()?,
+    let weight = var.as_tensor().flatten_all()?;
+    let master_flat = match &state.master {
+        Some(m) if master => Some(m.flatten_all()?),
+        _ => None,
     };
-    let (m, v) = match state {
-        Some(s) => (s.exp_avg, s.exp_avg_sq),
-        None => (p.zeros_like()?, p.zeros_like()?),
-    };
+    let (m_flat, v_flat) = (
+        state.exp_avg.flatten_all()?,
+        state.exp_avg_sq.flatten_all()?,
+    );
+    let g_flat = g.map(|g| g.flatten_all()).transpose()?;
     let (b1, b2) = k.betas;
-    let p = p.affine(k.decay, 0.0)?;
-    let m = (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
-    let v = (v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
-    let denom = v.sqrt()?.affine(1.0 / k.bc2_sqrt, k.eps)?;
-    let p = (p - (&m / denom)?.affine(k.step_size, 0.0)?)?;
-    var.set(&p.to_dtype(var.dtype())?)?;
-    Ok(State {
-        exp_avg: m,
-        exp_avg_sq: v,
-        master: master.then_some(p),
-    })
+    for (start, len) in pieces(weight.elem_count()) {
+        let p = match &master_flat {
+            Some(mf) => mf.narrow(0, start, len)?,
+            None => weight.narrow(0, start, len)?.to_dtype(dtype)?,
+        };
+        let g = match &g_flat {
+            Some(g) => g.narrow(0, start, len)?.to_dtype(dtype)?,
+            None => p.zeros_like()?,
+        };
+        let m = m_flat.narrow(0, start, len)?;
+        let v = v_flat.narrow(0, start, len)?;
+        let p = p.affine(k.decay, 0.0)?;
+        let m = (m.affine(b1, 0.0)? + g.affine(1.0 - b1, 0.0)?)?;
+        let v = (v.affine(b2, 0.0)? + g.sqr()?.affine(1.0 - b2, 0.0)?)?;
+        let denom = v.sqrt()?.affine(1.0 / k.bc2_sqrt, k.eps)?;
+        let p = (p - (&m / denom)?.affine(k.step_size, 0.0)?)?;
+        m_flat.slice_set(&m, 0, start)?;
+        v_flat.slice_set(&v, 0, start)?;
+        if let Some(mf) = &master_flat {
+            mf.slice_set(&p, 0, start)?;
+        }
+        weight.slice_set(&p.to_dtype(var.dtype())?, 0, start)?;
+    }
+    Ok(state)
 }
 
 #[cfg(test)]
@@ -320,6 +355,40 @@ mod tests {
             (first - (0.99 - 0.1 * 0.1 / 0.101)).abs() < 1e-15,
             "{first}"
         );
+    }
+
+    /// A tensor of several pieces gets, bit for bit, the update of the whole-tensor formula.
+    #[test]
+    fn pieces_do_not_change_the_update() {
+        let n = 2 * PIECE + 3;
+        let p0 = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+        let g = Tensor::randn(0f32, 1e-2, n, &Device::Cpu).unwrap();
+        let var = Var::from_tensor(&p0).unwrap();
+        let cfg = AdamWConfig::default();
+        let mut opt = AdamW::new(cfg);
+        let (mut p, mut m, mut v) = (
+            p0.copy().unwrap(),
+            g.zeros_like().unwrap(),
+            g.zeros_like().unwrap(),
+        );
+        let (b1, b2) = cfg.betas;
+        for t in 1..=2 {
+            let loss = (var.as_tensor() * &g).unwrap().sum_all().unwrap();
+            let mut grads = Gradients::new(vec![("w".to_string(), var.clone())]);
+            grads.add(&loss.backward().unwrap()).unwrap();
+            opt.step(&grads).unwrap();
+            let step_size = cfg.lr / (1.0 - b1.powi(t));
+            let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+            p = p.affine(1.0 - cfg.lr * cfg.weight_decay, 0.0).unwrap();
+            m = (m.affine(b1, 0.0).unwrap() + g.affine(1.0 - b1, 0.0).unwrap()).unwrap();
+            v = (v.affine(b2, 0.0).unwrap() + g.sqr().unwrap().affine(1.0 - b2, 0.0).unwrap())
+                .unwrap();
+            let denom = v.sqrt().unwrap().affine(1.0 / bc2_sqrt, cfg.eps).unwrap();
+            p = (p - (&m / denom).unwrap().affine(step_size, 0.0).unwrap()).unwrap();
+        }
+        let got = var.as_tensor().to_vec1::<f32>().unwrap();
+        assert_eq!(got, p.to_vec1::<f32>().unwrap());
+        assert_ne!(got, p0.to_vec1::<f32>().unwrap());
     }
 
     #[test]
