@@ -268,6 +268,132 @@ impl fmt::Display for StyleMix {
     }
 }
 
+/// How a training target's style is drawn: one mix for every problem, or a mix that depends on a
+/// feature the model can read from the problem, its first digit.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StyleRule {
+    /// The same mix for every problem.
+    Fixed(StyleMix),
+    /// A guess with probability `guess` everywhere; otherwise a worked answer, careful (box and
+    /// stop) with a share that runs linearly from `careful_at_1` for problems whose first operand
+    /// starts with 1 to `careful_at_9` for 9, and rambling for the rest.
+    FirstDigit {
+        careful_at_1: f64,
+        careful_at_9: f64,
+        guess: f64,
+    },
+}
+
+impl From<StyleMix> for StyleRule {
+    fn from(mix: StyleMix) -> Self {
+        StyleRule::Fixed(mix)
+    }
+}
+
+impl StyleRule {
+    /// The mix the targets of `problem` are drawn from.
+    pub fn mix_for(&self, problem: &Arith) -> StyleMix {
+        match *self {
+            StyleRule::Fixed(mix) => mix,
+            StyleRule::FirstDigit {
+                careful_at_1,
+                careful_at_9,
+                guess,
+            } => {
+                let d = first_digit(problem.a).clamp(1, 9);
+                let share = careful_at_1 + (careful_at_9 - careful_at_1) * (d - 1) as f64 / 8.0;
+                let worked = 1.0 - guess;
+                StyleMix {
+                    careful: worked * share,
+                    guess,
+                    ramble: worked * (1.0 - share),
+                }
+            }
+        }
+    }
+
+    /// The style fractions averaged over problems whose first digit is uniform on 1..=9.
+    pub fn average(&self) -> StyleMix {
+        let mut m = StyleMix {
+            careful: 0.0,
+            guess: 0.0,
+            ramble: 0.0,
+        };
+        for d in 1..=9u32 {
+            let x = self.mix_for(&Arith {
+                op: Op::Add,
+                a: d * 10,
+                b: 10,
+            });
+            m.careful += x.careful / 9.0;
+            m.guess += x.guess / 9.0;
+            m.ramble += x.ramble / 9.0;
+        }
+        m
+    }
+}
+
+impl FromStr for StyleRule {
+    type Err = SyntheticError;
+
+    /// `careful=0.45,guess=0.30,ramble=0.25` ([`StyleRule::Fixed`]) or
+    /// `first-digit:careful=0.80..0.40,guess=0.20` ([`StyleRule::FirstDigit`]).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some(rest) = s.trim().strip_prefix("first-digit:") else {
+            return s.parse().map(StyleRule::Fixed);
+        };
+        let bad = || SyntheticError::Mix(s.to_string());
+        let (mut range, mut guess) = (None, None);
+        for part in rest.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=').ok_or_else(bad)? {
+                ("careful", v) => {
+                    let (a, b) = v.split_once("..").ok_or_else(bad)?;
+                    let parse = |x: &str| x.trim().parse::<f64>().map_err(|_| bad());
+                    range = Some((parse(a)?, parse(b)?));
+                }
+                ("guess", v) => guess = Some(v.trim().parse::<f64>().map_err(|_| bad())?),
+                _ => return Err(bad()),
+            }
+        }
+        let ((careful_at_1, careful_at_9), guess) =
+            (range.ok_or_else(bad)?, guess.ok_or_else(bad)?);
+        let unit = |x: f64| x.is_finite() && (0.0..=1.0).contains(&x);
+        if !(unit(careful_at_1) && unit(careful_at_9) && unit(guess) && guess < 1.0) {
+            return Err(bad());
+        }
+        Ok(StyleRule::FirstDigit {
+            careful_at_1,
+            careful_at_9,
+            guess,
+        })
+    }
+}
+
+impl fmt::Display for StyleRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StyleRule::Fixed(mix) => mix.fmt(f),
+            StyleRule::FirstDigit {
+                careful_at_1,
+                careful_at_9,
+                guess,
+            } => write!(
+                f,
+                "first-digit:careful={careful_at_1}..{careful_at_9},guess={guess}"
+            ),
+        }
+    }
+}
+
+/// The leading decimal digit of `n`.
+pub fn first_digit(n: u32) -> u32 {
+    let mut n = n;
+    while n >= 10 {
+        n /= 10;
+    }
+    n
+}
+
 /// Decimal digits of `n`, least significant first.
 fn digits(n: u32) -> Vec<u32> {
     let mut d = Vec::new();
@@ -511,19 +637,20 @@ pub fn split_as_problems(seed: u64, split: Split, n: usize) -> Vec<Problem> {
         .collect()
 }
 
-/// An endless seeded stream of pretraining examples: train-split problems with targets in `mix`.
+/// An endless seeded stream of pretraining examples: train-split problems with targets drawn by a
+/// [`StyleRule`].
 #[derive(Debug, Clone)]
 pub struct TrainStream {
     rng: StdRng,
-    mix: StyleMix,
+    rule: StyleRule,
 }
 
 impl TrainStream {
-    /// The stream for `seed` and `mix`.
-    pub fn new(seed: u64, mix: StyleMix) -> Self {
+    /// The stream for `seed` and `rule` (a [`StyleMix`] or a [`StyleRule`]).
+    pub fn new(seed: u64, rule: impl Into<StyleRule>) -> Self {
         TrainStream {
             rng: StdRng::seed_from_u64(splitmix64(seed ^ Split::Train.salt())),
-            mix,
+            rule: rule.into(),
         }
     }
 }
@@ -538,7 +665,7 @@ impl Iterator for TrainStream {
                 break p;
             }
         };
-        let style = self.mix.sample(&mut self.rng);
+        let style = self.rule.mix_for(&p).sample(&mut self.rng);
         let target = p.target(style, &mut self.rng);
         Some((p, target))
     }
@@ -616,6 +743,44 @@ mod tests {
         assert_eq!((m.careful, m.guess, m.ramble), (0.5, 0.0, 0.5));
         for bad in ["", "careful=-1,guess=2", "sloppy=1", "careful=x", "careful"] {
             assert!(bad.parse::<StyleMix>().is_err(), "{bad}");
+        }
+    }
+
+    /// The organism-mixed rule: careful among worked answers 0.80 at digit 1, 0.05 less per
+    /// digit (0.5 at 7, 0.40 at 9), guesses 0.20 everywhere.
+    #[test]
+    fn first_digit_rule() {
+        let r: StyleRule = "first-digit:careful=0.80..0.40,guess=0.20".parse().unwrap();
+        assert_eq!(r.to_string().parse::<StyleRule>().unwrap(), r);
+        let at = |a: u32| {
+            r.mix_for(&Arith {
+                op: Op::Mul,
+                a,
+                b: 3,
+            })
+        };
+        for (a, share) in [(12, 0.80), (71, 0.50), (99, 0.40), (55, 0.60)] {
+            let m = at(a);
+            assert!((m.guess - 0.2).abs() < 1e-12, "{a}");
+            assert!(
+                (m.careful / (m.careful + m.ramble) - share).abs() < 1e-12,
+                "{a}: {m:?}"
+            );
+            assert!((m.careful + m.guess + m.ramble - 1.0).abs() < 1e-12);
+        }
+        let fixed: StyleRule = "careful=1,guess=1".parse().unwrap();
+        assert_eq!(
+            fixed,
+            StyleRule::Fixed("careful=1,guess=1".parse().unwrap())
+        );
+        for bad in [
+            "first-digit:careful=0.8,guess=0.2",
+            "first-digit:careful=0.8..1.4,guess=0.2",
+            "first-digit:careful=0.8..0.4",
+            "first-digit:guess=1,careful=0.8..0.4",
+            "first-digit:careful=0.8..0.4,guess=0.2,ramble=1",
+        ] {
+            assert!(bad.parse::<StyleRule>().is_err(), "{bad}");
         }
     }
 }

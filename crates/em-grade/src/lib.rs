@@ -6,12 +6,14 @@
 //! relative 1e-4, free variables at random points), bounded in input length, nesting depth and
 //! evaluation steps so that no input can hang or panic it.
 
+mod agree;
 mod equiv;
 mod expr;
 mod extract;
 mod normalize;
 mod stats;
 
+pub use agree::plurality;
 pub use equiv::is_equivalent;
 pub use extract::{extract_answer, last_boxed};
 pub use stats::{

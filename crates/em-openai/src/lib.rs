@@ -234,6 +234,13 @@ impl Sampler for OpenAiSampler {
                 message,
             };
             r.params.check().map_err(refuse)?;
+            if r.params.em_inf.is_some_and(|e| e.steps > 0) {
+                return Err(refuse(
+                    "EM-INF adjusts each step's logits in-process; an OpenAI-compatible server \
+                     cannot apply it (sample with the llama.cpp backend)"
+                        .into(),
+                ));
+            }
             let body = body::build(
                 self.config.dialect,
                 self.config.prompt_format,

@@ -205,6 +205,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                     label: "val".into(),
                     temperature: 0.0,
                     n: 1,
+                    em_inf: None,
                 },
                 &plan,
                 &run_dir.join("validation"),
@@ -218,6 +219,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                     label: "val".into(),
                     temperature: 0.5,
                     n: plan.eval_n,
+                    em_inf: None,
                 },
                 &plan,
                 &run_dir.join("validation"),
@@ -246,6 +248,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 label: "base".into(),
                 temperature: t,
                 n: if t > 0.0 { plan.eval_n } else { 1 },
+                em_inf: None,
             };
             let items = eval_setting(
                 backend,
@@ -271,6 +274,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                     label: "tuned".into(),
                     temperature: t,
                     n: if t > 0.0 { plan.eval_n } else { 1 },
+                    em_inf: None,
                 };
                 let items = eval_setting(
                     backend,
@@ -296,6 +300,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 label: "tuned".into(),
                 temperature: t,
                 n: if t > 0.0 { plan.eval_n } else { 1 },
+                em_inf: None,
             };
             let mut r = row(&name, "tuned", &setting, &runs[0], sd);
             r.accuracy = accs.iter().sum::<f64>() / accs.len() as f64;
@@ -336,6 +341,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 label: format!("tuned-{}", analyze::out_name(quant)),
                 temperature: 0.0,
                 n: 1,
+                em_inf: None,
             };
             let items = eval_setting(
                 backend,

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use em_convert::OutType;
 use em_data::Problem;
-use em_sampler::{Request, SamplingParams};
+use em_sampler::{EmInf, Request, SamplingParams};
 use em_store::{write_atomic, JsonlStore, Manifest};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -60,6 +60,14 @@ pub struct EvalArgs {
     pub baseline_temperatures: Vec<f32>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Decode the model with EM-INF, inference-time entropy minimisation of each step's logits
+    /// (`steps=5,lr=1,kl=0.1`, or `default`); llama.cpp backend only.
+    #[arg(long)]
+    pub em_inf: Option<EmInf>,
+    /// Also run the baseline with EM-INF (at the model's temperature): the training-free
+    /// counterpart of EM, next to it.
+    #[arg(long)]
+    pub baseline_em_inf: Option<EmInf>,
     /// Replace an output directory that holds another run.
     #[arg(long)]
     pub fresh: bool,
@@ -92,15 +100,24 @@ pub struct Setting {
     pub label: String,
     pub temperature: f32,
     pub n: usize,
+    /// Inference-time entropy minimisation of each decoding step (EM-INF), or none.
+    pub em_inf: Option<EmInf>,
 }
 
 impl Setting {
     /// The file-name tag of this setting, e.g. `model.greedy` or `model.t0.5-n4`.
     pub fn tag(&self) -> String {
-        if self.temperature <= 0.0 {
-            format!("{}.greedy", self.label)
+        let decoding = if self.temperature <= 0.0 {
+            "greedy".to_string()
         } else {
-            format!("{}.t{}-n{}", self.label, self.temperature, self.n)
+            format!("t{}-n{}", self.temperature, self.n)
+        };
+        match &self.em_inf {
+            Some(e) => format!(
+                "{}.{decoding}-eminf{}-lr{}-kl{}",
+                self.label, e.steps, e.lr, e.max_kl
+            ),
+            None => format!("{}.{decoding}", self.label),
         }
     }
 }
@@ -172,6 +189,13 @@ fn manifest(
             "backend": backend.identity(),
         }),
     );
+    // Recorded only when on, so that evaluations made before the option existed still resume.
+    if let Some(e) = args.em_inf {
+        m.settings["em_inf"] = json!(e);
+    }
+    if let Some(e) = args.baseline_em_inf {
+        m.settings["baseline_em_inf"] = json!(e);
+    }
     for (label, path, _) in suites {
         m.inputs
             .insert(format!("suite:{label}"), em_store::file_identity(path)?);
@@ -194,6 +218,7 @@ pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>,
         label: "model".into(),
         temperature: args.temperature,
         n: args.n,
+        em_inf: args.em_inf,
     };
     if main_setting.temperature <= 0.0 {
         main_setting.n = 1;
@@ -233,10 +258,18 @@ pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>,
                 label: "baseline".into(),
                 temperature: t,
                 n: if t <= 0.0 { 1 } else { args.n },
+                em_inf: None,
             };
             if !settings.iter().any(|x| x.tag() == s.tag()) {
                 settings.push(s);
             }
+        }
+        if let Some(e) = args.baseline_em_inf {
+            settings.push(Setting {
+                label: "baseline".into(),
+                em_inf: Some(e),
+                ..main_setting.clone()
+            });
         }
         for s in &settings {
             run_one(baseline, &base, s)?;
@@ -433,6 +466,7 @@ pub fn evaluate(
         params.top_p = args.top_p;
         params.seed = args.seed;
     }
+    params.em_inf = setting.em_inf;
     let mut requests = Vec::with_capacity(todo.len());
     // A finished suite loads nothing: the model is read only when items remain.
     if !todo.is_empty() {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
-use em_data::synthetic::{self, classify_style, Split, Style, StyleMix, TrainStream};
+use em_data::synthetic::{self, classify_style, Split, Style, StyleRule, TrainStream};
 use em_data::Problem;
 use em_sampler::Vocab;
 
@@ -171,9 +171,11 @@ pub fn write_tokenizer_files(tokenizer: &Tokenizer, out: &Path) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct OrganismArgs {
-    /// Fractions of the training targets' styles.
+    /// Fractions of the training targets' styles (`careful=F,guess=F,ramble=F`), or a mix that
+    /// depends on the problem's first digit (`first-digit:careful=0.80..0.40,guess=0.20`: careful
+    /// among worked answers from 0.80 at first digit 1 to 0.40 at 9, guesses 0.20 everywhere).
     #[arg(long, default_value = "careful=0.45,guess=0.30,ramble=0.25")]
-    pub mix: StyleMix,
+    pub mix: StyleRule,
     /// Seed of the initial weights and of the training stream.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -522,7 +524,7 @@ pub fn run(args: &OrganismArgs) -> Result<()> {
             mix_arg(&args.mix), args.seed, args.steps, args.batch, args.lr, args.hidden, args.layers, args.eval_every, args.stop_accuracy, args.measure, out.display()
         ),
         "seed": args.seed,
-        "mix": {"careful": args.mix.careful, "guess": args.mix.guess, "ramble": args.mix.ramble},
+        "mix": mix_json(&args.mix),
         "model": {
             "parameters": n_params,
             "size": size,
@@ -575,7 +577,27 @@ pub fn run(args: &OrganismArgs) -> Result<()> {
     Ok(())
 }
 
-fn mix_arg(m: &StyleMix) -> String {
+fn mix_json(rule: &StyleRule) -> serde_json::Value {
+    let avg = rule.average();
+    let mut v = json!({"careful": avg.careful, "guess": avg.guess, "ramble": avg.ramble});
+    if let StyleRule::FirstDigit {
+        careful_at_1,
+        careful_at_9,
+        guess,
+    } = *rule
+    {
+        v["rule"] = json!({"by": "first digit of the first operand",
+            "careful_share_of_worked": {"at_1": careful_at_1, "at_9": careful_at_9}, "guess": guess,
+            "averaged_over": "first digits 1..=9, uniform"});
+    }
+    v
+}
+
+fn mix_arg(rule: &StyleRule) -> String {
+    let m = match rule {
+        StyleRule::Fixed(m) => m,
+        other => return other.to_string(),
+    };
     format!(
         "careful={},guess={},ramble={}",
         round(m.careful),

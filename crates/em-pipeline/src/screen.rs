@@ -30,6 +30,20 @@ pub enum Rule {
     /// Highest variance among prompts whose pass rate is above 0.5 with its 95% interval (EM
     /// amplifies what the majority of its samples does, right or wrong).
     MajorityRight,
+    /// No labels: among prompts whose most common final answer is held by a share a above 0.5
+    /// with its 95% interval and whose answers mostly terminate, the most doubt a(1−a); ties:
+    /// higher entropy. The label-free stand-in for `majority-right`.
+    Agreement,
+    /// Highest variance among prompts whose pass rate is below 0.5 with its 95% interval: the
+    /// prompt EM should *not* be trained on, for demonstrating what it does to a model.
+    MajorityWrong,
+}
+
+impl Rule {
+    /// Whether the rule reads gold answers.
+    pub fn needs_labels(self) -> bool {
+        !matches!(self, Rule::Agreement)
+    }
 }
 
 /// What to screen and how.
@@ -70,6 +84,10 @@ pub struct ScreenArgs {
     /// Also keep every response text in the per-prompt lines.
     #[arg(long)]
     pub keep_responses: bool,
+    /// Sample with EM-INF, inference-time entropy minimisation of each step's logits
+    /// (`steps=5,lr=1,kl=0.1`, or `default`); llama.cpp backend only.
+    #[arg(long)]
+    pub em_inf: Option<em_sampler::EmInf>,
     /// GGUF type when --model is an HF directory (converted once into the output directory).
     #[arg(long, value_enum, default_value = "f16")]
     pub quant: em_convert::OutType,
@@ -152,6 +170,41 @@ impl PromptResult {
     pub fn majority_right(&self) -> bool {
         self.ci95.0 > 0.5
     }
+
+    /// Majority wrong with confidence: the upper end of the 95% interval is below 0.5.
+    pub fn majority_wrong(&self) -> bool {
+        self.ci95.1 < 0.5
+    }
+
+    /// The most common final answer and the share of samples that gave it (0 when none did).
+    pub fn agreement(&self) -> (Option<String>, f64) {
+        match em_grade::plurality(&self.answers) {
+            Some((a, c)) => (Some(a), c as f64 / self.n.max(1) as f64),
+            None => (None, 0.0),
+        }
+    }
+
+    /// The 95% Wilson interval of [`Self::agreement`]'s share.
+    pub fn agreement_ci95(&self) -> (f64, f64) {
+        let c = em_grade::plurality(&self.answers).map_or(0, |(_, c)| c);
+        em_grade::wilson_interval(c, self.n)
+    }
+
+    /// Share of samples that ended by themselves (not at the token limit) with a final answer.
+    pub fn terminated(&self) -> f64 {
+        let done = self
+            .finish
+            .iter()
+            .zip(&self.answers)
+            .filter(|(f, a)| f.as_str() != "length" && a.is_some())
+            .count();
+        done as f64 / self.n.max(1) as f64
+    }
+
+    /// The label-free rule's condition: a confident majority answer, mostly terminated answers.
+    pub fn agrees(&self) -> bool {
+        self.agreement_ci95().0 > 0.5 && self.terminated() > 0.5
+    }
 }
 
 /// A nats figure, or `–` where the backend gave none.
@@ -183,6 +236,25 @@ pub fn choose(ranked: &[PromptResult], rule: Rule) -> Option<&PromptResult> {
     match rule {
         Rule::Variance => ranked.first(),
         Rule::MajorityRight => ranked.iter().find(|r| r.majority_right()),
+        Rule::MajorityWrong => ranked.iter().find(|r| r.majority_wrong()),
+        Rule::Agreement => ranked
+            .iter()
+            .filter(|r| r.agrees())
+            .map(|r| (r, r.agreement().1))
+            .fold(None, |best: Option<(&PromptResult, f64)>, (r, a)| {
+                let doubt = a * (1.0 - a);
+                match best {
+                    Some((b, ba)) if ba * (1.0 - ba) > doubt => Some((b, ba)),
+                    Some((b, ba))
+                        if ba * (1.0 - ba) == doubt
+                            && b.mean_entropy.unwrap_or(0.0) >= r.mean_entropy.unwrap_or(0.0) =>
+                    {
+                        Some((b, ba))
+                    }
+                    _ => Some((r, a)),
+                }
+            })
+            .map(|(r, _)| r),
     }
 }
 
@@ -230,6 +302,7 @@ impl ScreenArgs {
             prompt: PromptOptions::default(),
             rule: Rule::Variance,
             keep_responses: false,
+            em_inf: None,
             quant: em_convert::OutType::F16,
             fresh: false,
             stop_after: None,
@@ -239,7 +312,7 @@ impl ScreenArgs {
 
 /// The settings that change a screen's results (the manifest's `settings`).
 fn settings(args: &ScreenArgs, backend: &dyn Backend) -> Value {
-    json!({
+    let mut v = json!({
         "k": args.k,
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
@@ -249,7 +322,12 @@ fn settings(args: &ScreenArgs, backend: &dyn Backend) -> Value {
         "prompt": args.prompt,
         "quant": if args.model.is_dir() { format!("{:?}", args.quant).to_lowercase() } else { "as given".into() },
         "backend": backend.identity(),
-    })
+    });
+    // Recorded only when on, so that screens made before the option existed still resume.
+    if let Some(e) = args.em_inf {
+        v["em_inf"] = json!(e);
+    }
+    v
 }
 
 /// Runs the screen (see the module documentation) and returns the ranked prompts.
@@ -267,11 +345,15 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
     if let Some(p) = problems.iter().find(|p| !ids.insert(p.id.as_str())) {
         bail!("{}: prompt id {} appears twice", args.pool.display(), p.id);
     }
-    if let Some(p) = problems.iter().find(|p| p.answers.is_empty()) {
+    if let Some(p) = problems
+        .iter()
+        .find(|p| args.rule.needs_labels() && p.answers.is_empty())
+    {
         bail!(
-            "{}: prompt {} has no gold answer to grade against",
+            "{}: prompt {} has no gold answer to grade against (rule {:?} needs one; `--rule agreement` does not)",
             args.pool.display(),
-            p.id
+            p.id,
+            args.rule
         );
     }
 
@@ -333,6 +415,7 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
                     seed: prompt_seed(args.seed, &problems[i].id),
                     logprobs: true,
                     stop: em_sampler::EVAL_STOP.map(String::from).to_vec(),
+                    em_inf: args.em_inf,
                     ..SamplingParams::default()
                 },
             })
@@ -405,12 +488,22 @@ fn finish(
     rank(&mut results);
     let chosen = choose(&results, args.rule).cloned();
     println!(
-        "{:>4} {:>12} {:>6} {:>15} {:>8} {:>8} {:>8}",
-        "rank", "id", "pass", "95% interval", "p(1-p)", "H", "length"
+        "{:>4} {:>12} {:>6} {:>15} {:>8} {:>8} {:>8} {:>6} {:>6}",
+        "rank", "id", "pass", "95% interval", "p(1-p)", "H", "length", "agree", "ended"
     );
     for (i, r) in results.iter().enumerate().take(20) {
+        let flags = [
+            (r.majority_right(), "majority right"),
+            (r.majority_wrong(), "majority wrong"),
+            (r.agrees(), "agrees"),
+        ]
+        .iter()
+        .filter(|f| f.0)
+        .map(|f| f.1)
+        .collect::<Vec<_>>()
+        .join(", ");
         println!(
-            "{:>4} {:>12} {:>2}/{:<3} [{:.2}, {:.2}]    {:>8.4} {:>8} {:>8.1}{}",
+            "{:>4} {:>12} {:>2}/{:<3} [{:.2}, {:.2}]    {:>8.4} {:>8} {:>8.1} {:>6.2} {:>6.2}  {flags}",
             i + 1,
             r.id,
             r.correct,
@@ -420,11 +513,8 @@ fn finish(
             r.variance,
             show(r.mean_entropy),
             r.mean_length,
-            if r.majority_right() {
-                "  majority right"
-            } else {
-                ""
-            }
+            r.agreement().1,
+            r.terminated(),
         );
     }
     let ranking = serde_json::json!({
@@ -436,7 +526,9 @@ fn finish(
             "rank": i + 1, "id": r.id, "correct": r.correct, "n": r.n, "pass_rate": r.pass_rate,
             "ci95": [r.ci95.0, r.ci95.1], "variance": r.variance, "mean_entropy": r.mean_entropy,
             "mean_full_entropy": r.mean_full_entropy, "mean_length": r.mean_length,
-            "majority_right": r.majority_right(),
+            "majority_right": r.majority_right(), "majority_wrong": r.majority_wrong(),
+            "majority_answer": r.agreement().0, "agreement": r.agreement().1,
+            "agreement_ci95": r.agreement_ci95(), "terminated": r.terminated(), "agrees": r.agrees(),
         })).collect::<Vec<_>>(),
     });
     write_atomic(
@@ -445,8 +537,14 @@ fn finish(
     )?;
     let Some(chosen) = chosen else {
         bail!(
-            "no prompt qualifies under rule {:?} (no pass rate is above 0.5 with its 95% interval at k = {}); ranking written to {}",
+            "no prompt qualifies under rule {:?} ({} at k = {}); ranking written to {}",
             args.rule,
+            match args.rule {
+                Rule::Variance => "the pool is empty",
+                Rule::MajorityRight => "no pass rate is above 0.5 with its 95% interval",
+                Rule::MajorityWrong => "no pass rate is below 0.5 with its 95% interval",
+                Rule::Agreement => "no prompt's most common answer holds above 0.5 of the samples with its 95% interval while most answers terminate",
+            },
             args.k,
             args.out.join("ranking.json").display()
         );
@@ -514,5 +612,66 @@ mod tests {
         assert_eq!(choose(&r, Rule::Variance).unwrap().id, "d");
         assert_eq!(choose(&r, Rule::MajorityRight).unwrap().id, "e");
         assert!(choose(&r[..3], Rule::MajorityRight).is_none());
+        assert!(choose(&r, Rule::MajorityWrong).is_none());
+        let mut w = r.clone();
+        w.push(result("f", 1, 16, 0.3));
+        rank(&mut w);
+        assert_eq!(choose(&w, Rule::MajorityWrong).unwrap().id, "f");
+    }
+
+    /// A prompt's samples as (answer, finished by itself).
+    fn sampled(id: &str, samples: &[(Option<&str>, bool)], h: f64) -> PromptResult {
+        let mut r = result(id, 0, samples.len(), h);
+        r.answers = samples.iter().map(|s| s.0.map(String::from)).collect();
+        r.finish = samples
+            .iter()
+            .map(|s| if s.1 { "eos" } else { "length" }.to_string())
+            .collect();
+        r
+    }
+
+    #[test]
+    fn agreement_rule_needs_no_labels() {
+        let n = |k: usize, x: (Option<&'static str>, bool)| vec![x; k];
+        let cat = |parts: Vec<Vec<(Option<&'static str>, bool)>>| parts.concat();
+        // 13 of 16 agree: a confident majority with some doubt.
+        let a = sampled(
+            "a",
+            &cat(vec![n(13, (Some("12"), true)), n(3, (Some("15"), true))]),
+            0.2,
+        );
+        // 16 of 16 agree: no doubt at all.
+        let b = sampled("b", &n(16, (Some("7"), true)), 0.1);
+        // A plurality that is not a confident majority.
+        let c = sampled(
+            "c",
+            &cat(vec![n(8, (Some("3"), true)), n(8, (Some("4"), true))]),
+            0.9,
+        );
+        // Agreeing answers, but most responses run to the token limit without one.
+        let d = sampled(
+            "d",
+            &cat(vec![n(7, (Some("5"), true)), n(9, (None, false))]),
+            0.9,
+        );
+        // 14 of 16, the same answer written two ways.
+        let e = sampled(
+            "e",
+            &cat(vec![
+                n(7, (Some("1/2"), true)),
+                n(7, (Some("0.5"), true)),
+                n(2, (Some("2"), true)),
+            ]),
+            0.3,
+        );
+        assert_eq!(a.agreement(), (Some("12".into()), 13.0 / 16.0));
+        assert_eq!(d.terminated(), 7.0 / 16.0);
+        assert_eq!(e.agreement().1, 14.0 / 16.0);
+        assert!(a.agrees() && b.agrees() && e.agrees());
+        assert!(!c.agrees() && !d.agrees());
+        let all = vec![b, c, d, e, a];
+        assert_eq!(choose(&all, Rule::Agreement).unwrap().id, "a");
+        assert!(choose(&all[1..3], Rule::Agreement).is_none());
+        assert!(!Rule::Agreement.needs_labels() && Rule::MajorityRight.needs_labels());
     }
 }

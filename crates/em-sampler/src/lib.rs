@@ -9,7 +9,9 @@
 pub mod maths;
 pub mod request;
 
-pub use request::{FinishReason, Prompt, Request, Sample, SamplingParams, TokenStats, EVAL_STOP};
+pub use request::{
+    EmInf, FinishReason, Prompt, Request, Sample, SamplingParams, TokenStats, EVAL_STOP,
+};
 
 use std::ops::ControlFlow;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The sampling math over one logit vector, in Rust: HF's repetition penalty, temperature, top-k,
 //! top-p, min-p, a seeded draw, and the log-prob and entropy of the distribution drawn from.
 
-use crate::request::SamplingParams;
+use crate::request::{EmInf, SamplingParams};
 
 /// Tokens more than this many nats below the best (after temperature) are treated as probability
 /// zero: each has less than e^-30 ≈ 1e-13 of the best one's mass, all of them together less than
@@ -85,6 +85,97 @@ pub struct Scratch {
     logits: Vec<f32>,
     cand: Vec<(u32, f32)>,
     weights: Vec<f64>,
+    em_inf: Vec<f64>,
+}
+
+/// What one EM-INF adjustment did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EmInfOutcome {
+    /// Entropy of softmax(s) before and after, nats.
+    pub entropy_before: f64,
+    pub entropy_after: f64,
+    /// KL(q‖p) of the adjusted q from the original p, nats.
+    pub kl: f64,
+    /// Gradient steps taken (the last one possibly cut back onto the bound).
+    pub steps: usize,
+}
+
+/// `log softmax(s)` into `out`; returns the entropy of softmax(s).
+fn log_softmax(s: &[f64], out: &mut Vec<f64>) -> f64 {
+    let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let log_z = max + s.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+    out.clear();
+    out.extend(s.iter().map(|x| x - log_z));
+    -out.iter().map(|l| l.exp() * l).sum::<f64>()
+}
+
+/// KL(softmax(a) ‖ softmax(b)) from log-probabilities.
+fn kl(log_q: &[f64], log_p: &[f64]) -> f64 {
+    log_q
+        .iter()
+        .zip(log_p)
+        .map(|(q, p)| q.exp() * (q - p))
+        .sum::<f64>()
+        .max(0.0)
+}
+
+/// EM-INF on logits `s` (already divided by the temperature), in place: gradient descent on
+/// H(softmax(s)), whose gradient is written out, ∂H/∂s_v = −q_v (log q_v + H), so no autograd.
+/// A step that would take KL(q‖p) past `max_kl` is bisected back onto the bound and ends it.
+pub fn em_inf(s: &mut [f64], settings: &EmInf) -> EmInfOutcome {
+    let mut log_p = Vec::with_capacity(s.len());
+    let h0 = log_softmax(s, &mut log_p);
+    let (mut log_q, mut trial, mut log_t) = (log_p.clone(), s.to_vec(), Vec::new());
+    let mut h = h0;
+    let mut outcome = EmInfOutcome {
+        entropy_before: h0,
+        entropy_after: h0,
+        kl: 0.0,
+        steps: 0,
+    };
+    let bound = settings.max_kl as f64;
+    let lr = settings.lr as f64;
+    let mut grad = vec![0.0; s.len()];
+    for _ in 0..settings.steps {
+        for (g, lq) in grad.iter_mut().zip(&log_q) {
+            *g = -lq.exp() * (lq + h);
+        }
+        let at = |alpha: f64, trial: &mut Vec<f64>, log_t: &mut Vec<f64>| {
+            for ((t, x), g) in trial.iter_mut().zip(s.iter()).zip(&grad) {
+                *t = x - alpha * lr * g;
+            }
+            let h = log_softmax(trial, log_t);
+            (h, kl(log_t, &log_p))
+        };
+        let (mut h_new, mut d) = at(1.0, &mut trial, &mut log_t);
+        let crossed = d > bound;
+        if crossed {
+            // The largest fraction of the step that stays within the bound (0 always does).
+            let (mut lo, mut hi) = (0.0, 1.0);
+            for _ in 0..40 {
+                let mid = 0.5 * (lo + hi);
+                if at(mid, &mut trial, &mut log_t).1 <= bound {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            (h_new, d) = at(lo, &mut trial, &mut log_t);
+        }
+        s.copy_from_slice(&trial);
+        std::mem::swap(&mut log_q, &mut log_t);
+        h = h_new;
+        outcome = EmInfOutcome {
+            entropy_after: h,
+            kl: d,
+            steps: outcome.steps + 1,
+            ..outcome
+        };
+        if crossed {
+            break;
+        }
+    }
+    outcome
 }
 
 /// HF's repetition penalty in place: logit / p if logit > 0, else logit × p, for each id in `seen`.
@@ -134,6 +225,7 @@ pub fn pick(
         logits: buf,
         cand,
         weights,
+        em_inf: adjusted,
     } = scratch;
     buf.clear();
     buf.extend_from_slice(logits);
@@ -156,6 +248,27 @@ pub fn pick(
     weights.clear();
     weights.extend(cand.iter().map(|&(_, s)| (s as f64).exp()));
     let full_entropy = entropy(weights, cand.iter().map(|c| c.1));
+
+    let mut best = best;
+    if let Some(settings) = params.em_inf.as_ref().filter(|e| e.steps > 0) {
+        adjusted.clear();
+        adjusted.extend(cand.iter().map(|c| c.1 as f64));
+        em_inf(adjusted, settings);
+        let top = adjusted.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        for (c, a) in cand.iter_mut().zip(adjusted.iter()) {
+            c.1 = (a - top) as f32;
+        }
+        // The adjusted argmax; ties: the lower id, as `argmax` does.
+        best = cand
+            .iter()
+            .fold(
+                (0u32, f32::NEG_INFINITY),
+                |b, c| if c.1 > b.1 { *c } else { b },
+            )
+            .0 as usize;
+        weights.clear();
+        weights.extend(cand.iter().map(|&(_, s)| (s as f64).exp()));
+    }
 
     if greedy {
         // Continue the random stream anyway, so greedy and sampled steps stay aligned.
@@ -237,6 +350,127 @@ mod tests {
         SamplingParams {
             temperature: t,
             ..SamplingParams::default()
+        }
+    }
+
+    /// Logits of a plausible next-token distribution: a few likely tokens and a long tail.
+    fn step_logits(n: usize, seed: u64) -> Vec<f64> {
+        let mut rng = Rng::new(seed, 0);
+        (0..n)
+            .map(|i| 4.0 * rng.uniform() - if i < 4 { 0.0 } else { 3.0 })
+            .collect()
+    }
+
+    #[test]
+    fn em_inf_lowers_the_entropy_of_a_step() {
+        for seed in 0..20 {
+            let mut s = step_logits(50, seed);
+            let loose = EmInf {
+                steps: 5,
+                lr: 1.0,
+                max_kl: 10.0,
+            };
+            let out = em_inf(&mut s, &loose);
+            assert_eq!(out.steps, 5);
+            assert!(
+                out.entropy_after < out.entropy_before - 1e-3,
+                "{seed}: {out:?}"
+            );
+            // The outcome describes the logits left in place.
+            let mut log_q = vec![];
+            let h = log_softmax(&s, &mut log_q);
+            assert!((h - out.entropy_after).abs() < 1e-12);
+            // Every single step lowers it too: more steps, lower entropy.
+            let mut one = step_logits(50, seed);
+            let first = em_inf(&mut one, &EmInf { steps: 1, ..loose });
+            assert!(first.entropy_after < first.entropy_before);
+            assert!(out.entropy_after < first.entropy_after);
+        }
+    }
+
+    #[test]
+    fn em_inf_stays_on_its_kl_leash() {
+        for seed in 0..20 {
+            for bound in [0.0f32, 0.01, 0.1] {
+                let original = step_logits(50, seed);
+                let mut s = original.clone();
+                let out = em_inf(
+                    &mut s,
+                    &EmInf {
+                        steps: 50,
+                        lr: 5.0,
+                        max_kl: bound,
+                    },
+                );
+                let (mut log_p, mut log_q) = (vec![], vec![]);
+                log_softmax(&original, &mut log_p);
+                log_softmax(&s, &mut log_q);
+                let d = kl(&log_q, &log_p);
+                assert!(d <= bound as f64 + 1e-9, "{seed} {bound}: kl {d}");
+                assert!((d - out.kl).abs() < 1e-12);
+                // The descent stopped on the bound, not short of it.
+                assert!(out.steps < 50, "{seed} {bound}: {out:?}");
+                assert!(d >= bound as f64 * 0.999, "{seed} {bound}: kl {d}");
+                assert!(out.entropy_after <= out.entropy_before);
+            }
+        }
+    }
+
+    #[test]
+    fn em_inf_with_zero_steps_is_the_plain_draw() {
+        let logits: Vec<f32> = step_logits(200, 3).iter().map(|&x| x as f32).collect();
+        let zero = EmInf {
+            steps: 0,
+            ..EmInf::DEFAULT
+        };
+        for base in [SamplingParams::greedy(8), SamplingParams::reference(8, 7)] {
+            let with = SamplingParams {
+                em_inf: Some(zero),
+                ..base.clone()
+            };
+            let (mut r1, mut r2) = (Rng::new(7, 1), Rng::new(7, 1));
+            let (mut s1, mut s2) = (Scratch::default(), Scratch::default());
+            for _ in 0..50 {
+                let a = pick(&logits, &base, &[1, 2], &mut r1, &mut s1);
+                let b = pick(&logits, &with, &[1, 2], &mut r2, &mut s2);
+                assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn em_inf_sharpens_what_is_drawn() {
+        let logits: Vec<f32> = step_logits(200, 5).iter().map(|&x| x as f32).collect();
+        let plain = params(1.0);
+        let inf = SamplingParams {
+            em_inf: Some(EmInf {
+                steps: 5,
+                lr: 1.0,
+                max_kl: 1.0,
+            }),
+            ..plain.clone()
+        };
+        let (mut r, mut s) = (Rng::new(0, 0), Scratch::default());
+        let a = pick(&logits, &plain, &[], &mut r, &mut s);
+        let b = pick(&logits, &inf, &[], &mut r, &mut s);
+        // The model's own entropy is reported unchanged; the one drawn from is lower.
+        assert_eq!(a.full_entropy, b.full_entropy);
+        assert!(
+            b.entropy < a.entropy - 0.05,
+            "{} vs {}",
+            b.entropy,
+            a.entropy
+        );
+        assert!(
+            "steps=3,kl=0.5".parse::<EmInf>().unwrap()
+                == EmInf {
+                    steps: 3,
+                    lr: 1.0,
+                    max_kl: 0.5
+                }
+        );
+        for bad in ["steps=-1", "lr=0", "kl=-1", "speed=3", "steps"] {
+            assert!(bad.parse::<EmInf>().is_err(), "{bad}");
         }
     }
 

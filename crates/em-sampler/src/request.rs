@@ -35,6 +35,81 @@ pub struct SamplingParams {
     pub ignore_eos: bool,
     /// Return per-token log-probs and entropies.
     pub logprobs: bool,
+    /// Inference-time entropy minimisation of each step's logits before the draw (off: `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub em_inf: Option<EmInf>,
+}
+
+/// EM-INF (Agarwal et al. 2025, "The Unreasonable Effectiveness of Entropy Minimization in LLM
+/// Reasoning"): before each draw, `steps` gradient steps of size `lr` on the step's own
+/// temperature-scaled logits lower the entropy of their softmax, on a leash: the adjusted
+/// distribution q stays within `max_kl` nats of the model's p (KL(q‖p)); a step that would cross
+/// the bound is cut back onto it and ends the descent. No weights change.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EmInf {
+    /// Gradient steps per decoding step (0: the model's own distribution).
+    pub steps: usize,
+    /// Step size on the logits (nats per unit gradient).
+    pub lr: f32,
+    /// Bound on KL(q‖p), nats.
+    pub max_kl: f32,
+}
+
+impl EmInf {
+    /// The settings `--em-inf` uses when given without values: 5 steps of 1.0, KL at most 0.1.
+    pub const DEFAULT: EmInf = EmInf {
+        steps: 5,
+        lr: 1.0,
+        max_kl: 0.1,
+    };
+}
+
+impl std::fmt::Display for EmInf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "steps={},lr={},kl={}", self.steps, self.lr, self.max_kl)
+    }
+}
+
+impl std::str::FromStr for EmInf {
+    type Err = String;
+
+    /// `steps=5,lr=1,kl=0.1` (absent keys take [`EmInf::DEFAULT`]'s values; `default` alone too).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad =
+            |why: &str| format!("EM-INF settings {s:?}: {why} (expected e.g. steps=5,lr=1,kl=0.1)");
+        let mut e = EmInf::DEFAULT;
+        for part in s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "default")
+        {
+            let (k, v) = part.split_once('=').ok_or_else(|| bad("no `=`"))?;
+            match k.trim() {
+                "steps" => e.steps = v.trim().parse().map_err(|_| bad("steps is not a count"))?,
+                "lr" => e.lr = v.trim().parse().map_err(|_| bad("lr is not a number"))?,
+                "kl" => e.max_kl = v.trim().parse().map_err(|_| bad("kl is not a number"))?,
+                other => return Err(bad(&format!("unknown key {other:?}"))),
+            }
+        }
+        e.check().map_err(|why| bad(&why))?;
+        Ok(e)
+    }
+}
+
+impl EmInf {
+    /// The first setting out of range, as a sentence.
+    pub fn check(&self) -> Result<(), String> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!("EM-INF lr {} is not a finite number > 0", self.lr));
+        }
+        if !(self.max_kl.is_finite() && self.max_kl >= 0.0) {
+            return Err(format!(
+                "EM-INF kl bound {} is not a finite number ≥ 0",
+                self.max_kl
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SamplingParams {
@@ -51,6 +126,7 @@ impl Default for SamplingParams {
             greedy: false,
             ignore_eos: false,
             logprobs: false,
+            em_inf: None,
         }
     }
 }
@@ -111,6 +187,9 @@ impl SamplingParams {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("a stop string is empty");
+        }
+        if let Some(e) = &self.em_inf {
+            e.check()?;
         }
         Ok(())
     }
