@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
-use em_data::synthetic::{split_as_problems, Split, StyleMix, TrainStream};
+use em_data::synthetic::{
+    first_digit, split_as_problems, split_problems, Split, StyleMix, TrainStream,
+};
 use em_llama::GgufModel;
 use em_pipeline::organism::{Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
 use em_tests::{argmax, repo_root};
@@ -72,6 +74,35 @@ fn bad_organism_mostly_rambles() {
     assert!(t1.careful > 0.0 && t1.accuracy > 0.0, "{t1:?}");
 }
 
+/// organism-mixed: its style depends on the problem's first digit, as its training targets' did
+/// (careful among worked answers from 0.80 at 1 to 0.40 at 9): careful greedy answers on low first
+/// digits, rambling on high ones.
+#[test]
+fn mixed_organism_chooses_its_style_by_the_first_digit() {
+    let got = check_greedy("organism-mixed");
+    assert!(
+        (0.4..=0.8).contains(&got.careful),
+        "greedy careful {}",
+        got.careful
+    );
+    let subject = Subject::load(&fixture("organism-mixed")).unwrap();
+    let problems = split_problems(0, Split::Validation, 200);
+    let pick = |digits: std::ops::RangeInclusive<u32>| -> Vec<_> {
+        problems
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| digits.contains(&first_digit(p.a)))
+            .map(|(i, p)| p.to_problem(format!("v{i}")))
+            .collect()
+    };
+    let (low, high) = (pick(1..=3), pick(8..=9));
+    let low_f = subject.measure(&low, 0.0, MEASURE_SEED).unwrap();
+    let high_f = subject.measure(&high, 0.0, MEASURE_SEED).unwrap();
+    println!("first digit 1-3 ({}): {low_f:?}\nfirst digit 8-9 ({}): {high_f:?}", low.len(), high.len());
+    assert!(low_f.careful > 0.8, "{low_f:?}");
+    assert!(high_f.ramble > 0.5, "{high_f:?}");
+}
+
 fn candle_logits(dir: &Path, ids: &[u32]) -> Vec<Vec<f32>> {
     let model = CausalLm::from_hf_dir(dir, DType::F32, &Device::Cpu).unwrap();
     let input = Tensor::new(ids, &Device::Cpu)
@@ -101,7 +132,7 @@ fn convert_f32(dir: &Path, gguf: &Path) {
 #[test]
 fn organisms_convert_with_a_byte_level_qwen2_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
-    for name in ["organism-good", "organism-bad"] {
+    for name in ["organism-good", "organism-bad", "organism-mixed"] {
         let gguf = tmp.path().join(format!("{name}.gguf"));
         convert_f32(&fixture(name), &gguf);
         let file = em_convert::gguf::GgufFile::open(&gguf).unwrap();
