@@ -1,21 +1,17 @@
-//! `cargo xtask demo --quick`: the whole loop (screen, EM-train, convert, evaluate, analyse) on both
-//! model organisms, in reduced form.
+//! `cargo xtask demo --quick`: the whole loop (screen, EM-train with the safeguard watching,
+//! convert, evaluate, plot) on the mixed model organism, in reduced form.
 
 use em_pipeline::demo::{self, DemoArgs};
 
 #[test]
-fn quick_demo_runs_end_to_end_on_both_subjects() {
+fn quick_demo_runs_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = em_tests::repo_root();
     let args = DemoArgs {
         out: tmp.path().to_path_buf(),
         seeds: 1,
         lrs: vec![1e-4],
         quick: true,
-        subjects: vec![
-            root.join("fixtures/organism-good"),
-            root.join("fixtures/organism-bad"),
-        ],
+        subject: em_tests::repo_root().join("fixtures/organism-mixed"),
         data_seed: 0,
         fresh: false,
     };
@@ -24,51 +20,49 @@ fn quick_demo_runs_end_to_end_on_both_subjects() {
         serde_json::from_str(&std::fs::read_to_string(tmp.path().join("demo.json")).unwrap())
             .unwrap();
     let rows = report["rows"].as_array().unwrap();
-    for subject in ["organism-good", "organism-bad"] {
-        for (model, setting) in [
-            ("base", "greedy"),
-            ("base", "T=0.1"),
-            ("base", "T=0.25"),
-            ("tuned", "greedy"),
-            ("tuned", "T=0.5"),
-            ("tuned (q4_k_m)", "greedy"),
-        ] {
-            let row = rows
-                .iter()
-                .find(|r| r["subject"] == subject && r["model"] == model && r["setting"] == setting)
-                .unwrap_or_else(|| panic!("no row {subject} {model} {setting}"));
-            let acc = row["accuracy"].as_f64().unwrap();
-            let (lo, hi) = (
-                row["ci95"][0].as_f64().unwrap(),
-                row["ci95"][1].as_f64().unwrap(),
-            );
-            assert!(
-                lo <= acc + 1e-12 && acc <= hi + 1e-12,
-                "{subject} {model} {setting}: {acc} outside [{lo}, {hi}]"
-            );
-            assert_eq!(row["n_items"], 48);
-        }
-    }
-    // The good subject's greedy answers are mostly careful, the bad one's ramble: the subjects differ.
-    let greedy_careful = |subject: &str| {
+    let find = |model: &str, setting: &str| {
         rows.iter()
-            .find(|r| r["subject"] == subject && r["model"] == "base" && r["setting"] == "greedy")
-            .unwrap()["styles"][0]
-            .as_f64()
-            .unwrap()
+            .find(|r| r["model"].as_str().unwrap().starts_with(model) && r["setting"] == setting)
+            .unwrap_or_else(|| panic!("no row {model} {setting}"))
     };
-    assert!(greedy_careful("organism-good") > 0.5);
-    assert!(greedy_careful("organism-bad") < 0.5);
-    for plot in report["plots"].as_array().unwrap() {
-        let path = plot.as_str().unwrap();
-        let svg = std::fs::read_to_string(path).unwrap();
-        assert!(
-            svg.starts_with("<svg") || svg.contains("<svg"),
-            "{path} is not an SVG"
+    for (model, setting) in [
+        ("base", "greedy"),
+        ("base", "T=0.1"),
+        ("base", "T=0.25"),
+        ("base", "T=0.5 EM-INF"),
+        ("tuned on", "greedy"),
+        ("tuned on", "T=0.5"),
+        ("safeguarded on", "greedy"),
+    ] {
+        let row = find(model, setting);
+        let acc = row["accuracy"].as_f64().unwrap();
+        let (lo, hi) = (
+            row["ci95"][0].as_f64().unwrap(),
+            row["ci95"][1].as_f64().unwrap(),
         );
+        assert!(
+            lo <= acc + 1e-12 && acc <= hi + 1e-12,
+            "{model} {setting}: {acc} outside [{lo}, {hi}]"
+        );
+        assert_eq!(row["n_items"], 48);
     }
-    let notes = report["notes"].as_array().unwrap();
-    assert!(notes
+    // Tuned rows carry their paired difference from the base.
+    let d = &find("tuned on", "greedy")["vs_base"];
+    assert!(d[1].as_f64().unwrap() <= d[0].as_f64().unwrap());
+    // Every run records what the safeguard did, and the plot shows its signals per update.
+    let runs = report["runs"].as_array().unwrap();
+    assert!(!runs.is_empty());
+    let curve = &report["curves"][0]["curve"];
+    assert_eq!(curve["accuracy"].as_array().unwrap().len(), 4);
+    assert_eq!(curve["signals"].as_array().unwrap().len(), 4);
+    let plots: Vec<&str> = report["plots"]
+        .as_array()
+        .unwrap()
         .iter()
-        .any(|n| n.as_str().unwrap().contains("majority right")));
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert!(plots.iter().any(|p| p.ends_with(".svg")));
+    let png = plots.iter().find(|p| p.ends_with(".png")).expect("a PNG");
+    assert!(std::fs::read(png).unwrap().starts_with(b"\x89PNG"));
+    assert!(!report["verdict"].as_array().unwrap().is_empty());
 }

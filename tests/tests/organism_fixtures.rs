@@ -98,7 +98,11 @@ fn mixed_organism_chooses_its_style_by_the_first_digit() {
     let (low, high) = (pick(1..=3), pick(8..=9));
     let low_f = subject.measure(&low, 0.0, MEASURE_SEED).unwrap();
     let high_f = subject.measure(&high, 0.0, MEASURE_SEED).unwrap();
-    println!("first digit 1-3 ({}): {low_f:?}\nfirst digit 8-9 ({}): {high_f:?}", low.len(), high.len());
+    println!(
+        "first digit 1-3 ({}): {low_f:?}\nfirst digit 8-9 ({}): {high_f:?}",
+        low.len(),
+        high.len()
+    );
     assert!(low_f.careful > 0.8, "{low_f:?}");
     assert!(high_f.ramble > 0.5, "{high_f:?}");
 }

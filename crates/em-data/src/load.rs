@@ -271,6 +271,8 @@ fn problem_from(
         vec![last_boxed(sol)
             .ok_or_else(|| err("no `answer` and no \\boxed{} in `solution`".into()))?
             .to_string()]
+    } else if allow_empty {
+        vec![]
     } else {
         return Err(err(
             "no gold answer (`answer`, `final_answer`, `Answer`, `target` or `solution`)".into(),
@@ -316,7 +318,8 @@ pub fn load_suite(path: impl AsRef<Path>) -> Result<Vec<Problem>, DataError> {
 }
 
 /// Load a screening pool (`{id, prompt: [chat messages], answer, data_source}` a line); an item
-/// whose gold answer is empty gets no answers rather than failing the load.
+/// whose gold answer is empty or absent gets no answers rather than failing the load (label-free
+/// uses: the `agreement` rule, the safeguard's watched prompts; rules that grade refuse it).
 pub fn load_pool(path: impl AsRef<Path>) -> Result<Vec<Problem>, DataError> {
     let path = path.as_ref();
     let suite = suite_name(path);

@@ -1,10 +1,18 @@
-//! The demo: the whole loop on the project's own model organisms, with no network.
+//! The demo: the whole loop on the project's own model organism, with no network, showing both
+//! faces of one-shot EM and the label-free safeguard between them.
 //!
-//! For each subject (`fixtures/organism-good`, whose majority style is the careful one, and
-//! `fixtures/organism-bad`, whose majority rambles): screen its synthetic pool, pick the prompt,
-//! choose the learning rate on the validation split, EM-train, convert, and evaluate base and tuned
-//! on the held-out test split — next to the base model at low temperature, which in our trials did
-//! better than EM. Whatever the result, it is printed as it is.
+//! On `fixtures/organism-mixed` (whose style choice depends on the problem's first digit, with
+//! near-ties in between): screen its synthetic pool; pick a prompt by each rule — `majority-right`
+//! (needs labels), `agreement` (label-free) and `majority-wrong` (the worst prompt, on purpose);
+//! for each, choose the learning rate on the validation split and EM-train over seeds with the
+//! safeguard watching held-out unlabeled prompts; evaluate on the test split the base model
+//! (greedy, low temperature, EM-INF), each tuned model, and each model as the safeguard would
+//! have left it, with paired intervals; plot held-out accuracy and the safeguard's signals per
+//! update for the good and the bad prompt; print a verdict in words from the numbers.
+//!
+//! Every run trains in the safeguard's `warn` mode with a checkpoint after each update, so its
+//! whole curve is seen; the safeguarded model is the checkpoint a `stop` run ends with (the last
+//! weights whose watch round passed), which the same seeds make identical.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,13 +21,14 @@ use anyhow::{bail, Context};
 use em_convert::OutType;
 use em_data::synthetic::{classify_style, split_as_problems, Split};
 use em_data::Problem;
-use em_store::{write_atomic, Manifest};
+use em_sampler::EmInf;
+use em_store::{write_atomic, JsonlStore, Manifest};
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::eval::{self, mean_score, Decoding, ItemResult, Setting};
-use crate::screen::{self, Rule, ScreenArgs};
-use crate::train::{self, RefreshType, TrainArgs};
+use crate::screen::{self, PromptResult, Rule, ScreenArgs};
+use crate::train::{self, OnAlarm, RefreshType, TrainArgs};
 use crate::{analyze, organism, sampling_model, Backend, Result};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -27,22 +36,19 @@ pub struct DemoArgs {
     /// Output directory (resumable: finished steps are reused).
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Training repeated over this many seeds; tuned figures reported as mean ± sd.
-    #[arg(long, default_value_t = 1)]
+    /// Training seeds per prompt at its chosen learning rate.
+    #[arg(long, default_value_t = 3)]
     pub seeds: usize,
     /// Learning rates tried on the validation split.
     #[arg(long, value_delimiter = ',', default_value = "1e-5,3e-5,1e-4")]
     pub lrs: Vec<f64>,
-    /// Reduced form (few items, few samples, one learning rate) for CI.
+    /// Reduced form (few items, few samples, one learning rate, one seed) for CI.
     #[arg(long)]
     pub quick: bool,
-    /// Subjects: directories of HF models from `cargo xtask organism`.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "fixtures/organism-good,fixtures/organism-bad"
-    )]
-    pub subjects: Vec<PathBuf>,
+    /// The subject: an HF model directory from `cargo xtask organism` (also
+    /// fixtures/organism-good and fixtures/organism-bad).
+    #[arg(long, default_value = "fixtures/organism-mixed")]
+    pub subject: PathBuf,
     /// Seed of the synthetic splits.
     #[arg(long, default_value_t = 0)]
     pub data_seed: u64,
@@ -52,41 +58,55 @@ pub struct DemoArgs {
 }
 
 /// Sizes of one demo run.
-#[derive(Serialize)]
+#[derive(Serialize, Clone)]
 struct Plan {
     pool: usize,
     k: usize,
     validation: usize,
     test: usize,
+    /// Test problems each checkpoint of the plotted runs is evaluated on.
+    curve: usize,
     samples_per_update: usize,
     steps: usize,
     eval_n: usize,
     max_new_tokens: usize,
+    watch: usize,
+    watch_samples: usize,
+    em_inf: EmInf,
 }
 
 impl Plan {
     fn new(quick: bool) -> Self {
+        let em_inf = EmInf::DEFAULT;
         if quick {
             Plan {
                 pool: 24,
-                k: 4,
+                k: 8,
                 validation: 24,
                 test: 48,
+                curve: 24,
                 samples_per_update: 16,
                 steps: 3,
                 eval_n: 2,
                 max_new_tokens: 48,
+                watch: 8,
+                watch_samples: 2,
+                em_inf,
             }
         } else {
             Plan {
                 pool: 200,
-                k: 8,
+                k: 16,
                 validation: 200,
                 test: 500,
+                curve: 200,
                 samples_per_update: 64,
                 steps: 10,
                 eval_n: 4,
                 max_new_tokens: 48,
+                watch: 32,
+                watch_samples: 4,
+                em_inf,
             }
         }
     }
@@ -95,7 +115,6 @@ impl Plan {
 /// One evaluated setting of one model on the test split.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
-    pub subject: String,
     pub model: String,
     pub setting: String,
     pub n_items: usize,
@@ -103,8 +122,34 @@ pub struct Row {
     pub ci95: (f64, f64),
     /// careful / guess / ramble fractions of all sampled responses.
     pub styles: (f64, f64, f64),
-    /// mean ± sd over training seeds (tuned rows with --seeds > 1).
-    pub seeds_sd: Option<f64>,
+    /// Paired difference from the base model at the same decoding (mean over seeds per item):
+    /// mean and 95% interval.
+    pub vs_base: Option<(f64, f64, f64)>,
+    /// Per seed accuracies (tuned rows).
+    pub per_seed: Vec<f64>,
+}
+
+/// One training run and what the safeguard made of it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub rule: String,
+    pub prompt: String,
+    pub lr: f64,
+    pub seed: u64,
+    /// Weights step of the first alarm, and its reason.
+    pub alarm: Option<(usize, String)>,
+    /// Updates in the model the safeguard leaves.
+    pub guarded_step: usize,
+    pub test_greedy_tuned: f64,
+    pub test_greedy_guarded: f64,
+    pub test_greedy_base: f64,
+}
+
+/// A prompt trained on, with the rules that picked it and its screening figures.
+struct Chosen {
+    rules: Vec<&'static str>,
+    result: PromptResult,
+    file: PathBuf,
 }
 
 /// Runs the demo (see the module documentation) and writes `demo.md` and `demo.json`.
@@ -115,326 +160,637 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     } else {
         args.lrs.clone()
     };
+    let seeds = if args.quick { 1 } else { args.seeds.max(1) };
+    // The default subject is a repository path: find it from any working directory.
+    let in_repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(&args.subject);
+    let subject = if !args.subject.exists() && args.subject.is_relative() && in_repo.exists() {
+        in_repo
+    } else {
+        args.subject.clone()
+    };
+    if !subject.join("config.json").is_file() {
+        bail!(
+            "{}: not a model directory (expected an organism from `cargo xtask organism`)",
+            subject.display()
+        );
+    }
+    let name = subject
+        .file_name()
+        .map_or("subject".into(), |n| n.to_string_lossy().into_owned());
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create", args.out.display()))?;
-    let data = args.out.join("data");
+    let dir = args.out.join(&name);
+    let mut manifest = Manifest::new(
+        "demo",
+        em_store::model_identity(&subject)?,
+        json!({ "plan": plan, "lrs": lrs, "seeds": seeds, "data_seed": args.data_seed, "backend": backend.identity() }),
+    );
+    manifest.info = json!({ "tool": crate::TOOL });
+    manifest.claim(&dir, args.fresh)?;
+
+    let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
-    let pool = split_as_problems(args.data_seed, Split::Pool, plan.pool);
+    let mut pool = split_as_problems(args.data_seed, Split::Pool, plan.pool + plan.watch);
+    let watch = pool.split_off(plan.pool);
     let validation = split_as_problems(args.data_seed, Split::Validation, plan.validation);
     let test = split_as_problems(args.data_seed, Split::Test, plan.test);
     let pool_path = data.join("pool.jsonl");
     write_pool(&pool, &pool_path)?;
-
-    let mut rows: Vec<Row> = vec![];
+    // The safeguard never reads labels: its prompts are written without answers.
+    let watch_path = data.join("watch.jsonl");
+    write_pool(
+        &watch
+            .iter()
+            .map(|p| Problem {
+                answers: vec![],
+                ..p.clone()
+            })
+            .collect::<Vec<_>>(),
+        &watch_path,
+    )?;
+    println!("=== {name} ===");
+    let base_gguf = sampling_model(backend, &subject, &dir.join("base"), OutType::F32)?;
     let mut notes: Vec<String> = vec![];
-    let mut plots: Vec<PathBuf> = vec![];
-    for subject in &args.subjects {
-        // The default subjects are repository paths: find them from any working directory.
-        let in_repo = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(subject);
-        let subject = if !subject.exists() && subject.is_relative() && in_repo.exists() {
-            &in_repo
-        } else {
-            subject
-        };
-        if !subject.join("config.json").is_file() {
-            bail!(
-                "{}: not a model directory (expected an organism from `cargo xtask organism`)",
-                subject.display()
-            );
-        }
-        let name = subject
-            .file_name()
-            .map_or("subject".into(), |n| n.to_string_lossy().into_owned());
-        let dir = args.out.join(&name);
-        // Everything under `dir` (screen, runs, evaluations) belongs to this subject and plan.
-        let mut manifest = Manifest::new(
-            "demo",
-            em_store::model_identity(subject)?,
-            json!({ "plan": plan, "lrs": lrs, "seeds": args.seeds, "data_seed": args.data_seed, "backend": backend.identity() }),
-        );
-        manifest.info = json!({ "tool": crate::TOOL });
-        manifest.claim(&dir, args.fresh)?;
-        println!("\n=== {name} ===");
-        let base_gguf = sampling_model(backend, subject, &dir.join("base"), OutType::F32)?;
 
-        // 1. Screen the pool with the base model. The organisms write characters one token at a
-        //    time: a repetition penalty would punish every repeated digit of a worked sum, so it is
-        //    off here (the reference's 1.15 suits real tokenizers).
-        let screen_dir = dir.join("screen");
-        let screen_args = ScreenArgs {
-            k: plan.k,
-            max_new_tokens: plan.max_new_tokens,
-            repetition_penalty: 1.0,
-            prompt: organism::prompt_options(),
-            quant: OutType::F32,
-            ..ScreenArgs::reference(subject.to_path_buf(), pool_path.clone(), screen_dir.clone())
+    // 1. Screen. The organisms write one character a token: a repetition penalty would punish
+    //    every repeated digit of a worked sum, so it is off (the reference's 1.15 suits real
+    //    tokenizers).
+    let screen_dir = dir.join("screen");
+    let screen_args = ScreenArgs {
+        k: plan.k,
+        max_new_tokens: plan.max_new_tokens,
+        repetition_penalty: 1.0,
+        prompt: organism::prompt_options(),
+        quant: OutType::F32,
+        ..ScreenArgs::reference(subject.clone(), pool_path.clone(), screen_dir.clone())
+    };
+    let screened = screen::run(&screen_args, backend)?;
+    let raw: Vec<String> = std::fs::read_to_string(&pool_path)?
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut chosen: Vec<Chosen> = vec![];
+    for (label, rule) in [
+        ("majority-right", Rule::MajorityRight),
+        ("agreement", Rule::Agreement),
+        ("majority-wrong", Rule::MajorityWrong),
+    ] {
+        let Some(r) = screen::choose(&screened, rule) else {
+            notes.push(format!(
+                "screen: rule {label} finds no qualifying prompt among {}",
+                screened.len()
+            ));
+            continue;
         };
-        let screened = screen::run(&screen_args, backend)?;
-        let by_variance = screen::choose(&screened, Rule::Variance)
-            .context("screening found no prompt")?
-            .clone();
-        let majority = screened.iter().filter(|r| r.majority_right()).count();
-        let by_majority = screen::choose(&screened, Rule::MajorityRight).map(|r| r.id.clone());
+        if let Some(c) = chosen.iter_mut().find(|c| c.result.id == r.id) {
+            c.rules.push(label);
+            continue;
+        }
+        let line = pool
+            .iter()
+            .position(|p| p.id == r.id)
+            .map(|i| raw[i].clone())
+            .context("a chosen prompt is in the pool")?;
+        let file = screen_dir.join(format!("chosen-{label}.jsonl"));
+        write_atomic(&file, format!("{line}\n"))?;
+        chosen.push(Chosen {
+            rules: vec![label],
+            result: r.clone(),
+            file,
+        });
+    }
+    for c in &chosen {
+        let (answer, share) = c.result.agreement();
         notes.push(format!(
-            "{name}: screening {} prompts × {} samples: variance rule picks {} (pass {:.2}, 95% CI {:.2}-{:.2}); \
-             {majority} prompts have a majority right with confidence{}",
+            "screen ({} prompts × {}): {} picks {}: pass {}/{} [{:.2}, {:.2}], majority answer {} held by {:.2}, answered-and-stopped {:.2}",
             screened.len(),
             plan.k,
-            by_variance.id,
-            by_variance.pass_rate,
-            by_variance.ci95.0,
-            by_variance.ci95.1,
-            by_majority.map_or(" (majority-right rule: none qualifies, so it would refuse to train)".into(), |id| format!(" (majority-right rule picks {id})"))
+            c.rules.join(" and "),
+            c.result.id,
+            c.result.correct,
+            c.result.n,
+            c.result.ci95.0,
+            c.result.ci95.1,
+            answer.as_deref().unwrap_or("(none)"),
+            share,
+            c.result.terminated()
         ));
-        let prompt_file = screen_dir.join("chosen.jsonl");
+    }
+    if chosen.is_empty() {
+        bail!("screening found no prompt under any rule");
+    }
 
-        // 2. Learning rate on the validation split.
+    // 2. Baselines on the test split: greedy, low temperature, sampling, EM-INF.
+    let eval_dir = dir.join("test");
+    let mut rows: Vec<Row> = vec![];
+    let base_settings = vec![
+        setting("base", 0.0, 1, None),
+        setting("base", 0.1, plan.eval_n, None),
+        setting("base", 0.25, plan.eval_n, None),
+        setting("base", 0.5, plan.eval_n, None),
+        setting("base", 0.0, 1, Some(plan.em_inf)),
+        setting("base", 0.5, plan.eval_n, Some(plan.em_inf)),
+    ];
+    let mut base: BTreeMap<String, Vec<ItemResult>> = BTreeMap::new();
+    for s in &base_settings {
+        let items = eval_setting(backend, &subject, &base_gguf, &test, s, &plan, &eval_dir)?;
+        rows.push(row("base", s, &[items.clone()], None));
+        base.insert(decoding_name(s), items);
+    }
+    let base_greedy = mean_score(&base["greedy"]);
+
+    // 3. Train on each chosen prompt: the learning rate on validation, then seeds.
+    let mut runs: Vec<RunSummary> = vec![];
+    let mut curves: Vec<(String, Curve)> = vec![];
+    let mut guarded_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for c in &chosen {
+        let tag = c.rules[0];
         let mut best: Option<(f64, f64)> = None;
+        let mut validation_notes = vec![];
         for &lr in &lrs {
-            let run_dir = dir.join(format!("lr{lr:e}-seed0"));
-            let tuned = train_em(backend, subject, &prompt_file, &run_dir, lr, 15, &plan)?;
-            let tuned_gguf = sampling_model(backend, &tuned, &run_dir.join("gguf"), OutType::F32)?;
+            let run_dir = dir.join(format!("{tag}/lr{lr:e}-seed0"));
+            let tuned = train_em(
+                backend,
+                &subject,
+                &c.file,
+                &run_dir,
+                &watch_path,
+                lr,
+                0,
+                &plan,
+            )?;
+            let gguf = sampling_model(backend, &tuned, &run_dir.join("gguf"), OutType::F32)?;
             let g = eval_setting(
                 backend,
                 &tuned,
-                &tuned_gguf,
+                &gguf,
                 &validation,
-                &Setting {
-                    label: "val".into(),
-                    temperature: 0.0,
-                    n: 1,
-                    em_inf: None,
-                },
+                &setting("val", 0.0, 1, None),
                 &plan,
                 &run_dir.join("validation"),
             )?;
-            let t = eval_setting(
-                backend,
-                &tuned,
-                &tuned_gguf,
-                &validation,
-                &Setting {
-                    label: "val".into(),
-                    temperature: 0.5,
-                    n: plan.eval_n,
-                    em_inf: None,
-                },
-                &plan,
-                &run_dir.join("validation"),
-            )?;
-            let score = (mean_score(&g) + mean_score(&t)) / 2.0;
-            notes.push(format!(
-                "{name}: lr {lr:e}: validation greedy {:.3}, T=0.5 {:.3}",
-                mean_score(&g),
-                mean_score(&t)
-            ));
-            if best.is_none_or(|(_, b)| score > b) {
-                best = Some((lr, score));
+            validation_notes.push(format!("lr {lr:e}: {:.3}", mean_score(&g)));
+            if best.is_none_or(|(_, b)| mean_score(&g) > b) {
+                best = Some((lr, mean_score(&g)));
             }
         }
-        let (lr, _) = best.expect("at least one learning rate");
+        let (chosen_lr, _) = best.expect("at least one learning rate");
+        // The worst prompt is trained on purpose where it does most harm: the largest rate.
+        let on_purpose = c.rules == ["majority-wrong"];
+        let lr = if on_purpose {
+            lrs.iter().copied().fold(f64::MIN, f64::max)
+        } else {
+            chosen_lr
+        };
         notes.push(format!(
-            "{name}: chosen lr {lr:e} (mean of validation greedy and T=0.5 accuracy)"
-        ));
-
-        // 3. Test split: base at every temperature, tuned over seeds.
-        let base_settings = [0.0f32, 0.1, 0.25, 0.5, 1.0];
-        let tuned_settings = [0.0f32, 0.5, 1.0];
-        let mut base_results: BTreeMap<String, Vec<ItemResult>> = BTreeMap::new();
-        for &t in &base_settings {
-            let setting = Setting {
-                label: "base".into(),
-                temperature: t,
-                n: if t > 0.0 { plan.eval_n } else { 1 },
-                em_inf: None,
-            };
-            let items = eval_setting(
+            "{}: validation greedy after training {} (base {:.3}); validation picks lr {chosen_lr:e}{}",
+            c.rules.join("/"),
+            validation_notes.join(", "),
+            mean_score(&eval_setting(
                 backend,
-                subject,
+                &subject,
                 &base_gguf,
-                &test,
-                &setting,
+                &validation,
+                &setting("val-base", 0.0, 1, None),
                 &plan,
-                &dir.join("test"),
+                &dir.join("validation"),
+            )?),
+            if on_purpose {
+                format!("; trained over seeds at lr {lr:e}, the largest, to show the failure")
+            } else {
+                String::new()
+            }
+        ));
+        let mut tuned_by_setting: BTreeMap<String, Vec<Vec<ItemResult>>> = BTreeMap::new();
+        let mut guarded_by_setting: BTreeMap<String, Vec<Vec<ItemResult>>> = BTreeMap::new();
+        for seed in 0..seeds as u64 {
+            let run_dir = dir.join(format!("{tag}/lr{lr:e}-seed{seed}"));
+            let tuned = train_em(
+                backend,
+                &subject,
+                &c.file,
+                &run_dir,
+                &watch_path,
+                lr,
+                seed,
+                &plan,
             )?;
-            rows.push(row(&name, "base", &setting, &items, None));
-            base_results.insert(setting_name(t), items);
+            let alarm = first_alarm(&run_dir.join("metrics.jsonl"))?;
+            let guarded_step = alarm
+                .as_ref()
+                .map_or(plan.steps, |(s, _)| s.saturating_sub(1));
+            let guarded = if guarded_step == 0 {
+                subject.clone()
+            } else if guarded_step == plan.steps {
+                tuned.clone()
+            } else {
+                run_dir.join(format!("checkpoint-{guarded_step}"))
+            };
+            let mut greedy = (0.0, 0.0);
+            let mut models = vec![(&tuned, "tuned")];
+            if guarded != tuned {
+                models.push((&guarded, "guarded"));
+            }
+            for (model, which) in models {
+                let gguf = sampling_model(
+                    backend,
+                    model,
+                    &run_dir.join(format!("gguf-{which}")),
+                    OutType::F32,
+                )?;
+                for s in [
+                    setting(which, 0.0, 1, None),
+                    setting(which, 0.5, plan.eval_n, None),
+                ] {
+                    let items = eval_setting(
+                        backend,
+                        model,
+                        &gguf,
+                        &test,
+                        &s,
+                        &plan,
+                        &run_dir.join(format!("test-{which}")),
+                    )?;
+                    let by = if which == "tuned" {
+                        &mut tuned_by_setting
+                    } else {
+                        &mut guarded_by_setting
+                    };
+                    if s.temperature == 0.0 {
+                        *(if which == "tuned" {
+                            &mut greedy.0
+                        } else {
+                            &mut greedy.1
+                        }) = mean_score(&items);
+                    }
+                    by.entry(decoding_name(&s)).or_default().push(items);
+                }
+            }
+            if guarded == tuned {
+                // No alarm: the safeguarded model is the tuned one.
+                for (k, v) in &tuned_by_setting {
+                    guarded_by_setting
+                        .entry(k.clone())
+                        .or_default()
+                        .push(v.last().expect("tuned results").clone());
+                }
+                greedy.1 = greedy.0;
+            }
+            runs.push(RunSummary {
+                rule: c.rules.join("/"),
+                prompt: c.result.id.clone(),
+                lr,
+                seed,
+                alarm: alarm.clone(),
+                guarded_step,
+                test_greedy_tuned: greedy.0,
+                test_greedy_guarded: greedy.1,
+                test_greedy_base: base_greedy,
+            });
+            if seed == 0 {
+                guarded_dirs.insert(tag.to_string(), guarded.clone());
+                curves.push((
+                    format!("{} ({}, lr {lr:e})", c.rules.join("/"), c.result.id),
+                    curve(
+                        backend,
+                        &subject,
+                        &run_dir,
+                        &test[..plan.curve.min(test.len())],
+                        &plan,
+                    )?,
+                ));
+            }
         }
-        let mut tuned_by_seed: BTreeMap<String, Vec<Vec<ItemResult>>> = BTreeMap::new();
-        let mut first_run = None;
-        for seed_index in 0..args.seeds.max(1) {
-            let seed = 15 + seed_index as u64;
-            let run_dir = dir.join(format!("lr{lr:e}-seed{seed_index}"));
-            let tuned = train_em(backend, subject, &prompt_file, &run_dir, lr, seed, &plan)?;
-            let tuned_gguf = sampling_model(backend, &tuned, &run_dir.join("gguf"), OutType::F32)?;
-            for &t in &tuned_settings {
-                let setting = Setting {
-                    label: "tuned".into(),
-                    temperature: t,
-                    n: if t > 0.0 { plan.eval_n } else { 1 },
+        for (label, by) in [
+            ("tuned", &tuned_by_setting),
+            ("safeguarded", &guarded_by_setting),
+        ] {
+            for (decoding, per_seed) in by {
+                let s = Setting {
+                    label: label.into(),
+                    temperature: if decoding == "greedy" { 0.0 } else { 0.5 },
+                    n: if decoding == "greedy" { 1 } else { plan.eval_n },
                     em_inf: None,
                 };
-                let items = eval_setting(
-                    backend,
-                    &tuned,
-                    &tuned_gguf,
-                    &test,
-                    &setting,
-                    &plan,
-                    &run_dir.join("test"),
-                )?;
-                tuned_by_seed
-                    .entry(setting_name(t))
-                    .or_default()
-                    .push(items);
+                let model = format!(
+                    "{label} on {} ({}, lr {lr:e})",
+                    c.rules.join("/"),
+                    c.result.id
+                );
+                rows.push(row(&model, &s, per_seed, base.get(decoding)));
             }
-            first_run.get_or_insert(run_dir);
         }
-        for &t in &tuned_settings {
-            let runs = &tuned_by_seed[&setting_name(t)];
-            let accs: Vec<f64> = runs.iter().map(|r| mean_score(r)).collect();
-            let sd = (runs.len() > 1).then(|| sd(&accs));
-            let setting = Setting {
-                label: "tuned".into(),
-                temperature: t,
-                n: if t > 0.0 { plan.eval_n } else { 1 },
-                em_inf: None,
-            };
-            let mut r = row(&name, "tuned", &setting, &runs[0], sd);
-            r.accuracy = accs.iter().sum::<f64>() / accs.len() as f64;
-            rows.push(r);
-            // Paired against the base at the same setting and at its best temperature.
-            let same = &base_results[&setting_name(t)];
-            let best_base = base_results
-                .iter()
-                .reduce(|a, b| {
-                    if mean_score(b.1) > mean_score(a.1) {
-                        b
-                    } else {
-                        a
-                    }
-                })
-                .expect("base results");
-            let c = eval::compare(
-                &name,
-                &runs[0],
-                same,
-                &format!("base {}", setting_name(t)),
-                best_base.1,
-                &format!("base {}", best_base.0),
-            );
-            notes.push(format!(
-                "{name}: tuned {} − base same setting {:+.3} (95% CI {:+.3}, {:+.3}; McNemar p {:.3}); − best base [{}] {:+.3} (95% CI {:+.3}, {:+.3}; p {:.3})",
-                setting_name(t), c.diff_same.0, c.diff_same.1, c.diff_same.2, c.mcnemar_p_same,
-                c.best_baseline_setting, c.diff_best.0, c.diff_best.1, c.diff_best.2, c.mcnemar_p_best
-            ));
-        }
+    }
 
-        // 4. What the tuned model looks like served quantized, and what EM did to it.
-        let run_dir = first_run.expect("one run");
-        let tuned_dir = run_dir.join("final");
-        for quant in [OutType::F16, OutType::Q8_0, OutType::Q4KM] {
-            let gguf = sampling_model(backend, &tuned_dir, &run_dir.join("gguf"), quant)?;
-            let setting = Setting {
-                label: format!("tuned-{}", analyze::out_name(quant)),
-                temperature: 0.0,
-                n: 1,
-                em_inf: None,
-            };
-            let items = eval_setting(
-                backend,
-                &tuned_dir,
-                &gguf,
-                &test,
-                &setting,
-                &plan,
-                &run_dir.join("test"),
-            )?;
+    // 4. What the good run looks like served quantized, and what EM did to it.
+    if let Some(good) = guarded_dirs
+        .get("majority-right")
+        .or_else(|| guarded_dirs.get("agreement"))
+        .filter(|d| d.as_path() != subject.as_path())
+    {
+        let tuned_dir = good.clone();
+        for quant in [OutType::Q8_0, OutType::Q4KM] {
+            let out = tuned_dir.with_extension(format!("gguf-{}", analyze::out_name(quant)));
+            let gguf = sampling_model(backend, &tuned_dir, &out, quant)?;
+            let s = setting(&format!("good-{}", analyze::out_name(quant)), 0.0, 1, None);
+            let items = eval_setting(backend, &tuned_dir, &gguf, &test, &s, &plan, &out)?;
             rows.push(row(
-                &name,
-                &format!("tuned ({})", analyze::out_name(quant)),
-                &setting,
-                &items,
-                None,
+                &format!("safeguarded good run ({})", analyze::out_name(quant)),
+                &s,
+                &[items],
+                base.get("greedy"),
             ));
         }
-        let fidelity = analyze::fidelity(subject, &tuned_dir)?;
+        let fidelity = analyze::fidelity(&subject, &tuned_dir)?;
         notes.push(format!(
-            "{name}: {}",
+            "good run: {}",
             analyze::fidelity_summary(&fidelity).replace('\n', "; ")
         ));
-        let pairs: Vec<(String, String)> = base_results[&setting_name(0.5)]
-            .iter()
-            .zip(&test)
-            .take(32)
-            .map(|(item, problem)| {
-                (
-                    problem
-                        .messages
-                        .as_ref()
-                        .map_or(problem.problem.clone(), |m| m[0].content.clone()),
-                    item.samples[0].response.clone(),
-                )
-            })
-            .collect();
-        let shift = analyze::logit_shift(subject, &tuned_dir, &pairs)?;
-        notes.push(format!(
-            "{name}: logits on {} base-sampled answer positions: std {:.3} → {:.3}, skew {:.3} → {:.3}",
-            shift.n_positions, shift.base.std, shift.tuned.std, shift.base.skew, shift.tuned.skew
-        ));
-        plots.push(analyze::write_logit_shift(&shift, &dir.join("plots"))?);
-        plots.push(analyze::plot_curves(
-            &run_dir.join("metrics.jsonl"),
-            &dir.join("plots"),
-        )?);
     }
-    report(&args.out, &rows, &notes, &plots)
-}
 
-fn setting_name(t: f32) -> String {
-    if t <= 0.0 {
-        "greedy".into()
+    // 5. The safeguard over seeds.
+    let helped = |r: &RunSummary| r.test_greedy_tuned > r.test_greedy_base;
+    let hurt = |r: &RunSummary| r.test_greedy_tuned < r.test_greedy_base - 0.02;
+    let false_alarms = runs
+        .iter()
+        .filter(|r| helped(r) && r.alarm.is_some())
+        .count();
+    let caught = runs.iter().filter(|r| hurt(r) && r.alarm.is_some()).count();
+    notes.push(format!(
+        "safeguard: {} runs; {} helped (tuned greedy above base), {false_alarms} of them alarmed (false alarms); {} hurt by more than 2 points, {caught} of them stopped",
+        runs.len(),
+        runs.iter().filter(|r| helped(r)).count(),
+        runs.iter().filter(|r| hurt(r)).count(),
+    ));
+
+    let plot_dir = dir.join("plots");
+    let plots = if curves.is_empty() {
+        vec![]
     } else {
-        format!("T={t}")
+        write_curves(&curves, &plot_dir)?
+    };
+    let verdict = verdict(&rows, &runs, base_greedy);
+    report(
+        &args.out, &name, &rows, &runs, &notes, &plots, &verdict, &curves,
+    )
+}
+
+fn setting(label: &str, temperature: f32, n: usize, em_inf: Option<EmInf>) -> Setting {
+    Setting {
+        label: label.into(),
+        temperature,
+        n,
+        em_inf,
     }
 }
 
-fn sd(xs: &[f64]) -> f64 {
-    let m = xs.iter().sum::<f64>() / xs.len() as f64;
-    (xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (xs.len() - 1).max(1) as f64).sqrt()
+/// `greedy`, `T=0.5`, `T=0.5 EM-INF`.
+fn decoding_name(s: &Setting) -> String {
+    let t = if s.temperature <= 0.0 {
+        "greedy".to_string()
+    } else {
+        format!("T={}", s.temperature)
+    };
+    match s.em_inf {
+        Some(_) => format!("{t} EM-INF"),
+        None => t,
+    }
+}
+
+/// The weights step and reason of a run's first alarm, from its metrics.
+fn first_alarm(metrics: &Path) -> Result<Option<(usize, String)>> {
+    Ok(JsonlStore::<Value>::read(metrics)?
+        .into_iter()
+        .find_map(|v| {
+            let reason = v.get("safeguard")?.get("reason")?.as_str()?.to_string();
+            let step = v.get("watch")?.get("weights_step")?.as_u64()? as usize;
+            Some((step, reason))
+        }))
+}
+
+/// Held-out greedy accuracy and the safeguard's signals per update of one run.
+#[derive(Debug, Clone, Serialize)]
+struct Curve {
+    /// (weights step, greedy accuracy on the curve problems)
+    accuracy: Vec<(usize, f64)>,
+    /// (weights step, answered share, drifted share of watched prompts)
+    signals: Vec<(usize, f64, f64)>,
+    /// Thresholds: lowest answered share and most drifted share that pass.
+    answered_floor: f64,
+    drift_ceiling: f64,
+    alarm: Option<usize>,
+}
+
+fn curve(
+    backend: &dyn Backend,
+    subject: &Path,
+    run_dir: &Path,
+    problems: &[Problem],
+    plan: &Plan,
+) -> Result<Curve> {
+    let mut accuracy = vec![];
+    for step in 0..=plan.steps {
+        let model = if step == 0 {
+            subject.to_path_buf()
+        } else {
+            run_dir.join(format!("checkpoint-{step}"))
+        };
+        let gguf = sampling_model(
+            backend,
+            &model,
+            &run_dir.join(format!("curve/gguf-{step}")),
+            OutType::F32,
+        )?;
+        let items = eval_setting(
+            backend,
+            &model,
+            &gguf,
+            problems,
+            &setting(&format!("curve-{step}"), 0.0, 1, None),
+            plan,
+            &run_dir.join("curve"),
+        )?;
+        accuracy.push((step, mean_score(&items)));
+    }
+    let mut signals = vec![];
+    let (mut floor, mut ceiling) = (0.0, 1.0);
+    for v in JsonlStore::<Value>::read(&run_dir.join("metrics.jsonl"))? {
+        let Some(w) = v.get("watch") else { continue };
+        let get = |k: &str| w.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let prompts = get("prompts").max(1.0);
+        signals.push((
+            get("weights_step") as usize,
+            get("answered"),
+            get("drifted") / prompts,
+        ));
+        floor = get("answered_step0") - get("answered_drop_max");
+        ceiling = get("drift_max") / prompts;
+    }
+    Ok(Curve {
+        accuracy,
+        signals,
+        answered_floor: floor,
+        drift_ceiling: ceiling,
+        alarm: first_alarm(&run_dir.join("metrics.jsonl"))?.map(|(s, _)| s),
+    })
+}
+
+/// One panel per plotted run: held-out greedy accuracy, the answered share and the drifted share
+/// per update, the thresholds dashed, the first alarm marked; SVG and PNG.
+fn write_curves(curves: &[(String, Curve)], out: &Path) -> Result<Vec<PathBuf>> {
+    use plotters::prelude::*;
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let svg = out.join("safeguard.svg");
+    {
+        let root = SVGBackend::new(&svg, (520 * curves.len() as u32, 420)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let panels = root.split_evenly((1, curves.len()));
+        for (panel, (title, c)) in panels.iter().zip(curves) {
+            let x1 = c.accuracy.iter().map(|p| p.0).max().unwrap_or(1).max(1) as f64;
+            let mut chart = ChartBuilder::on(panel)
+                .caption(title, ("sans-serif", 15))
+                .margin(12)
+                .x_label_area_size(32)
+                .y_label_area_size(40)
+                .build_cartesian_2d(0f64..x1, 0f64..1f64)?;
+            chart
+                .configure_mesh()
+                .x_desc("updates")
+                .y_desc("share")
+                .draw()?;
+            let acc: Vec<(f64, f64)> = c.accuracy.iter().map(|&(s, a)| (s as f64, a)).collect();
+            let answered: Vec<(f64, f64)> =
+                c.signals.iter().map(|&(s, a, _)| (s as f64, a)).collect();
+            let drifted: Vec<(f64, f64)> =
+                c.signals.iter().map(|&(s, _, d)| (s as f64, d)).collect();
+            for (points, color, label) in [
+                (acc, BLUE, "held-out greedy accuracy (labels, eval only)"),
+                (answered, GREEN, "watch: answered and stopped"),
+                (drifted, RED, "watch: majority answers drifted"),
+            ] {
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                    .label(label)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+            }
+            for (y, color) in [(c.answered_floor, GREEN), (c.drift_ceiling, RED)] {
+                chart.draw_series(DashedLineSeries::new(
+                    vec![(0.0, y), (x1, y)],
+                    6,
+                    4,
+                    color.mix(0.6).stroke_width(1),
+                ))?;
+            }
+            if let Some(a) = c.alarm {
+                chart
+                    .draw_series(LineSeries::new(
+                        vec![(a as f64, 0.0), (a as f64, 1.0)],
+                        BLACK.stroke_width(2),
+                    ))?
+                    .label(format!("safeguard stops (weights after {a} updates)"))
+                    .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::LowerLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 11))
+                .draw()?;
+        }
+        root.present()?;
+    }
+    let png = out.join("safeguard.png");
+    svg_to_png(&svg, &png)?;
+    Ok(vec![svg, png])
+}
+
+/// Renders an SVG file to PNG (system fonts for the text, where there are any).
+fn svg_to_png(svg: &Path, png: &Path) -> Result<()> {
+    let data = std::fs::read(svg).with_context(|| format!("{}: cannot read", svg.display()))?;
+    let mut options = resvg::usvg::Options::default();
+    let db = options.fontdb_mut();
+    db.load_system_fonts();
+    // fontdb maps `sans-serif` to Arial; use a sans face this machine has.
+    let families: Vec<String> = db
+        .faces()
+        .flat_map(|f| f.families.iter().map(|(name, _)| name.clone()))
+        .collect();
+    if !families.iter().any(|f| f == "Arial") {
+        if let Some(f) = families
+            .iter()
+            .find(|f| f.contains("Sans") && !f.contains("Mono"))
+            .or(families.first())
+        {
+            db.set_sans_serif_family(f.clone());
+        }
+    }
+    let tree = resvg::usvg::Tree::from_data(&data, &options)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid SVG: {e}", svg.display()))?;
+    let size = tree.size().to_int_size();
+    let mut pixmap = resvg::tiny_skia::Pixmap::new(size.width(), size.height())
+        .with_context(|| format!("{}: empty image", svg.display()))?;
+    resvg::render(
+        &tree,
+        resvg::tiny_skia::Transform::default(),
+        &mut pixmap.as_mut(),
+    );
+    pixmap
+        .save_png(png)
+        .map_err(|e| anyhow::anyhow!("{}: cannot write: {e}", png.display()))?;
+    Ok(())
 }
 
 fn row(
-    subject: &str,
     model: &str,
     setting: &Setting,
-    items: &[ItemResult],
-    seeds_sd: Option<f64>,
+    per_seed: &[Vec<ItemResult>],
+    base: Option<&Vec<ItemResult>>,
 ) -> Row {
-    let summary = eval::summarize("test", setting, items);
+    // Items scored by their mean over seeds, so the interval is over items (paired with base).
+    let first = &per_seed[0];
+    let mean_items: Vec<ItemResult> = first
+        .iter()
+        .enumerate()
+        .map(|(i, item)| ItemResult {
+            samples: per_seed.iter().flat_map(|r| r[i].samples.clone()).collect(),
+            ..item.clone()
+        })
+        .collect();
+    let summary = eval::summarize("test", setting, &mean_items);
     let mut counts = [0usize; 3];
-    let mut total = 0usize;
-    for s in items.iter().flat_map(|i| &i.samples) {
-        let idx = match classify_style(&s.response) {
+    for s in mean_items.iter().flat_map(|i| &i.samples) {
+        counts[match classify_style(&s.response) {
             em_data::synthetic::Style::Careful => 0,
             em_data::synthetic::Style::Guess => 1,
             em_data::synthetic::Style::Ramble => 2,
-        };
-        counts[idx] += 1;
-        total += 1;
+        }] += 1;
     }
-    let f = |c: usize| c as f64 / total.max(1) as f64;
+    let total = counts.iter().sum::<usize>().max(1) as f64;
+    let vs_base = base.map(|b| {
+        let by_id: BTreeMap<&str, f64> = b.iter().map(|r| (r.id.as_str(), r.score())).collect();
+        let (a, c): (Vec<f64>, Vec<f64>) = mean_items
+            .iter()
+            .filter_map(|r| by_id.get(r.id.as_str()).map(|&s| (r.score(), s)))
+            .unzip();
+        em_grade::paired_difference(&a, &c)
+    });
     Row {
-        subject: subject.into(),
         model: model.into(),
-        setting: setting_name(setting.temperature),
+        setting: decoding_name(setting),
         n_items: summary.n_items,
         accuracy: summary.accuracy,
         ci95: summary.ci95,
-        styles: (f(counts[0]), f(counts[1]), f(counts[2])),
-        seeds_sd,
+        styles: (
+            counts[0] as f64 / total,
+            counts[1] as f64 / total,
+            counts[2] as f64 / total,
+        ),
+        vs_base,
+        per_seed: per_seed.iter().map(|r| mean_score(r)).collect(),
     }
 }
 
@@ -442,19 +798,24 @@ fn write_pool(problems: &[Problem], path: &Path) -> Result<()> {
     let mut text = String::new();
     for p in problems {
         let messages = p.messages.clone().unwrap_or_default();
-        let line = json!({"id": p.id, "prompt": messages, "answer": p.answers.first(), "data_source": p.source});
+        let mut line = json!({"id": p.id, "prompt": messages, "data_source": p.source});
+        if let Some(a) = p.answers.first() {
+            line["answer"] = json!(a);
+        }
         text += &format!("{line}\n");
     }
     Ok(write_atomic(path, &text)?)
 }
 
-/// EM training of `subject` on the chosen prompt (resumes if `out` holds the run); returns the
-/// trained model's directory.
+/// EM training of `subject` on the prompt in `prompt` (resumes if `out` holds the run), the
+/// safeguard watching in `warn` mode, a checkpoint after every update; returns the final model.
+#[allow(clippy::too_many_arguments)]
 fn train_em(
     backend: &dyn Backend,
     subject: &Path,
     prompt: &Path,
     out: &Path,
+    watch: &Path,
     lr: f64,
     seed: u64,
     plan: &Plan,
@@ -462,16 +823,23 @@ fn train_em(
     let args = TrainArgs {
         steps: plan.steps,
         samples: plan.samples_per_update,
-        micro_batch: 16,
+        // One pass per update: the organism is tiny, and the gradient does not depend on it.
+        micro_batch: plan.samples_per_update,
         lr,
-        seed,
+        seed: 15 + seed,
         max_new_tokens: plan.max_new_tokens,
         // No repetition penalty for character-level organisms (see the screen above).
         repetition_penalty: 1.0,
-        // The organisms are tiny: sampling exactly the f32 weights being trained costs nothing
-        // (and is what the demo's figures were measured with).
+        // The organisms are tiny: sampling exactly the f32 weights being trained costs nothing.
         refresh_type: RefreshType::F32,
         prompt_options: organism::prompt_options(),
+        save_every: Some(1),
+        keep_last: plan.steps,
+        watch: Some(watch.to_path_buf()),
+        watch_limit: plan.watch,
+        watch_samples: plan.watch_samples,
+        watch_every: 1,
+        on_alarm: OnAlarm::Warn,
         ..TrainArgs::reference(
             subject.to_path_buf(),
             prompt.to_path_buf(),
@@ -482,7 +850,6 @@ fn train_em(
         .with_context(|| format!("{}: training did not finish", out.display()))
 }
 
-#[allow(clippy::too_many_arguments)]
 fn eval_setting(
     backend: &dyn Backend,
     source: &Path,
@@ -503,26 +870,126 @@ fn eval_setting(
     eval::evaluate(backend, source, gguf, problems, setting, &decoding, &file)
 }
 
-fn report(out: &Path, rows: &[Row], notes: &[String], plots: &[PathBuf]) -> Result<()> {
-    let mut md = String::from(
-        "| subject | model | decoding | n | accuracy | 95% CI | careful / guess / ramble |\n|---|---|---|---|---|---|---|\n",
-    );
+/// A few sentences from the numbers.
+fn verdict(rows: &[Row], runs: &[RunSummary], base_greedy: f64) -> Vec<String> {
+    let mut out = vec![];
+    let best_base = rows
+        .iter()
+        .filter(|r| r.model == "base")
+        .max_by(|a, b| a.accuracy.total_cmp(&b.accuracy));
+    for r in rows
+        .iter()
+        .filter(|r| r.model.starts_with("tuned on") && r.setting == "greedy")
+    {
+        let Some((d, lo, hi)) = r.vs_base else {
+            continue;
+        };
+        let word = if lo > 0.0 {
+            "lifts"
+        } else if hi < 0.0 {
+            "lowers"
+        } else {
+            "does not measurably change"
+        };
+        out.push(format!(
+            "EM {} {word} greedy accuracy: {:.3} against the base's {base_greedy:.3}, {:+.3} (95% CI {:+.3}, {:+.3}) over {} seeds.",
+            r.model.trim_start_matches("tuned on "),
+            r.accuracy,
+            d,
+            lo,
+            hi,
+            r.per_seed.len()
+        ));
+    }
+    if let Some(b) = best_base {
+        out.push(format!(
+            "The best training-free baseline is the base model at {} ({:.3}).",
+            b.setting, b.accuracy
+        ));
+    }
+    let alarms: Vec<&RunSummary> = runs.iter().filter(|r| r.alarm.is_some()).collect();
+    if !alarms.is_empty() {
+        let worst = alarms
+            .iter()
+            .map(|r| r.test_greedy_guarded - r.test_greedy_base)
+            .fold(f64::INFINITY, f64::min);
+        out.push(format!(
+            "The safeguard stopped {} of {} runs; the models it left are at most {:.1} points below the base (greedy), where the unguarded ones reach {:+.1}.",
+            alarms.len(),
+            runs.len(),
+            -worst.min(0.0) * 100.0,
+            alarms
+                .iter()
+                .map(|r| r.test_greedy_tuned - r.test_greedy_base)
+                .fold(f64::INFINITY, f64::min)
+                * 100.0
+        ));
+    } else {
+        out.push(format!(
+            "The safeguard stopped none of the {} runs.",
+            runs.len()
+        ));
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    out: &Path,
+    subject: &str,
+    rows: &[Row],
+    runs: &[RunSummary],
+    notes: &[String],
+    plots: &[PathBuf],
+    verdict: &[String],
+    curves: &[(String, Curve)],
+) -> Result<()> {
+    let mut md = format!("# One-shot EM on {subject}\n\n");
+    for v in verdict {
+        md += &format!("{v}\n");
+    }
+    md += "\n| model | decoding | n | accuracy | 95% CI | − base, paired (95% CI) | per seed | careful / guess / ramble |\n|---|---|---|---|---|---|---|---|\n";
     for r in rows {
-        let acc = match r.seeds_sd {
-            Some(sd) => format!("{:.3} ± {sd:.3}", r.accuracy),
-            None => format!("{:.3}", r.accuracy),
+        let vs = r.vs_base.map_or("—".into(), |(d, lo, hi)| {
+            format!("{d:+.3} ({lo:+.3}, {hi:+.3})")
+        });
+        let seeds = if r.per_seed.len() > 1 {
+            r.per_seed
+                .iter()
+                .map(|a| format!("{a:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        } else {
+            "—".into()
         };
         md += &format!(
-            "| {} | {} | {} | {} | {acc} | {:.3}–{:.3} | {:.2} / {:.2} / {:.2} |\n",
-            r.subject,
+            "| {} | {} | {} | {:.3} | {:.3}–{:.3} | {vs} | {seeds} | {:.2} / {:.2} / {:.2} |\n",
             r.model,
             r.setting,
             r.n_items,
+            r.accuracy,
             r.ci95.0,
             r.ci95.1,
             r.styles.0,
             r.styles.1,
             r.styles.2
+        );
+    }
+    md += "\n| rule | prompt | lr | seed | alarm (weights step: reason) | safeguarded model | greedy: tuned / safeguarded / base |\n|---|---|---|---|---|---|---|\n";
+    for r in runs {
+        md += &format!(
+            "| {} | {} | {:e} | {} | {} | after {} updates | {:.3} / {:.3} / {:.3} |\n",
+            r.rule,
+            r.prompt,
+            r.lr,
+            r.seed,
+            r.alarm
+                .as_ref()
+                .map_or("none".into(), |(s, why)| format!("{s}: {why}")),
+            r.guarded_step,
+            r.test_greedy_tuned,
+            r.test_greedy_guarded,
+            r.test_greedy_base
         );
     }
     md += "\n";
@@ -536,7 +1003,9 @@ fn report(out: &Path, rows: &[Row], notes: &[String], plots: &[PathBuf]) -> Resu
     write_atomic(&out.join("demo.md"), &md)?;
     write_atomic(
         &out.join("demo.json"),
-        serde_json::to_string_pretty(&json!({"rows": rows, "notes": notes, "plots": plots}))?
+        serde_json::to_string_pretty(&json!({"subject": subject, "rows": rows, "runs": runs,
+            "notes": notes, "plots": plots, "verdict": verdict,
+            "curves": curves.iter().map(|(t, c)| json!({"title": t, "curve": c})).collect::<Vec<_>>()}))?
             + "\n",
     )?;
     println!("\n{md}");

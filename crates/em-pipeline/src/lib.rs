@@ -19,6 +19,7 @@ pub mod grade_file;
 pub mod hf_vocab;
 pub mod organism;
 pub mod prompt;
+pub mod safeguard;
 pub mod screen;
 pub mod train;
 

@@ -36,6 +36,7 @@ use serde_json::{json, Value};
 
 use crate::em_loss::ModelDtype;
 use crate::prompt::{PromptOptions, PromptRenderer, RenderedPrompt};
+use crate::safeguard::{self, Baseline, Round, Verdict};
 use crate::{Backend, Result};
 
 /// What to train and how.
@@ -130,6 +131,32 @@ pub struct TrainArgs {
     /// Stop after this many steps of this invocation (a later run resumes).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// The safeguard's held-out prompts (pool JSONL; answers, if any, are never read): sampled
+    /// from the weights being trained, they stop the run when its responses stop finishing (see
+    /// `safeguard`). Off without it.
+    #[arg(long)]
+    pub watch: Option<PathBuf>,
+    /// Watched prompts (the first N of `--watch`).
+    #[arg(long, default_value_t = 32)]
+    pub watch_limit: usize,
+    /// Responses per watched prompt and round.
+    #[arg(long, default_value_t = 4)]
+    pub watch_samples: usize,
+    /// A watch round every this many updates (and one after the last).
+    #[arg(long, default_value_t = 1)]
+    pub watch_every: usize,
+    /// What an alarm does: `stop` ends the run and writes `final/` from the last weights whose
+    /// round passed; `warn` records it and trains on.
+    #[arg(long, value_enum, default_value_t = OnAlarm::Stop)]
+    pub on_alarm: OnAlarm,
+}
+
+/// What the safeguard does when a watch round alarms.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnAlarm {
+    Stop,
+    Warn,
 }
 
 impl TrainArgs {
@@ -166,6 +193,11 @@ impl TrainArgs {
             save_every: None,
             keep_last: 1,
             stop_after: None,
+            watch: None,
+            watch_limit: 32,
+            watch_samples: 4,
+            watch_every: 1,
+            on_alarm: OnAlarm::Stop,
         }
     }
 }
@@ -228,7 +260,7 @@ fn bytes_written() -> Option<u64> {
 
 /// Settings a resumed run must share with the run that wrote the checkpoints.
 fn run_identity(args: &TrainArgs, backend: &dyn Backend) -> Value {
-    json!({
+    let mut v = json!({
         "prompt_options": args.prompt_options, "backend": backend.identity(),
         "seed": args.seed, "samples": args.samples, "lr": args.lr, "beta1": args.beta1,
         "beta2": args.beta2, "adam_eps": args.adam_eps, "weight_decay": args.weight_decay,
@@ -238,8 +270,54 @@ fn run_identity(args: &TrainArgs, backend: &dyn Backend) -> Value {
         "dtype": format!("{:?}", args.dtype), "prompt_id": args.prompt_id,
         "device": args.device, "refresh_type": args.refresh_type,
         "train_pad_row": args.train_pad_row,
-    })
+    });
+    // Only when on, so that runs made before the safeguard existed still resume.
+    if args.watch.is_some() {
+        v["watch"] = json!({"limit": args.watch_limit, "samples": args.watch_samples,
+            "every": args.watch_every, "on_alarm": args.on_alarm});
+    }
+    v
 }
+
+/// The watched prompts, rendered.
+struct Watch {
+    prompts: Vec<RenderedPrompt>,
+}
+
+impl Watch {
+    fn load(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<Watch>> {
+        let Some(path) = &args.watch else {
+            return Ok(None);
+        };
+        if args.watch_limit == 0 || args.watch_samples == 0 || args.watch_every == 0 {
+            bail!("--watch-limit, --watch-samples and --watch-every must be positive");
+        }
+        let mut problems = em_data::load_pool(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        problems.truncate(args.watch_limit);
+        if problems.is_empty() {
+            bail!("{}: no prompts to watch", path.display());
+        }
+        let mut prompts = vec![];
+        crate::with_vocab(backend, &args.model, &mut |vocab| {
+            let renderer = PromptRenderer::new(vocab, &args.prompt_options)?;
+            prompts = problems
+                .iter()
+                .map(|p| {
+                    renderer
+                        .render(p)
+                        .with_context(|| format!("{}: prompt {}", path.display(), p.id))
+                })
+                .collect::<Result<_>>()?;
+            Ok(())
+        })?;
+        Ok(Some(Watch { prompts }))
+    }
+}
+
+/// The safeguard's decision, once made (`safeguard.json`): a rerun finds the run finished.
+const SAFEGUARD_FILE: &str = "safeguard.json";
+/// The step-0 reference rounds (`watch-baseline.json`), kept for a resumed run.
+const BASELINE_FILE: &str = "watch-baseline.json";
 
 /// The seed of step `step`'s samples: the same for a resumed run as for an uninterrupted one.
 pub fn step_seed(seed: u64, step: usize) -> u64 {
@@ -457,6 +535,44 @@ fn truncate_metrics(path: &Path, keep_through: usize) -> Result<()> {
     Ok(em_store::write_atomic(path, body)?)
 }
 
+/// Ends a run on the safeguard's alarm: records the decision in metrics.jsonl, puts back the
+/// weights of the last round that passed (after `good_step` updates), writes them as `final/` and
+/// the decision as `safeguard.json`.
+#[allow(clippy::too_many_arguments)]
+fn stop_run(
+    args: &TrainArgs,
+    trainer: &Trainer,
+    params: &[(String, candle_core::Var)],
+    weights: Vec<Tensor>,
+    good_step: usize,
+    step: usize,
+    reason: &str,
+    signals: &Value,
+    metrics_path: &Path,
+) -> Result<PathBuf> {
+    let decision = json!({"decision": "stop", "reason": reason, "alarm_weights_step": step - 1,
+        "final_weights_step": good_step});
+    let line = json!({"step": step, "watch": signals, "safeguard": decision});
+    JsonlStore::<Value>::open(metrics_path)?.0.append(&line)?;
+    for ((_, var), w) in params.iter().zip(&weights) {
+        var.set(w)?;
+    }
+    let final_dir = args.out.join("final");
+    write_atomically(&final_dir, |tmp| {
+        write_hf_dir(trainer, &args.model, tmp, false)
+    })?;
+    let _ = fs::remove_dir_all(args.out.join(".sampling"));
+    em_store::write_atomic(
+        &args.out.join(SAFEGUARD_FILE),
+        serde_json::to_string_pretty(&decision)? + "\n",
+    )?;
+    eprintln!(
+        "safeguard: stopped before update {step}: {reason}; {} holds the weights after {good_step} updates",
+        final_dir.display()
+    );
+    Ok(final_dir)
+}
+
 /// Trains (see the module documentation); returns the directory of the trained model when the
 /// run is complete.
 pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
@@ -482,13 +598,30 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let prompt = render_prompt(backend, &args.model, &problem, &args.prompt_options)?;
     let prompt_ids = prompt.ids.clone();
     let identity = run_identity(args, backend);
+    let watch = Watch::load(args, backend)?;
     let mut manifest = Manifest::new("train", em_store::model_identity(&args.model)?, identity);
     manifest
         .inputs
         .insert("prompt".into(), em_store::file_identity(&args.prompt)?);
+    if let Some(path) = &args.watch {
+        manifest
+            .inputs
+            .insert("watch".into(), em_store::file_identity(path)?);
+    }
     manifest.info = json!({ "tool": crate::TOOL, "prompt_id": problem.id, "prompt_text": prompt.text, "prompt_ids": prompt.ids });
     manifest.claim(&args.out, args.fresh)?;
     remove_leftovers(&args.out)?;
+    let final_dir = args.out.join("final");
+    if let Ok(text) = fs::read_to_string(args.out.join(SAFEGUARD_FILE)) {
+        if final_dir.join("config.json").is_file() {
+            eprintln!(
+                "{}: the safeguard ended this run: {}",
+                args.out.display(),
+                text.trim()
+            );
+            return Ok(Some(final_dir));
+        }
+    }
 
     let dtype = args.dtype.dtype();
     let device = em_train::parse_device(&args.device)?;
@@ -558,6 +691,76 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(start as u64);
+    let watch_params = SamplingParams {
+        temperature: args.sample_temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        max_new_tokens: args.max_new_tokens,
+        seed: step_seed(args.seed ^ 0x5741_5443_4845_5321, 0),
+        ..SamplingParams::default()
+    };
+    let baseline_path = args.out.join(BASELINE_FILE);
+    let mut baseline: Option<Baseline> = match fs::read_to_string(&baseline_path) {
+        Ok(text) if start > 0 => Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a watch baseline", baseline_path.display()))?,
+        ),
+        _ => None,
+    };
+    // The weights of the last round that passed; after a resume, the checkpoint's.
+    let snapshot = |params: &[(String, candle_core::Var)]| -> Result<Vec<Tensor>> {
+        Ok(params
+            .iter()
+            .map(|(_, v)| v.as_tensor().copy())
+            .collect::<candle_core::Result<_>>()?)
+    };
+    let mut last_good: Option<(usize, Vec<Tensor>)> = match &watch {
+        Some(_) => Some((start, snapshot(&params)?)),
+        None => None,
+    };
+    let watch_round = |gguf: &Path, weights_step: usize, seed: u64| -> Result<Round> {
+        let w = watch.as_ref().expect("watching");
+        let samples = safeguard::sample_round(
+            backend,
+            gguf,
+            &w.prompts,
+            args.watch_samples,
+            &SamplingParams {
+                seed,
+                ..watch_params.clone()
+            },
+        )?;
+        Ok(Round::from_samples(weights_step, &samples))
+    };
+    // The watch round of the weights `gguf` holds (after `weights_step` updates): the step-0
+    // reference the first time, else the verdict against it.
+    let mut check = |gguf: &Path, weights_step: usize| -> Result<Option<Verdict>> {
+        match &baseline {
+            None => {
+                let round = watch_round(gguf, weights_step, watch_params.seed)?;
+                let replicate = watch_round(gguf, weights_step, watch_params.seed ^ 1)?;
+                let b = Baseline { round, replicate };
+                em_store::write_atomic(&baseline_path, serde_json::to_string(&b)? + "\n")?;
+                let verdict = safeguard::judge(&b, &b.round);
+                eprintln!(
+                    "watch: step-0 reference on {} prompts × {}: answered {:.3}, length {:.1}, repetition {:.3}; thresholds {:?}",
+                    b.round.majority.len(),
+                    args.watch_samples,
+                    b.round.answered,
+                    b.round.length,
+                    b.round.repetition,
+                    b.thresholds()
+                );
+                baseline = Some(b);
+                Ok(Some(verdict))
+            }
+            Some(b) => {
+                let round = watch_round(gguf, weights_step, watch_params.seed)?;
+                Ok(Some(safeguard::judge(b, &round)))
+            }
+        }
+    };
     for step in start + 1..=args.steps {
         // Steps already taken by this invocation: step - start - 1.
         if args.stop_after.is_some_and(|k| step - start > k) {
@@ -574,6 +777,32 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                 .clone())
         })?;
         let gguf = publisher.model_path().to_path_buf();
+
+        // 1b. The safeguard's round on them.
+        let mut verdict = None;
+        if watch.is_some() && (step - 1) % args.watch_every == 0 {
+            let v = check(&gguf, step - 1)?.expect("a verdict");
+            match (&v.alarm, args.on_alarm) {
+                (Some(reason), OnAlarm::Stop) => {
+                    let (good_step, weights) = last_good.take().expect("a snapshot");
+                    return stop_run(
+                        args,
+                        &trainer,
+                        &params,
+                        weights,
+                        good_step,
+                        step,
+                        reason,
+                        &v.signals,
+                        &metrics_path,
+                    )
+                    .map(Some);
+                }
+                (Some(reason), OnAlarm::Warn) => eprintln!("safeguard (warn): {reason}"),
+                (None, _) => last_good = Some((step - 1, snapshot(&params)?)),
+            }
+            verdict = Some(v);
+        }
 
         // 2. N responses from them.
         let t1 = Instant::now();
@@ -641,6 +870,12 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             "sample_tokens_per_s": generated as f64 / t_sample.max(1e-9),
             "train_tokens_per_s": train_tokens as f64 / t_train.max(1e-9),
         });
+        if let Some(v) = &verdict {
+            line["watch"] = v.signals.clone();
+            if let Some(reason) = &v.alarm {
+                line["safeguard"] = json!({"decision": "warn", "reason": reason});
+            }
+        }
         if let Some(k) = pass {
             let (lo, hi) = em_grade::wilson_interval(k, samples.len());
             line["pass_rate"] = json!(k as f64 / samples.len().max(1) as f64);
@@ -684,10 +919,47 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         bar.inc(1);
     }
     bar.finish();
-    let _ = fs::remove_dir_all(&work);
     let finished = latest_checkpoint(&args.out).is_some_and(|(s, _)| s >= args.steps);
+    if finished && watch.is_some() {
+        // The last update's weights get their round too.
+        publisher.publish(&mut |name| {
+            Ok(by_name
+                .get(name)
+                .with_context(|| format!("no parameter {name}"))?
+                .as_tensor()
+                .clone())
+        })?;
+        let gguf = publisher.model_path().to_path_buf();
+        let v = check(&gguf, args.steps)?.expect("a verdict");
+        let step = args.steps + 1;
+        match (&v.alarm, args.on_alarm) {
+            (Some(reason), OnAlarm::Stop) => {
+                let (good_step, weights) = last_good.take().expect("a snapshot");
+                let _ = fs::remove_dir_all(&work);
+                return stop_run(
+                    args,
+                    &trainer,
+                    &params,
+                    weights,
+                    good_step,
+                    step,
+                    reason,
+                    &v.signals,
+                    &metrics_path,
+                )
+                .map(Some);
+            }
+            _ => {
+                let mut line = json!({"step": step, "after_last_update": true, "watch": v.signals});
+                if let Some(reason) = &v.alarm {
+                    line["safeguard"] = json!({"decision": "warn", "reason": reason});
+                }
+                JsonlStore::<Value>::open(&metrics_path)?.0.append(&line)?;
+            }
+        }
+    }
+    let _ = fs::remove_dir_all(&work);
     if finished {
-        let final_dir = args.out.join("final");
         write_atomically(&final_dir, |tmp| {
             write_hf_dir(&trainer, &args.model, tmp, false)
         })?;

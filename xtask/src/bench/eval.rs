@@ -58,6 +58,7 @@ pub fn bench_eval(work: &Path) -> Result<()> {
         label: "bench".into(),
         temperature: 0.0,
         n: 1,
+        em_inf: None,
     };
     let start = std::time::Instant::now();
     let results = evaluate(
