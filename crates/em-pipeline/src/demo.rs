@@ -198,6 +198,9 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     let test = split_as_problems(args.data_seed, Split::Test, plan.test);
     let pool_path = data.join("pool.jsonl");
     write_pool(&pool, &pool_path)?;
+    // The evaluation splits too, in the same format, for `cargo xtask eval --suites FILE`.
+    write_pool(&validation, &data.join("validation.jsonl"))?;
+    write_pool(&test, &data.join("test.jsonl"))?;
     // The safeguard never reads labels: its prompts are written without answers.
     let watch_path = data.join("watch.jsonl");
     write_pool(
@@ -400,10 +403,16 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                     &run_dir.join(format!("gguf-{which}")),
                     OutType::F32,
                 )?;
-                for s in [
-                    setting(which, 0.0, 1, None),
-                    setting(which, 0.5, plan.eval_n, None),
-                ] {
+                // The safeguarded model differs only where an alarm rolled it back: greedy only.
+                let settings = if which == "tuned" {
+                    vec![
+                        setting(which, 0.0, 1, None),
+                        setting(which, 0.5, plan.eval_n, None),
+                    ]
+                } else {
+                    vec![setting(which, 0.0, 1, None)]
+                };
+                for s in settings {
                     let items = eval_setting(
                         backend,
                         model,
@@ -430,7 +439,10 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
             }
             if guarded == tuned {
                 // No alarm: the safeguarded model is the tuned one.
-                for (k, v) in &tuned_by_setting {
+                for (k, v) in tuned_by_setting
+                    .iter()
+                    .filter(|(k, _)| k.as_str() == "greedy")
+                {
                     guarded_by_setting
                         .entry(k.clone())
                         .or_default()
@@ -491,7 +503,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         .filter(|d| d.as_path() != subject.as_path())
     {
         let tuned_dir = good.clone();
-        for quant in [OutType::Q8_0, OutType::Q4KM] {
+        for quant in [OutType::Q4KM] {
             let out = tuned_dir.with_extension(format!("gguf-{}", analyze::out_name(quant)));
             let gguf = sampling_model(backend, &tuned_dir, &out, quant)?;
             let s = setting(&format!("good-{}", analyze::out_name(quant)), 0.0, 1, None);
