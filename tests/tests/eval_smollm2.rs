@@ -27,6 +27,8 @@ fn smollm2_gsm8k_slice_evaluates() {
         baseline: None,
         baseline_temperatures: vec![],
         seed: 0,
+        em_inf: None,
+        baseline_em_inf: None,
         fresh: false,
     };
     let backend = xtask::backends::LlamaBackend::new(em_llama::EngineConfig {

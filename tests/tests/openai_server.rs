@@ -79,6 +79,8 @@ fn eval_args(model: &Path, out: PathBuf) -> EvalArgs {
         baseline: None,
         baseline_temperatures: vec![],
         seed: 0,
+        em_inf: None,
+        baseline_em_inf: None,
         fresh: false,
     }
 }

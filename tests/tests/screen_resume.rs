@@ -68,6 +68,7 @@ fn args(model: &Path, pool: &Path, out: &Path) -> ScreenArgs {
         },
         rule: Rule::Variance,
         keep_responses: true,
+        em_inf: None,
         quant: OutType::F32,
         fresh: false,
         stop_after: None,

@@ -34,6 +34,7 @@ fn small_screen_on_smollm2() {
         },
         rule: Rule::Variance,
         keep_responses: true,
+        em_inf: None,
         quant: em_convert::OutType::F16,
         fresh: false,
         stop_after: None,
