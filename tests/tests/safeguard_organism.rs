@@ -98,12 +98,37 @@ fn the_safeguard_stops_a_run_that_makes_the_model_ramble() {
     );
 
     // The same seeds in warn mode train on; its checkpoint at `good` is the stopped run's final.
-    let warn = args("warn", OnAlarm::Warn);
-    train::run(&warn, &backend).unwrap().unwrap();
+    let warn = TrainArgs {
+        stop_after: Some(good),
+        ..args("warn", OnAlarm::Warn)
+    };
+    train::run(&warn, &backend).unwrap();
     if good > 0 {
         let checkpoint = tmp.path().join(format!("warn/checkpoint-{good}"));
         assert_eq!(weights(&final_dir), weights(&checkpoint));
     }
     // A rerun of the stopped run finds it ended.
     assert_eq!(train::run(&stop, &backend).unwrap().unwrap(), final_dir);
+
+    // Interrupted just before the alarming round and resumed: the resumed run's own weights were
+    // never judged, so it falls back to its newest earlier checkpoint, which with a checkpoint
+    // every update is the uninterrupted run's choice.
+    let interrupted = TrainArgs {
+        save_every: Some(1),
+        stop_after: Some(alarm),
+        ..args("resumed", OnAlarm::Stop)
+    };
+    assert!(train::run(&interrupted, &backend).unwrap().is_none());
+    let resumed = TrainArgs {
+        stop_after: None,
+        ..interrupted
+    };
+    let resumed_final = train::run(&resumed, &backend).unwrap().unwrap();
+    let again: Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("resumed/safeguard.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(again["alarm_weights_step"], decision["alarm_weights_step"]);
+    assert_eq!(again["final_weights_step"], good);
+    assert_eq!(weights(&resumed_final), weights(&final_dir));
 }

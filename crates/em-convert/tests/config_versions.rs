@@ -147,5 +147,10 @@ fn the_config_written_from_a_gguf_reads_back_as_the_same_model() {
     assert_eq!(back.dtype.as_deref(), Some("float32"));
     back.defaults_applied = original.defaults_applied.clone();
     back.dtype = original.dtype.clone();
+    // A GGUF keeps only the tokenizer's pad token (here id 0, the fixture's `pad_token`), and the
+    // HF side gets it as `pad_token_id`, which decides transformers' `padding_idx`.
+    assert_eq!(original.pad_token_id, None);
+    assert_eq!(back.pad_token_id, Some(0));
+    back.pad_token_id = None;
     assert_eq!(back, original);
 }

@@ -17,6 +17,14 @@
 //! directory). A run started again on the same directory (after a kill -9 too) removes what was
 //! half-written, resumes from its last checkpoint, drops metrics lines after it, and continues
 //! with the same numbers as an uninterrupted run.
+//!
+//! With `--watch`, the safeguard (`crate::safeguard`) samples the held-out prompts from the
+//! published weights before each update (every `--watch-every`) and once after the last:
+//! `watch-baseline.json` keeps the step-0 reference, each metrics line its `watch` signals. On an
+//! alarm in `stop` mode the run ends: a metrics line with the decision, `final/` from the last
+//! weights whose round passed (a run resumed after a kill falls back to its newest earlier
+//! checkpoint, else the base model, since its own weights have not been judged), and
+//! `safeguard.json`, which makes a rerun return at once.
 
 use std::fs;
 use std::ops::ControlFlow;
@@ -708,7 +716,8 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         ),
         _ => None,
     };
-    // The weights of the last round that passed; after a resume, the checkpoint's.
+    // The weights of the last round that passed. A resumed run's own weights have not been
+    // judged yet: it falls back to the newest earlier checkpoint, else the base model.
     let snapshot = |params: &[(String, candle_core::Var)]| -> Result<Vec<Tensor>> {
         Ok(params
             .iter()
@@ -716,8 +725,27 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             .collect::<candle_core::Result<_>>()?)
     };
     let mut last_good: Option<(usize, Vec<Tensor>)> = match &watch {
-        Some(_) => Some((start, snapshot(&params)?)),
         None => None,
+        Some(_) if start == 0 => Some((0, snapshot(&params)?)),
+        Some(_) => {
+            let (step, dir) = checkpoints(&args.out)
+                .into_iter()
+                .find(|(s, d)| *s < start && d.join("state.json").is_file())
+                .unwrap_or((0, args.model.clone()));
+            let earlier = CausalLm::from_hf_dir(&dir, dtype, &device)?;
+            let by_name: std::collections::HashMap<String, candle_core::Var> =
+                earlier.parameters().into_iter().collect();
+            let weights = params
+                .iter()
+                .map(|(n, _)| {
+                    by_name
+                        .get(n)
+                        .map(|v| v.as_tensor().clone())
+                        .with_context(|| format!("{}: no parameter {n}", dir.display()))
+                })
+                .collect::<Result<_>>()?;
+            Some((step, weights))
+        }
     };
     let watch_round = |gguf: &Path, weights_step: usize, seed: u64| -> Result<Round> {
         let w = watch.as_ref().expect("watching");
