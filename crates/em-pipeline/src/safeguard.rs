@@ -163,15 +163,39 @@ pub struct Verdict {
     pub signals: Value,
 }
 
-/// Judges `round` against the baseline. It acts when the answered share falls beyond its
-/// threshold; or when length and repetition both rise beyond theirs; or when more prompts than
-/// the threshold lose their step-0 majority answer while the answered share has not risen
-/// (a model that helps changes answers too, but finishes more often).
-pub fn judge(baseline: &Baseline, round: &Round) -> Verdict {
+/// Rounds of steady decline that count as a trend (with [`Baseline::trend_drop`]).
+pub const TREND_ROUNDS: usize = 3;
+
+impl Baseline {
+    /// The fall over [`TREND_ROUNDS`] falling rounds that counts as a trend: one binomial standard
+    /// error of the step-0 answered share (a level fall needs [`Z`] of them).
+    pub fn trend_drop(&self) -> f64 {
+        self.thresholds().answered_drop / Z
+    }
+}
+
+/// Judges `round` against the baseline, `earlier` being the answered shares of this run's rounds
+/// since step 0 (not counting the step-0 reference). It acts when the answered share falls beyond
+/// its threshold; or when it has fallen in each of the last [`TREND_ROUNDS`] rounds, below its
+/// step-0 value, by one standard error in all (the later rounds share the step-0 seed, so a model
+/// that does not change gives the same share, and a steady fall is the model's); or when length
+/// and repetition both rise beyond theirs; or when more prompts than the threshold lose their
+/// step-0 majority answer while the answered share has not risen (a model that helps changes
+/// answers too, but finishes more often).
+pub fn judge(baseline: &Baseline, round: &Round, earlier: &[f64]) -> Verdict {
     let t = baseline.thresholds();
     let b = &baseline.round;
     let drift = round.drifted_from(b);
     let answered_fell = b.answered - round.answered > t.answered_drop;
+    let mut recent: Vec<f64> = std::iter::once(b.answered)
+        .chain(earlier.iter().copied())
+        .chain(std::iter::once(round.answered))
+        .collect();
+    recent.drain(..recent.len().saturating_sub(TREND_ROUNDS + 1));
+    let trend = recent.len() == TREND_ROUNDS + 1
+        && recent.windows(2).all(|w| w[1] < w[0])
+        && round.answered < b.answered
+        && recent[0] - round.answered >= baseline.trend_drop();
     let longer = round.length - b.length > t.length_rise;
     let repetitive = round.repetition - b.repetition > t.repetition_rise;
     let drifted = drift > t.drift && round.answered <= b.answered;
@@ -180,6 +204,14 @@ pub fn judge(baseline: &Baseline, round: &Round) -> Verdict {
         reasons.push(format!(
             "answered share fell from {:.3} to {:.3} (threshold −{:.3})",
             b.answered, round.answered, t.answered_drop
+        ));
+    }
+    if trend && !answered_fell {
+        reasons.push(format!(
+            "answered share fell in each of the last {TREND_ROUNDS} rounds, {:.3} → {:.3} (trend threshold −{:.3})",
+            recent[0],
+            round.answered,
+            baseline.trend_drop()
         ));
     }
     if longer && repetitive {
@@ -203,6 +235,7 @@ pub fn judge(baseline: &Baseline, round: &Round) -> Verdict {
             "length": round.length, "length_step0": b.length, "length_rise_max": t.length_rise,
             "repetition": round.repetition, "repetition_step0": b.repetition, "repetition_rise_max": t.repetition_rise,
             "drifted": drift, "drift_max": t.drift, "prompts": b.majority.len(), "responses": round.n,
+            "trend": trend, "trend_drop_min": baseline.trend_drop(),
         }),
     }
 }
@@ -294,15 +327,41 @@ mod tests {
             replicate: round(0, 3),
         };
         // Fewer finished answers: from 0.75 to 0.25, every prompt's majority lost.
-        let worse = judge(&baseline, &round(3, 1));
+        let worse = judge(&baseline, &round(3, 1), &[]);
         let why = worse.alarm.expect("an alarm");
         assert!(why.contains("answered share fell"), "{why}");
         assert!(why.contains("lost their step-0 majority"), "{why}");
         // More finished answers: no alarm, though the distribution moved.
-        assert_eq!(judge(&baseline, &round(3, 4)).alarm, None);
+        assert_eq!(judge(&baseline, &round(3, 4), &[]).alarm, None);
         // The base model itself: no alarm.
-        assert_eq!(judge(&baseline, &round(0, 3)).alarm, None);
+        assert_eq!(judge(&baseline, &round(0, 3), &[]).alarm, None);
         assert_eq!(worse.signals["drifted"], 8);
+    }
+
+    /// A steady fall is caught before the level threshold; flat or rising shares are not.
+    #[test]
+    fn a_steady_fall_of_the_answered_share_is_a_trend() {
+        let baseline = Baseline {
+            round: round(0, 3),
+            replicate: round(0, 3),
+        };
+        let mut now = round(4, 3);
+        // 0.75 at step 0; se = sqrt(0.75 · 0.25 / 32) = 0.077; level threshold 0.19.
+        now.answered = 0.65;
+        let v = judge(&baseline, &now, &[0.73, 0.70]);
+        assert!(v.alarm.unwrap().contains("each of the last 3 rounds"));
+        // Too small in all.
+        now.answered = 0.70;
+        assert_eq!(judge(&baseline, &now, &[0.74, 0.72]).alarm, None);
+        // Not falling every round.
+        now.answered = 0.65;
+        assert_eq!(judge(&baseline, &now, &[0.73, 0.73]).alarm, None);
+        // Too few rounds yet.
+        assert_eq!(judge(&baseline, &now, &[0.70]).alarm, None);
+        // Only the last three rounds count.
+        assert!(judge(&baseline, &now, &[0.80, 0.74, 0.72, 0.70])
+            .alarm
+            .is_some());
     }
 
     #[test]

@@ -761,6 +761,22 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         )?;
         Ok(Round::from_samples(weights_step, &samples))
     };
+    // The answered shares of this run's rounds after step 0, for the trend (from metrics.jsonl,
+    // already cut back to the checkpoint, when resuming).
+    let mut history: Vec<f64> = if start > 0 {
+        JsonlStore::<Value>::read(&metrics_path)?
+            .iter()
+            .filter_map(|v| v.get("watch"))
+            .filter(|w| {
+                w.get("weights_step")
+                    .and_then(Value::as_u64)
+                    .is_some_and(|s| s > 0)
+            })
+            .filter_map(|w| w.get("answered").and_then(Value::as_f64))
+            .collect()
+    } else {
+        vec![]
+    };
     // The watch round of the weights `gguf` holds (after `weights_step` updates): the step-0
     // reference the first time, else the verdict against it.
     let mut check = |gguf: &Path, weights_step: usize| -> Result<Option<Verdict>> {
@@ -770,7 +786,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                 let replicate = watch_round(gguf, weights_step, watch_params.seed ^ 1)?;
                 let b = Baseline { round, replicate };
                 em_store::write_atomic(&baseline_path, serde_json::to_string(&b)? + "\n")?;
-                let verdict = safeguard::judge(&b, &b.round);
+                let verdict = safeguard::judge(&b, &b.round, &[]);
                 eprintln!(
                     "watch: step-0 reference on {} prompts × {}: answered {:.3}, length {:.1}, repetition {:.3}; thresholds {:?}",
                     b.round.majority.len(),
@@ -785,7 +801,9 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             }
             Some(b) => {
                 let round = watch_round(gguf, weights_step, watch_params.seed)?;
-                Ok(Some(safeguard::judge(b, &round)))
+                let verdict = safeguard::judge(b, &round, &history);
+                history.push(round.answered);
+                Ok(Some(verdict))
             }
         }
     };
