@@ -702,7 +702,10 @@ fn write_curves(curves: &[(String, Curve)], out: &Path) -> Result<Vec<PathBuf>> 
                         vec![(a as f64, 0.0), (a as f64, 1.0)],
                         BLACK.stroke_width(2),
                     ))?
-                    .label(format!("safeguard stops (weights after {a} updates)"))
+                    .label(format!(
+                        "safeguard alarm on the weights after {a} updates (keeps {})",
+                        a.saturating_sub(1)
+                    ))
                     .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK));
             }
             chart
