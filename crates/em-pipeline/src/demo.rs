@@ -303,6 +303,15 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         base.insert(decoding_name(s), items);
     }
     let base_greedy = mean_score(&base["greedy"]);
+    let base_validation = mean_score(&eval_setting(
+        backend,
+        &subject,
+        &base_gguf,
+        &validation,
+        &setting("val-base", 0.0, 1, None),
+        &plan,
+        &dir.join("validation"),
+    )?);
 
     // 3. Train on each chosen prompt: the learning rate on validation, then seeds.
     let mut runs: Vec<RunSummary> = vec![];
@@ -351,15 +360,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
             "{}: validation greedy after training {} (base {:.3}); validation picks lr {chosen_lr:e}{}",
             c.rules.join("/"),
             validation_notes.join(", "),
-            mean_score(&eval_setting(
-                backend,
-                &subject,
-                &base_gguf,
-                &validation,
-                &setting("val-base", 0.0, 1, None),
-                &plan,
-                &dir.join("validation"),
-            )?),
+            base_validation,
             if on_purpose {
                 format!("; trained over seeds at lr {lr:e}, the largest, to show the failure")
             } else {

@@ -63,26 +63,28 @@ impl Round {
     /// The round of `samples` (per prompt) drawn from weights after `weights_step` updates.
     pub fn from_samples(weights_step: usize, samples: &[Vec<Sample>]) -> Self {
         let all: Vec<&Sample> = samples.iter().flatten().collect();
+        let preds: Vec<Vec<Option<String>>> = samples
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .map(|s| em_grade::extract_answer(&s.text))
+                    .collect()
+            })
+            .collect();
         let answered = all
             .iter()
-            .filter(|s| {
-                !matches!(s.finish, FinishReason::Length)
-                    && em_grade::extract_answer(&s.text).is_some()
-            })
+            .zip(preds.iter().flatten())
+            .filter(|(s, pred)| !matches!(s.finish, FinishReason::Length) && pred.is_some())
             .count();
         let lens: Vec<f64> = all.iter().map(|s| s.n_tokens as f64).collect();
         let reps: Vec<f64> = all.iter().map(|s| repetition(&s.tokens)).collect();
         let (length, length_sd) = mean_sd(&lens);
         let (rep, rep_sd) = mean_sd(&reps);
-        let majority = samples
+        let majority = preds
             .iter()
-            .map(|per_prompt| {
-                let preds: Vec<Option<String>> = per_prompt
-                    .iter()
-                    .map(|s| em_grade::extract_answer(&s.text))
-                    .collect();
-                em_grade::plurality(&preds)
-                    .filter(|(_, c)| 2 * c > per_prompt.len())
+            .map(|p| {
+                em_grade::plurality(p)
+                    .filter(|(_, c)| 2 * c > p.len())
                     .map(|(a, _)| a)
             })
             .collect();

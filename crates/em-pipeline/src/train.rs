@@ -692,6 +692,13 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     )?);
     let by_name: std::collections::HashMap<&str, &candle_core::Var> =
         params.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    let mut current_weight = |name: &str| -> Result<Tensor> {
+        Ok(by_name
+            .get(name)
+            .with_context(|| format!("no parameter {name}"))?
+            .as_tensor()
+            .clone())
+    };
     let save_every = args.save_every.unwrap_or(args.steps).max(1);
     let bar = indicatif::ProgressBar::new(args.steps as u64);
     bar.set_style(
@@ -724,8 +731,10 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             .map(|(_, v)| v.as_tensor().copy())
             .collect::<candle_core::Result<_>>()?)
     };
+    // Only a `stop` run ever rolls back, so only it keeps a copy (one model's worth of memory).
     let mut last_good: Option<(usize, Vec<Tensor>)> = match &watch {
         None => None,
+        Some(_) if args.on_alarm == OnAlarm::Warn => None,
         Some(_) if start == 0 => Some((0, snapshot(&params)?)),
         Some(_) => {
             let (step, dir) = checkpoints(&args.out)
@@ -779,7 +788,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     };
     // The watch round of the weights `gguf` holds (after `weights_step` updates): the step-0
     // reference the first time, else the verdict against it.
-    let mut check = |gguf: &Path, weights_step: usize| -> Result<Option<Verdict>> {
+    let mut check = |gguf: &Path, weights_step: usize| -> Result<Verdict> {
         match &baseline {
             None => {
                 let round = watch_round(gguf, weights_step, watch_params.seed)?;
@@ -797,13 +806,13 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                     b.thresholds()
                 );
                 baseline = Some(b);
-                Ok(Some(verdict))
+                Ok(verdict)
             }
             Some(b) => {
                 let round = watch_round(gguf, weights_step, watch_params.seed)?;
                 let verdict = safeguard::judge(b, &round, &history);
                 history.push(round.answered);
-                Ok(Some(verdict))
+                Ok(verdict)
             }
         }
     };
@@ -815,19 +824,13 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         let t0 = Instant::now();
         let written0 = bytes_written();
         // 1. The current weights, as llama.cpp will see them: the sampling GGUF, refreshed in place.
-        let refresh = publisher.publish(&mut |name| {
-            Ok(by_name
-                .get(name)
-                .with_context(|| format!("no parameter {name}"))?
-                .as_tensor()
-                .clone())
-        })?;
+        let refresh = publisher.publish(&mut current_weight)?;
         let gguf = publisher.model_path().to_path_buf();
 
         // 1b. The safeguard's round on them.
         let mut verdict = None;
         if watch.is_some() && (step - 1) % args.watch_every == 0 {
-            let v = check(&gguf, step - 1)?.expect("a verdict");
+            let v = check(&gguf, step - 1)?;
             match (&v.alarm, args.on_alarm) {
                 (Some(reason), OnAlarm::Stop) => {
                     let (good_step, weights) = last_good.take().expect("a snapshot");
@@ -845,7 +848,8 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                     .map(Some);
                 }
                 (Some(reason), OnAlarm::Warn) => eprintln!("safeguard (warn): {reason}"),
-                (None, _) => last_good = Some((step - 1, snapshot(&params)?)),
+                (None, OnAlarm::Stop) => last_good = Some((step - 1, snapshot(&params)?)),
+                (None, OnAlarm::Warn) => {}
             }
             verdict = Some(v);
         }
@@ -968,20 +972,13 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let finished = latest_checkpoint(&args.out).is_some_and(|(s, _)| s >= args.steps);
     if finished && watch.is_some() {
         // The last update's weights get their round too.
-        publisher.publish(&mut |name| {
-            Ok(by_name
-                .get(name)
-                .with_context(|| format!("no parameter {name}"))?
-                .as_tensor()
-                .clone())
-        })?;
+        publisher.publish(&mut current_weight)?;
         let gguf = publisher.model_path().to_path_buf();
-        let v = check(&gguf, args.steps)?.expect("a verdict");
+        let v = check(&gguf, args.steps)?;
         let step = args.steps + 1;
         match (&v.alarm, args.on_alarm) {
             (Some(reason), OnAlarm::Stop) => {
                 let (good_step, weights) = last_good.take().expect("a snapshot");
-                let _ = fs::remove_dir_all(&work);
                 return stop_run(
                     args,
                     &trainer,
