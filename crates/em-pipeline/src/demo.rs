@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use em_convert::OutType;
@@ -214,7 +215,9 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         &watch_path,
     )?;
     println!("=== {name} ===");
+    let mut phases = Phases::new();
     let base_gguf = sampling_model(backend, &subject, &dir.join("base"), OutType::F32)?;
+    phases.lap("convert");
     let mut notes: Vec<String> = vec![];
 
     // 1. Screen. The organisms write one character a token: a repetition penalty would punish
@@ -230,6 +233,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         ..ScreenArgs::reference(subject.clone(), pool_path.clone(), screen_dir.clone())
     };
     let screened = screen::run(&screen_args, backend)?;
+    phases.lap("screen");
     let raw: Vec<String> = std::fs::read_to_string(&pool_path)?
         .lines()
         .map(String::from)
@@ -312,6 +316,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         &plan,
         &dir.join("validation"),
     )?);
+    phases.lap("baselines");
 
     // 3. Train on each chosen prompt: the learning rate on validation, then seeds.
     let mut runs: Vec<RunSummary> = vec![];
@@ -333,7 +338,9 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 0,
                 &plan,
             )?;
+            phases.lap("train");
             let gguf = sampling_model(backend, &tuned, &run_dir.join("gguf"), OutType::F32)?;
+            phases.lap("convert");
             let g = eval_setting(
                 backend,
                 &tuned,
@@ -343,6 +350,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 &plan,
                 &run_dir.join("validation"),
             )?;
+            phases.lap("validation");
             validation_notes.push(format!("lr {lr:e}: {:.3}", mean_score(&g)));
             if best.is_none_or(|(_, b)| mean_score(&g) > b) {
                 best = Some((lr, mean_score(&g)));
@@ -381,6 +389,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 seed,
                 &plan,
             )?;
+            phases.lap("train");
             let alarm = first_alarm(&run_dir.join("metrics.jsonl"))?;
             let guarded_step = alarm
                 .as_ref()
@@ -404,6 +413,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                     &run_dir.join(format!("gguf-{which}")),
                     OutType::F32,
                 )?;
+                phases.lap("convert");
                 // The safeguarded model differs only where an alarm rolled it back: greedy only.
                 let settings = if which == "tuned" {
                     vec![
@@ -423,6 +433,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                         &plan,
                         &run_dir.join(format!("test-{which}")),
                     )?;
+                    phases.lap("test");
                     let by = if which == "tuned" {
                         &mut tuned_by_setting
                     } else {
@@ -474,6 +485,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                         &plan,
                     )?,
                 ));
+                phases.lap("curve");
             }
         }
         for (label, by) in [
@@ -516,6 +528,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 base.get("greedy"),
             ));
         }
+        phases.lap("quantized");
         let fidelity = analyze::fidelity(&subject, &tuned_dir)?;
         notes.push(format!(
             "good run: {}",
@@ -544,10 +557,54 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     } else {
         write_curves(&curves, &plot_dir)?
     };
+    phases.lap("report");
+    notes.push(phases.summary());
     let verdict = verdict(&rows, &runs, base_greedy);
     report(
         &args.out, &name, &rows, &runs, &notes, &plots, &verdict, &curves,
     )
+}
+
+/// Wall time per kind of work (steps reused from an earlier run cost nearly nothing).
+struct Phases {
+    last: Instant,
+    start: Instant,
+    spent: Vec<(&'static str, f64)>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let now = Instant::now();
+        Phases {
+            last: now,
+            start: now,
+            spent: vec![],
+        }
+    }
+
+    /// Adds the time since the previous lap to `kind`.
+    fn lap(&mut self, kind: &'static str) {
+        let now = Instant::now();
+        let secs = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.spent.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, s)) => *s += secs,
+            None => self.spent.push((kind, secs)),
+        }
+    }
+
+    fn summary(&self) -> String {
+        let parts: Vec<String> = self
+            .spent
+            .iter()
+            .map(|(k, s)| format!("{k} {s:.0} s"))
+            .collect();
+        format!(
+            "wall time {:.0} s: {}",
+            self.start.elapsed().as_secs_f64(),
+            parts.join(", ")
+        )
+    }
 }
 
 fn setting(label: &str, temperature: f32, n: usize, em_inf: Option<EmInf>) -> Setting {
