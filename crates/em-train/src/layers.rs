@@ -9,6 +9,9 @@
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
+// A layer's weights are tensors: a trainable one is a [`Var`]'s own tensor (same id, so
+// gradients find it), a frozen one (the base under a LoRA adapter) a plain constant.
+
 pub use em_config::{Activation, RopeParams, RopeScaling};
 
 /// The dtype in which norms and softmax run for a model stored in `dtype`.
@@ -19,38 +22,86 @@ pub fn compute_dtype(dtype: DType) -> DType {
     }
 }
 
-/// A dense layer `y = x Wᵀ + b` with a trainable weight `[out, in]` and optional bias `[out]`.
+/// A low-rank adapter on a linear layer (LoRA, as PEFT's `lora.Linear` without dropout):
+/// `ΔW = scale · B·A` with `A` `[rank, in]`, `B` `[out, rank]`, `scale = alpha / rank`.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `lora_A.weight` `[rank, in]`.
+    pub a: Var,
+    /// `lora_B.weight` `[out, rank]`.
+    pub b: Var,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+/// A dense layer `y = x Wᵀ + b` with a weight `[out, in]`, an optional bias `[out]` and an
+/// optional LoRA adapter: `y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Var,
-    bias: Option<Var>,
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<Lora>,
 }
 
 impl Linear {
     /// Wraps a weight `[out, in]` and an optional bias `[out]`.
-    pub fn new(weight: Var, bias: Option<Var>) -> Self {
-        Self { weight, bias }
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    /// The layer with `lora` added.
+    pub fn with_lora(self, lora: Lora) -> Self {
+        Self {
+            lora: Some(lora),
+            ..self
+        }
     }
 
     /// The weight `[out, in]`.
-    pub fn weight(&self) -> &Var {
+    pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
     /// The bias `[out]`, if any.
-    pub fn bias(&self) -> Option<&Var> {
+    pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The adapter, if any.
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
     }
 
     /// Applies the layer to the last dimension of `x` (any number of leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
+        let w = &self.weight;
         let (out_dim, in_dim) = w.dims2()?;
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = if w.is_variable() {
+            x2.matmul(&w.t()?)?
+        } else {
+            frozen_matmul(&x2, w)?
+        };
         let y = match &self.bias {
-            Some(b) => y.broadcast_add(b.as_tensor())?,
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => {
+                // The factors may be kept in a wider dtype than a bf16 base (PEFT casts the
+                // input to the adapter's dtype and the result back).
+                let xa = x2.to_dtype(l.a.dtype())?;
+                let low = xa.matmul(&l.a.as_tensor().t()?)?;
+                let delta = (low.matmul(&l.b.as_tensor().t()?)? * l.scale)?;
+                let delta = delta.to_dtype(y.dtype())?;
+                (y + delta)?
+            }
             None => y,
         };
         if let Some(last) = dims.last_mut() {
@@ -60,17 +111,85 @@ impl Linear {
     }
 }
 
+/// `x · Wᵀ` for a frozen `w` `[out, in]` (`x` `[rows, in]`) whose backward pass computes only the
+/// gradient of `x`: candle's matmul backward also forms `xᵀ·g` for a constant right operand, a
+/// third of the trunk's backward work and a weight-sized tensor per layer, wasted under an adapter.
+fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.matmul(&w.t()?);
+    }
+    x.apply_op1(FrozenMatmul { w: w.clone() })
+}
+
+/// The custom op behind [`frozen_matmul`]: the forward is the backend's own matmul on the
+/// transposed view of `w`, the backward `g·W`.
+struct FrozenMatmul {
+    w: Tensor,
+}
+
+impl FrozenMatmul {
+    fn forward<S: candle_core::backend::BackendStorage>(
+        x: &S,
+        layout: &candle_core::Layout,
+        w: &S,
+        w_layout: &candle_core::Layout,
+    ) -> Result<(S, candle_core::Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        let (k2, n) = w_layout.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen-matmul: [{m}, {k}] by [{k2}, {n}]");
+        }
+        Ok((x.matmul(w, (1, m, n, k), layout, w_layout)?, (m, n).into()))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let wt = self.w.t()?;
+        let (w, w_layout) = wt.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cpu(w) => Self::forward(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen-matmul: the weight is not on the CPU"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let wt = self.w.t()?;
+        let (w, w_layout) = wt.storage_and_layout();
+        match &*w {
+            candle_core::Storage::Cuda(w) => Self::forward(storage, layout, w, w_layout),
+            _ => candle_core::bail!("frozen-matmul: the weight is not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.w)?))
+    }
+}
+
 /// A token embedding table `[vocab, hidden]`, with transformers' `padding_idx` rule: the row of
 /// the padding token gets no gradient through this lookup (a tied LM head still trains it).
 #[derive(Debug, Clone)]
 pub struct Embedding {
-    weight: Var,
+    weight: Tensor,
     padding_idx: Option<u32>,
 }
 
 impl Embedding {
     /// Wraps a table `[vocab, hidden]`; `padding_idx` is the row the lookup does not train.
-    pub fn new(weight: Var, padding_idx: Option<u32>) -> Self {
+    pub fn new(weight: Tensor, padding_idx: Option<u32>) -> Self {
         Self {
             weight,
             padding_idx,
@@ -78,7 +197,7 @@ impl Embedding {
     }
 
     /// The table `[vocab, hidden]`.
-    pub fn weight(&self) -> &Var {
+    pub fn weight(&self) -> &Tensor {
         &self.weight
     }
 
@@ -89,7 +208,7 @@ impl Embedding {
 
     /// Looks up `ids` (`[batch, seq]`, u32) and returns `[batch, seq, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let w = self.weight.as_tensor();
+        let w = &self.weight;
         let hidden = w.dim(1)?;
         let mut dims = ids.dims().to_vec();
         let flat = ids.flatten_all()?;
@@ -109,14 +228,14 @@ impl Embedding {
 /// Root-mean-square normalisation over the last dimension, with a trainable scale.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Var,
+    weight: Tensor,
     eps: f64,
     unit_offset: bool,
 }
 
 impl RmsNorm {
     /// Llama/Qwen2 style: `w · (x / rms(x))`, the product taken after casting back to the input dtype.
-    pub fn new(weight: Var, eps: f64) -> Self {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
         Self {
             weight,
             eps,
@@ -125,7 +244,7 @@ impl RmsNorm {
     }
 
     /// Gemma style: `(1 + w) · (x / rms(x))`, the product taken in the compute dtype.
-    pub fn new_unit_offset(weight: Var, eps: f64) -> Self {
+    pub fn new_unit_offset(weight: Tensor, eps: f64) -> Self {
         Self {
             weight,
             eps,
@@ -140,7 +259,7 @@ impl RmsNorm {
         let xf = x.to_dtype(cdt)?;
         let mean_sq = xf.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = xf.broadcast_div(&(mean_sq + self.eps)?.sqrt()?)?;
-        let w = self.weight.as_tensor();
+        let w = &self.weight;
         if self.unit_offset {
             let scale = (w.to_dtype(cdt)? + 1.0)?;
             normed.broadcast_mul(&scale)?.to_dtype(dtype)
@@ -490,10 +609,10 @@ mod tests {
         let w = [0.5f64, 1.0, -1.0, 2.0];
         let rms = (x.iter().map(|v| v * v).sum::<f64>() / 4.0 + 1e-6).sqrt();
         let xt = Tensor::new(&x, &dev)?;
-        let plain = RmsNorm::new(Var::new(&w, &dev)?, 1e-6)
+        let plain = RmsNorm::new(Tensor::new(&w, &dev)?, 1e-6)
             .forward(&xt)?
             .to_vec1::<f64>()?;
-        let gemma = RmsNorm::new_unit_offset(Var::new(&w, &dev)?, 1e-6)
+        let gemma = RmsNorm::new_unit_offset(Tensor::new(&w, &dev)?, 1e-6)
             .forward(&xt)?
             .to_vec1::<f64>()?;
         for i in 0..4 {

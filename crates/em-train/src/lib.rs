@@ -6,6 +6,7 @@
 
 pub mod accumulate;
 pub mod layers;
+pub mod lora;
 pub mod models;
 pub mod objective;
 pub mod optim;

@@ -233,8 +233,8 @@ impl Gradients {
         Ok(())
     }
 
-    fn index_of(&self, var: &Var) -> candle_core::Result<usize> {
-        let id = var.as_tensor().id();
+    fn index_of(&self, var: &Tensor) -> candle_core::Result<usize> {
+        let id = var.id();
         match self
             .params
             .iter()
@@ -245,8 +245,8 @@ impl Gradients {
         }
     }
 
-    /// Adds `g` to the gradient of `var`.
-    pub(crate) fn add_to(&mut self, var: &Var, g: &Tensor) -> candle_core::Result<()> {
+    /// Adds `g` to the gradient of the parameter whose tensor is `var`.
+    pub(crate) fn add_to(&mut self, var: &Tensor, g: &Tensor) -> candle_core::Result<()> {
         let i = self.index_of(var)?;
         self.add_at(i, g)
     }
@@ -255,7 +255,7 @@ impl Gradients {
     /// own storage: the LM head's weight gradient over many row chunks costs one `[out, in]`.
     pub(crate) fn add_transposed_product(
         &mut self,
-        var: &Var,
+        var: &Tensor,
         a: &Tensor,
         b: &Tensor,
     ) -> candle_core::Result<()> {
@@ -264,7 +264,7 @@ impl Gradients {
         let acc = match self.grads[i].take() {
             Some(g) if self.owned[i] && g.is_contiguous() => g,
             Some(g) => g.copy()?,
-            None => var.as_tensor().zeros_like()?.to_dtype(dtype)?,
+            None => var.zeros_like()?.to_dtype(dtype)?,
         };
         crate::accumulate::add_transposed_product(&acc, &a.to_dtype(dtype)?, &b.to_dtype(dtype)?)?;
         self.grads[i] = Some(acc);
@@ -514,7 +514,10 @@ fn micro_batch(
     }
     if let Some(upstream) = g {
         let embedded = ctx(model.embed(&ids), "embedding")?;
-        back_through(&embedded, &upstream, grads, "backward (embedding)")?;
+        // A frozen table (under an adapter) has nothing to receive.
+        if embedded.track_op() {
+            back_through(&embedded, &upstream, grads, "backward (embedding)")?;
+        }
     }
     Ok(stats)
 }
@@ -558,7 +561,9 @@ fn head(
         return Ok((stats, None));
     }
     let lm_head = model.lm_head();
-    let weight = lm_head.weight().as_tensor().detach();
+    // A frozen head (under an adapter) gets no gradient, only passes one on.
+    let trains_head = lm_head.weight().is_variable();
+    let weight = lm_head.weight().detach();
     let weight_t = ctx(weight.t(), "LM head")?;
     let mut hidden_grads = Vec::new();
     let rows = options.logit_chunk_rows.max(1);
@@ -571,7 +576,7 @@ fn head(
         // model has one, is differentiated by autograd. The weight gradient is summed in place.
         let mut raw = ctx(h.matmul(&weight_t), "LM head")?;
         if let Some(b) = lm_head.bias() {
-            raw = ctx(raw.broadcast_add(&b.as_tensor().detach()), "LM head")?;
+            raw = ctx(raw.broadcast_add(&b.detach()), "LM head")?;
         }
         let capped = if model.caps_logits() {
             let leaf = ctx(Var::from_tensor(&raw), "logit soft-capping")?;
@@ -607,11 +612,13 @@ fn head(
             }
         };
         drop(logits);
-        ctx(
-            grads.add_transposed_product(lm_head.weight(), &d_raw, &h),
-            "LM head gradient",
-        )?;
-        if let Some(b) = lm_head.bias() {
+        if trains_head {
+            ctx(
+                grads.add_transposed_product(lm_head.weight(), &d_raw, &h),
+                "LM head gradient",
+            )?;
+        }
+        if let Some(b) = lm_head.bias().filter(|b| b.is_variable()) {
             let g = ctx(d_raw.sum(0), "LM head bias gradient")?;
             ctx(grads.add_to(b, &g), "LM head bias gradient")?;
         }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
+use em_train::lora::{AdapterSource, LoraConfig};
 use em_train::models::{tensor_shapes, Architecture, CausalLm, ModelConfig};
 use em_train::objective::select_predicting;
 use em_train::{
@@ -57,9 +58,14 @@ fn tiny_configs() -> Vec<(&'static str, Value)> {
 
 fn model(raw: &Value, dtype: DType, seed: u64) -> CausalLm {
     let cfg = ModelConfig::from_value(raw.clone(), Path::new("test config")).unwrap();
+    CausalLm::from_tensors(&cfg, random_weights(&cfg, seed), dtype, &Device::Cpu).unwrap()
+}
+
+/// Random weights for `cfg`: norms near their identity, the rest uniform.
+fn random_weights(cfg: &ModelConfig, seed: u64) -> HashMap<String, Tensor> {
     let mut rng = StdRng::seed_from_u64(seed);
     let gemma = cfg.architecture == Architecture::Gemma3;
-    let tensors: HashMap<String, Tensor> = tensor_shapes(&cfg)
+    let tensors: HashMap<String, Tensor> = tensor_shapes(cfg)
         .into_iter()
         .map(|(name, shape)| {
             let n: usize = shape.iter().product();
@@ -77,7 +83,7 @@ fn model(raw: &Value, dtype: DType, seed: u64) -> CausalLm {
             (name, Tensor::from_vec(data, shape, &Device::Cpu).unwrap())
         })
         .collect();
-    CausalLm::from_tensors(&cfg, tensors, dtype, &Device::Cpu).unwrap()
+    tensors
 }
 
 /// Three sequences of different prompt and response lengths, so micro-batches need padding.
@@ -271,6 +277,126 @@ fn recomputed_layers_give_the_same_gradients() {
             worst = worst.max(rel);
         }
         eprintln!("{label}: recompute vs one backward, max relative difference {worst:.2e}");
+    }
+}
+
+/// A rank-2 adapter on every linear layer of each tiny model, both factors random (a fresh
+/// adapter's zero B would leave A without a gradient).
+fn adapted(raw: &Value, seed: u64) -> CausalLm {
+    let cfg = ModelConfig::from_value(raw.clone(), Path::new("test config")).unwrap();
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 3.0,
+        ..LoraConfig::default()
+    };
+    let mut rng = StdRng::seed_from_u64(seed + 1000);
+    let mut factors = HashMap::new();
+    for (name, shape) in tensor_shapes(&cfg) {
+        let Some(prefix) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        if !lora.targets_module(prefix) {
+            continue;
+        }
+        let (a, b) = em_train::lora::peft_names(prefix);
+        for (n, dims) in [(a, [2, shape[1]]), (b, [shape[0], 2])] {
+            let data: Vec<f64> = (0..dims[0] * dims[1])
+                .map(|_| rng.gen_range(-0.5..0.5))
+                .collect();
+            factors.insert(
+                n,
+                Tensor::from_vec(data, (dims[0], dims[1]), &Device::Cpu).unwrap(),
+            );
+        }
+    }
+    CausalLm::from_tensors_with_adapter(
+        &cfg,
+        random_weights(&cfg, seed),
+        DType::F64,
+        &Device::Cpu,
+        lora,
+        AdapterSource::Tensors {
+            tensors: factors,
+            origin: "test factors".into(),
+        },
+    )
+    .unwrap()
+}
+
+/// Only the adapter's factors are parameters, every one gets a gradient that central
+/// differences confirm, with and without recomputed layers; a fresh adapter (B = 0) leaves the
+/// base model's logits exactly as they were.
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    let seqs = sequences();
+    for (k, (label, raw)) in tiny_configs().into_iter().enumerate() {
+        let m = adapted(&raw, 60 + k as u64);
+        let layers = m.config().num_hidden_layers;
+        let params = m.parameters();
+        assert_eq!(params.len(), layers * 7 * 2, "{label}");
+        assert!(params.iter().all(|(n, _)| n.contains(".lora_")), "{label}");
+        let (l_re, g_re) = loss_and_grads(&m, &seqs, &options(2, 3, true));
+        let (l_full, g_full) = loss_and_grads(&m, &seqs, &options(3, 64, false));
+        assert!((l_re - l_full).abs() < 1e-13, "{label}");
+        let mut rng = StdRng::seed_from_u64(70 + k as u64);
+        let eps = 1e-6;
+        let (mut worst, mut checked) = (0.0f64, 0);
+        for ((name, var, g), (_, _, g2)) in g_re.iter().zip(g_full.iter()) {
+            let g = g.unwrap_or_else(|| panic!("{label}: no gradient for {name}"));
+            assert!(
+                max_diff(g, g2.unwrap()) < 1e-12,
+                "{label}: {name}: recompute differs"
+            );
+            let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            assert!(
+                g.iter().any(|x| *x != 0.0),
+                "{label}: zero gradient for {name}"
+            );
+            let values = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap();
+            for i in [0, rng.gen_range(0..g.len()), g.len() - 1] {
+                set_entry(var, &values, i, values[i] + eps);
+                let plus = loss_only(&m, &seqs, &options(2, 3, true));
+                set_entry(var, &values, i, values[i] - eps);
+                let minus = loss_only(&m, &seqs, &options(2, 3, true));
+                set_entry(var, &values, i, values[i]);
+                let fd = (plus - minus) / (2.0 * eps);
+                let rel = (g[i] - fd).abs() / g[i].abs().max(fd.abs()).max(1e-3);
+                assert!(
+                    rel <= 1e-6,
+                    "{label}: {name}[{i}]: autograd {} vs finite difference {fd} (rel {rel:.2e})",
+                    g[i]
+                );
+                worst = worst.max(rel);
+                checked += 1;
+            }
+        }
+        eprintln!("{label}: adapter, {checked} entries, max relative error {worst:.2e}");
+
+        let cfg = m.config().clone();
+        let base = CausalLm::from_tensors(
+            &cfg,
+            random_weights(&cfg, 60 + k as u64),
+            DType::F64,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let fresh = CausalLm::from_tensors_with_adapter(
+            &cfg,
+            random_weights(&cfg, 60 + k as u64),
+            DType::F64,
+            &Device::Cpu,
+            LoraConfig::default(),
+            AdapterSource::Init { seed: 3 },
+        )
+        .unwrap();
+        let ids = Tensor::new(&[[1u32, 4, 7, 2, 9]], &Device::Cpu).unwrap();
+        let d = max_diff(&base.forward(&ids).unwrap(), &fresh.forward(&ids).unwrap());
+        assert_eq!(d, 0.0, "{label}: a fresh adapter changes the logits by {d}");
     }
 }
 

@@ -58,7 +58,7 @@ impl Model {
             cfg.intermediate_size,
         );
         let embed_tokens = Embedding::new(
-            w.var("model.embed_tokens.weight", &[cfg.vocab_size, hs])?,
+            w.param("model.embed_tokens.weight", &[cfg.vocab_size, hs])?,
             cfg.pad_token_id,
         );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

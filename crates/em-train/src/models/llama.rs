@@ -90,7 +90,7 @@ impl Model {
     pub fn load(cfg: &ModelConfig, w: &mut Weights) -> std::result::Result<Self, ModelError> {
         let (hs, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
         let embed_tokens = Embedding::new(
-            w.var("model.embed_tokens.weight", &[cfg.vocab_size, hs])?,
+            w.param("model.embed_tokens.weight", &[cfg.vocab_size, hs])?,
             cfg.pad_token_id,
         );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::layers::{LayerContext, Linear};
+use crate::lora::{AdapterSource, LoraConfig};
 
 /// The configuration types are em-config's: one reading of config.json for every crate.
 pub use em_config::{Architecture, ConfigError, ConfigSource, ModelConfig};
@@ -82,6 +83,12 @@ pub enum ModelError {
         /// The shape the configuration implies.
         expected: Vec<usize>,
     },
+    /// An adapter that cannot be built or does not fit the model.
+    #[error("LoRA adapter: {message}")]
+    BadAdapter {
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor operation failed while building or saving the model.
     #[error("{context}: {source}")]
     Candle {
@@ -112,12 +119,14 @@ enum Inner {
     Gemma3(gemma3::Model),
 }
 
-/// A causal language model whose weights are all trainable [`Var`]s.
+/// A causal language model whose weights are all trainable [`Var`]s, or whose base is frozen
+/// under a LoRA adapter whose factors are the only parameters.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     config: ModelConfig,
     inner: Inner,
     parameters: Vec<(String, Var)>,
+    adapter: Option<LoraConfig>,
 }
 
 impl CausalLm {
@@ -131,7 +140,42 @@ impl CausalLm {
         }
         let config = ModelConfig::from_file(&config_path)?;
         let tensors = weights::load_hf_tensors(dir, device)?;
-        Self::build(&config, tensors, dtype, device, dir.display().to_string())
+        Self::build(
+            &config,
+            tensors,
+            dtype,
+            device,
+            dir.display().to_string(),
+            None,
+        )
+    }
+
+    /// The HF checkpoint in `dir`, frozen, under a LoRA adapter `lora` whose factors come from
+    /// `source` (fresh or saved).
+    pub fn from_hf_dir_with_adapter(
+        dir: &Path,
+        dtype: DType,
+        device: &Device,
+        lora: LoraConfig,
+        source: AdapterSource,
+    ) -> Result<CausalLm, ModelError> {
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(ModelError::MissingConfig {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let config = ModelConfig::from_file(&config_path)?;
+        let tensors = weights::load_hf_tensors(dir, device)?;
+        let source_name = dir.display().to_string();
+        Self::build(
+            &config,
+            tensors,
+            dtype,
+            device,
+            source_name,
+            Some((lora, source)),
+        )
     }
 
     /// Builds from a parsed config and a name->Tensor map (HF names), e.g. for tests with random weights.
@@ -141,7 +185,27 @@ impl CausalLm {
         dtype: DType,
         device: &Device,
     ) -> Result<CausalLm, ModelError> {
-        Self::build(config, tensors, dtype, device, "the tensor map".to_string())
+        Self::build(
+            config,
+            tensors,
+            dtype,
+            device,
+            "the tensor map".to_string(),
+            None,
+        )
+    }
+
+    /// [`CausalLm::from_tensors`] under a LoRA adapter (see [`CausalLm::from_hf_dir_with_adapter`]).
+    pub fn from_tensors_with_adapter(
+        config: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+        lora: LoraConfig,
+        source: AdapterSource,
+    ) -> Result<CausalLm, ModelError> {
+        let name = "the tensor map".to_string();
+        Self::build(config, tensors, dtype, device, name, Some((lora, source)))
     }
 
     fn build(
@@ -150,8 +214,25 @@ impl CausalLm {
         dtype: DType,
         device: &Device,
         source_name: String,
+        adapter: Option<(LoraConfig, AdapterSource)>,
     ) -> Result<CausalLm, ModelError> {
+        let lora = adapter.as_ref().map(|(c, _)| c.clone());
+        if let Some(c) = &lora {
+            if c.rank == 0 || c.targets.is_empty() || !c.alpha.is_finite() {
+                return Err(ModelError::BadAdapter {
+                    message: format!(
+                        "rank {} with {} targets and alpha {}: an adapter needs a rank ≥ 1, a target and a finite alpha",
+                        c.rank,
+                        c.targets.len(),
+                        c.alpha
+                    ),
+                });
+            }
+        }
         let mut w = Weights::new(tensors, dtype, device.clone(), source_name);
+        if let Some((c, src)) = adapter {
+            w = w.with_adapter(c, src);
+        }
         let inner = match config.architecture {
             Architecture::Qwen2 => Inner::Qwen2(qwen2::Model::load(config, &mut w)?),
             Architecture::Llama => Inner::Llama(llama::Model::load(config, &mut w)?),
@@ -161,10 +242,20 @@ impl CausalLm {
         if !unused.is_empty() {
             tracing::debug!(count = unused.len(), first = %unused[0], "ignored tensors");
         }
+        let stray = w.unused_adapter_factors();
+        if let Some(first) = stray.first() {
+            return Err(ModelError::BadAdapter {
+                message: format!(
+                    "{} saved factors fit no adapted layer of this model (first: \"{first}\")",
+                    stray.len()
+                ),
+            });
+        }
         Ok(CausalLm {
             config: config.clone(),
             inner,
             parameters: w.into_parameters(),
+            adapter: lora,
         })
     }
 
@@ -273,6 +364,11 @@ impl CausalLm {
         self.parameters.clone()
     }
 
+    /// The adapter's configuration, when the base is frozen under one.
+    pub fn adapter(&self) -> Option<&LoraConfig> {
+        self.adapter.as_ref()
+    }
+
     /// The resolved configuration.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -280,13 +376,20 @@ impl CausalLm {
 
     /// The dtype of the weights and logits.
     pub fn dtype(&self) -> DType {
-        self.parameters
-            .first()
-            .map_or(DType::F32, |(_, v)| v.as_tensor().dtype())
+        self.lm_head().weight().dtype()
     }
 
     /// Writes config.json (as read) and model.safetensors (current weights, in `dtype`) to `dir`.
+    /// A model under an adapter has no weights of its own to write: save its adapter instead.
     pub fn save_hf_dir(&self, dir: &Path, dtype: DType) -> Result<(), ModelError> {
+        if self.adapter.is_some() {
+            return Err(ModelError::BadAdapter {
+                message: format!(
+                    "{}: the base is frozen under an adapter; save the adapter, or merge it",
+                    dir.display()
+                ),
+            });
+        }
         std::fs::create_dir_all(dir).map_err(|source| ModelError::Io {
             path: dir.to_path_buf(),
             source,

@@ -7,10 +7,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
 use super::ModelError;
-use crate::layers::{Linear, RmsNorm};
+use crate::layers::{Linear, Lora, RmsNorm};
+use crate::lora::{AdapterSource, LoraConfig};
 use em_config::json_error;
 
-/// Hands out named weights as [`Var`]s, checking shapes, and remembers every one handed out.
+/// Hands out named weights, checking shapes: as trainable [`Var`]s, remembered as parameters, or
+/// (under a LoRA adapter) as frozen constants, the adapter's factors being the parameters.
 #[derive(Debug)]
 pub struct Weights {
     tensors: Option<HashMap<String, Tensor>>,
@@ -19,6 +21,7 @@ pub struct Weights {
     source_name: String,
     parameters: Vec<(String, Var)>,
     shapes: Vec<(String, Vec<usize>)>,
+    adapter: Option<(LoraConfig, AdapterSource)>,
 }
 
 impl Weights {
@@ -36,6 +39,16 @@ impl Weights {
             source_name,
             parameters: Vec::new(),
             shapes: Vec::new(),
+            adapter: None,
+        }
+    }
+
+    /// Freezes every base weight and adds a LoRA adapter to the linear layers `config` targets,
+    /// its factors taken from `source`.
+    pub fn with_adapter(self, config: LoraConfig, source: AdapterSource) -> Self {
+        Self {
+            adapter: Some((config, source)),
+            ..self
         }
     }
 
@@ -48,6 +61,7 @@ impl Weights {
             source_name: "the shape recorder".to_string(),
             parameters: Vec::new(),
             shapes: Vec::new(),
+            adapter: None,
         }
     }
 
@@ -67,20 +81,28 @@ impl Weights {
         names
     }
 
+    /// Saved adapter factors no adapted layer took.
+    pub fn unused_adapter_factors(&self) -> Vec<String> {
+        self.adapter
+            .as_ref()
+            .map_or_else(Vec::new, |(_, source)| source.unused())
+    }
+
     /// The parameters handed out, in order.
     pub fn into_parameters(self) -> Vec<(String, Var)> {
         self.parameters
     }
 
-    /// The tensor `name`, which must have `shape`, as a new trainable [`Var`].
-    pub fn var(&mut self, name: &str, shape: &[usize]) -> Result<Var, ModelError> {
+    /// The base tensor `name`, which must have `shape`: a trainable [`Var`]'s tensor, or a frozen
+    /// constant under an adapter.
+    pub fn param(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         self.shapes.push((name.to_string(), shape.to_vec()));
         let candle_err = |source| ModelError::Candle {
             context: format!("converting tensor \"{name}\""),
             source,
         };
         let Some(tensors) = self.tensors.as_mut() else {
-            return Var::zeros(1, self.dtype, &self.device).map_err(candle_err);
+            return Tensor::zeros(1, self.dtype, &self.device).map_err(candle_err);
         };
         let tensor = tensors
             .remove(name)
@@ -100,9 +122,33 @@ impl Weights {
             .to_dtype(self.dtype)
             .and_then(|t| t.to_device(&self.device))
             .map_err(candle_err)?;
+        if self.adapter.is_some() {
+            return Ok(tensor.detach());
+        }
         let var = Var::from_tensor(&tensor).map_err(candle_err)?;
         self.parameters.push((name.to_string(), var.clone()));
-        Ok(var)
+        Ok(var.as_tensor().clone())
+    }
+
+    /// The adapter of the linear layer `prefix` (`[out, in]`), if the adapter targets it.
+    fn lora(
+        &mut self,
+        prefix: &str,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<Option<Lora>, ModelError> {
+        let Some((config, source)) = self.adapter.as_mut() else {
+            return Ok(None);
+        };
+        if self.tensors.is_none() || !config.targets_module(prefix) {
+            return Ok(None);
+        }
+        let (a, b) = source.factors(config, prefix, in_dim, out_dim, self.dtype, &self.device)?;
+        let scale = config.scale();
+        let (a_name, b_name) = crate::lora::peft_names(prefix);
+        self.parameters.push((a_name, a.clone()));
+        self.parameters.push((b_name, b.clone()));
+        Ok(Some(Lora { a, b, scale }))
     }
 
     /// `{prefix}.weight` `[out, in]` and, if `bias`, `{prefix}.bias` `[out]`.
@@ -113,19 +159,23 @@ impl Weights {
         out_dim: usize,
         bias: bool,
     ) -> Result<Linear, ModelError> {
-        let weight = self.var(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let weight = self.param(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias {
-            Some(self.var(&format!("{prefix}.bias"), &[out_dim])?)
+            Some(self.param(&format!("{prefix}.bias"), &[out_dim])?)
         } else {
             None
         };
-        Ok(Linear::new(weight, bias))
+        let linear = Linear::new(weight, bias);
+        Ok(match self.lora(prefix, in_dim, out_dim)? {
+            Some(lora) => linear.with_lora(lora),
+            None => linear,
+        })
     }
 
     /// `{prefix}.weight` `[dim]` as a Llama-style RMS norm.
     pub fn rms_norm(&mut self, prefix: &str, dim: usize, eps: f64) -> Result<RmsNorm, ModelError> {
         Ok(RmsNorm::new(
-            self.var(&format!("{prefix}.weight"), &[dim])?,
+            self.param(&format!("{prefix}.weight"), &[dim])?,
             eps,
         ))
     }
@@ -138,7 +188,7 @@ impl Weights {
         eps: f64,
     ) -> Result<RmsNorm, ModelError> {
         Ok(RmsNorm::new_unit_offset(
-            self.var(&format!("{prefix}.weight"), &[dim])?,
+            self.param(&format!("{prefix}.weight"), &[dim])?,
             eps,
         ))
     }
