@@ -1,8 +1,9 @@
 //! The one place that picks concrete backends: llama.cpp in-process, or an OpenAI-compatible
 //! server fleet, behind `em_pipeline::Backend`.
 
-use std::path::Path;
-use std::time::Duration;
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use em_llama::{Engine, EngineConfig, GgufModel};
@@ -64,11 +65,11 @@ impl BackendArgs {
         Ok(match self.backend {
             BackendKind::Llama => Box::new(LlamaBackend {
                 gpu_layers: self.gpu_layers.unwrap_or_else(em_llama::default_gpu_layers),
-                config: EngineConfig {
+                ..LlamaBackend::new(EngineConfig {
                     threads: self.threads.unwrap_or_else(em_llama::default_threads),
                     parallel: self.parallel.unwrap_or(8),
                     ..EngineConfig::default()
-                },
+                })
             }),
             BackendKind::Openai => {
                 let base_url = self
@@ -103,11 +104,14 @@ impl BackendArgs {
     }
 }
 
-/// llama.cpp in-process: every sampler loads the GGUF it is given.
+/// llama.cpp in-process: every plain sampler loads the GGUF it is given; a base under adapters
+/// stays loaded while the same unchanged file is asked for.
 pub struct LlamaBackend {
     pub config: EngineConfig,
     /// Layers offloaded to the GPU.
     pub gpu_layers: u32,
+    /// The base model adapters were last applied to, with its file's size and mtime.
+    base: RefCell<Option<(PathBuf, (u64, Option<SystemTime>), GgufModel)>>,
 }
 
 impl LlamaBackend {
@@ -116,8 +120,15 @@ impl LlamaBackend {
         Self {
             config,
             gpu_layers: em_llama::default_gpu_layers(),
+            base: RefCell::new(None),
         }
     }
+}
+
+/// Size and mtime of `path`, to tell a rewritten file from the one loaded.
+fn file_stamp(path: &Path) -> Result<(u64, Option<SystemTime>)> {
+    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok((meta.len(), meta.modified().ok()))
 }
 
 impl Backend for LlamaBackend {
@@ -152,6 +163,26 @@ impl Backend for LlamaBackend {
         let model = GgufModel::load_with_gpu_layers(gguf, self.gpu_layers)?;
         let mut engine = Engine::new(&model, self.config.clone());
         f(&mut engine)
+    }
+
+    fn with_adapted_sampler(
+        &self,
+        gguf: &Path,
+        adapter: &Path,
+        f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
+    ) -> Result<()> {
+        let stamp = file_stamp(gguf)?;
+        let cached = self.base.borrow_mut().take();
+        let mut model = match cached {
+            Some((path, s, model)) if path == gguf && s == stamp => model,
+            _ => GgufModel::load_with_gpu_layers(gguf, self.gpu_layers)?,
+        };
+        let result = model.load_adapter(adapter).map_err(anyhow::Error::from).and_then(|a| {
+            let mut engine = Engine::with_adapter(&model, a, self.config.clone());
+            f(&mut engine)
+        });
+        *self.base.borrow_mut() = Some((gguf.to_path_buf(), stamp, model));
+        result
     }
 }
 

@@ -23,7 +23,7 @@ use em_sampler::{
     Event, FinishReason, Prompt, Request, RunStats, Sample, Sampler, SamplerError, TokenStats,
 };
 
-use crate::{backend, default_threads, GgufModel};
+use crate::{backend, default_threads, Adapter, GgufModel};
 
 /// How the engine runs llama.cpp.
 #[derive(Clone, Debug)]
@@ -55,6 +55,7 @@ impl Default for EngineConfig {
 /// The llama.cpp sampler: one model, one context sized from the batch and reused between calls.
 pub struct Engine<'m> {
     model: &'m GgufModel,
+    adapter: Option<Adapter>,
     config: EngineConfig,
     ctx: Option<(LlamaContext<'m>, usize, u32)>,
     scratch: Scratch,
@@ -113,9 +114,19 @@ impl<'m> Engine<'m> {
     pub fn new(model: &'m GgufModel, config: EngineConfig) -> Self {
         Self {
             model,
+            adapter: None,
             config,
             ctx: None,
             scratch: Scratch::default(),
+        }
+    }
+
+    /// The engine drawing from `model` with the LoRA `adapter` applied (loaded by
+    /// [`GgufModel::load_adapter`] on the same model).
+    pub fn with_adapter(model: &'m GgufModel, adapter: Adapter, config: EngineConfig) -> Self {
+        Self {
+            adapter: Some(adapter),
+            ..Self::new(model, config)
         }
     }
 
@@ -190,7 +201,7 @@ impl<'m> Engine<'m> {
             .with_swa_full(true)
             .with_n_threads(self.config.threads)
             .with_n_threads_batch(self.config.threads);
-        let ctx = self
+        let mut ctx = self
             .model
             .inner()
             .new_context(backend()?, params)
@@ -199,6 +210,9 @@ impl<'m> Engine<'m> {
                     "cannot create a context of {n_ctx} tokens for {parallel} sequences: {e}"
                 ))
             })?;
+        if let Some(a) = self.adapter.as_mut() {
+            a.apply(&mut ctx)?;
+        }
         let got = ctx.n_ctx() as usize / parallel;
         if got < per_seq as usize {
             return Err(self.err(format!(
@@ -212,7 +226,14 @@ impl<'m> Engine<'m> {
 
 impl Sampler for Engine<'_> {
     fn describe(&self) -> String {
-        format!("llama.cpp in-process: {}", self.model.path().display())
+        match &self.adapter {
+            Some(a) => format!(
+                "llama.cpp in-process: {} with the adapter {}",
+                self.model.path().display(),
+                a.path().display()
+            ),
+            None => format!("llama.cpp in-process: {}", self.model.path().display()),
+        }
     }
 
     fn generate(

@@ -18,7 +18,7 @@ use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 /// llama.cpp's process-wide backend, initialised once.
@@ -135,8 +135,40 @@ impl GgufModel {
             .collect()
     }
 
+    /// Loads the LoRA GGUF at `path` (written for this base) next to the loaded weights. llama.cpp
+    /// keeps every adapter it loaded until the model is dropped (llama-cpp-2 offers no free), so
+    /// a long run holds each update's adapter: megabytes each.
+    pub fn load_adapter(&mut self, path: &Path) -> Result<Adapter, SamplerError> {
+        if !path.is_file() {
+            return Err(SamplerError::backend(path.display(), "no such file"));
+        }
+        let inner = self.model.lora_adapter_init(path).map_err(|e| {
+            SamplerError::backend(
+                path.display(),
+                format!(
+                    "llama.cpp could not load the LoRA adapter for {}: {e}",
+                    self.path.display()
+                ),
+            )
+        })?;
+        Ok(Adapter {
+            inner,
+            path: path.into(),
+        })
+    }
+
     /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one sequence).
     pub fn logits(&self, tokens: &[u32], threads: i32) -> Result<Vec<Vec<f32>>, SamplerError> {
+        self.logits_with(tokens, threads, None)
+    }
+
+    /// [`GgufModel::logits`] with `adapter` applied (scale 1).
+    pub fn logits_with(
+        &self,
+        tokens: &[u32],
+        threads: i32,
+        adapter: Option<&mut Adapter>,
+    ) -> Result<Vec<Vec<f32>>, SamplerError> {
         let n = tokens.len();
         let run_err = |message: String| SamplerError::backend(self.path.display(), message);
         let n_ctx = (n.max(1) as u32).next_multiple_of(256);
@@ -150,6 +182,9 @@ impl GgufModel {
             .model
             .new_context(backend()?, params)
             .map_err(|e| run_err(e.to_string()))?;
+        if let Some(a) = adapter {
+            a.apply(&mut ctx)?;
+        }
         let mut batch = LlamaBatch::new(n.max(1), 1);
         for (i, &t) in tokens.iter().enumerate() {
             batch
@@ -160,6 +195,32 @@ impl GgufModel {
         Ok((0..n)
             .map(|i| ctx.get_logits_ith(i as i32).to_vec())
             .collect())
+    }
+}
+
+/// A LoRA adapter loaded next to a [`GgufModel`]'s weights.
+pub struct Adapter {
+    inner: LlamaLoraAdapter,
+    path: PathBuf,
+}
+
+impl Adapter {
+    /// The adapter's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Makes `ctx` compute with this adapter at scale 1 (alone).
+    pub(crate) fn apply(
+        &mut self,
+        ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ) -> Result<(), SamplerError> {
+        ctx.lora_adapter_set(&mut self.inner, 1.0).map_err(|e| {
+            SamplerError::backend(
+                self.path.display(),
+                format!("llama.cpp could not apply the adapter: {e}"),
+            )
+        })
     }
 }
 

@@ -30,6 +30,22 @@ pub trait Backend {
         model: &Path,
         f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
     ) -> Result<()>;
+
+    /// Runs `f` with a sampler drawing from the base GGUF `model` with the LoRA GGUF `adapter`
+    /// applied. In-process backends keep the base loaded between calls, so swapping adapters
+    /// costs the adapter's bytes, not the model's.
+    fn with_adapted_sampler(
+        &self,
+        model: &Path,
+        adapter: &Path,
+        f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
+    ) -> Result<()> {
+        let _ = (model, f);
+        anyhow::bail!(
+            "{}: this backend cannot apply a LoRA adapter (use --backend llama)",
+            adapter.display()
+        )
+    }
 }
 
 /// Runs `f` with the vocabulary of `model`: an HF directory's own files, else the GGUF's.
