@@ -127,7 +127,8 @@ impl LlamaBackend {
 
 /// Size and mtime of `path`, to tell a rewritten file from the one loaded.
 fn file_stamp(path: &Path) -> Result<(u64, Option<SystemTime>)> {
-    let meta = std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
     Ok((meta.len(), meta.modified().ok()))
 }
 
@@ -177,10 +178,13 @@ impl Backend for LlamaBackend {
             Some((path, s, model)) if path == gguf && s == stamp => model,
             _ => GgufModel::load_with_gpu_layers(gguf, self.gpu_layers)?,
         };
-        let result = model.load_adapter(adapter).map_err(anyhow::Error::from).and_then(|a| {
-            let mut engine = Engine::with_adapter(&model, a, self.config.clone());
-            f(&mut engine)
-        });
+        let result = model
+            .load_adapter(adapter)
+            .map_err(anyhow::Error::from)
+            .and_then(|a| {
+                let mut engine = Engine::with_adapter(&model, a, self.config.clone());
+                f(&mut engine)
+            });
         *self.base.borrow_mut() = Some((gguf.to_path_buf(), stamp, model));
         result
     }

@@ -561,6 +561,15 @@ impl Hparams {
     /// HF values -> GGUF values for one tensor (f32 in, f32 out).
     pub fn hf_to_gguf_values(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         match self.arch {
+            Arch::Gemma3 if hf_name.ends_with("norm.weight") => t + 1.0,
+            _ => self.hf_to_gguf_rows(hf_name, t),
+        }
+    }
+
+    /// The reordering of output rows `hf_to_gguf_values` applies to `hf_name` (llama's Q/K rope
+    /// permutation; else none), on any matrix whose rows are that tensor's rows, such as a LoRA B.
+    pub fn hf_to_gguf_rows(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        match self.arch {
             Arch::Llama if is_q_or_k(hf_name) => {
                 let heads = if hf_name.contains("q_proj") {
                     self.num_heads
@@ -569,7 +578,6 @@ impl Hparams {
                 };
                 permute_rope_rows(&t, heads, false)
             }
-            Arch::Gemma3 if hf_name.ends_with("norm.weight") => t + 1.0,
             _ => Ok(t),
         }
     }

@@ -8,6 +8,7 @@
 
 pub mod arch;
 pub mod gguf;
+pub mod lora;
 pub mod quant;
 pub mod refresh;
 pub mod safetensors_io;

@@ -54,6 +54,11 @@ impl HfTensors {
         if paths.is_empty() {
             bail!("{}: no *.safetensors files", dir.display());
         }
+        Self::open_files(paths)
+    }
+
+    /// Opens the given safetensors files as one set of tensors (a name in two files is an error).
+    pub fn open_files(paths: Vec<PathBuf>) -> Result<Self> {
         let mut files = vec![];
         let mut index = BTreeMap::new();
         for path in paths {
@@ -106,6 +111,14 @@ impl HfTensors {
             .tensor(name)
             .map_err(|e| anyhow::anyhow!("{}: tensor {name}: {e}", path.display()))?;
         Ok((view, path))
+    }
+
+    /// Where `name`'s bytes lie: its file, the byte range within that file, and its dtype.
+    pub fn location(&self, name: &str) -> Result<(&Path, std::ops::Range<u64>, Dtype)> {
+        let (view, path) = self.view(name)?;
+        let mmap = &self.files[self.index[name]].1;
+        let start = (view.data().as_ptr() as usize - mmap.as_ptr() as usize) as u64;
+        Ok((path, start..start + view.data().len() as u64, view.dtype()))
     }
 
     pub fn shape(&self, name: &str) -> Result<Vec<usize>> {

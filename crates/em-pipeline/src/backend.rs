@@ -61,3 +61,55 @@ pub fn with_vocab(
         backend.with_gguf_vocab(model, f)
     }
 }
+
+/// A backend whose "model" files are LoRA GGUFs applied to one base GGUF: whatever samples
+/// through it (training, the safeguard, eval) names the adapter where it would name a model.
+pub struct AdaptedBackend<'a> {
+    inner: &'a dyn Backend,
+    base: std::path::PathBuf,
+    base_identity: Value,
+}
+
+impl<'a> AdaptedBackend<'a> {
+    /// Adapters on the base GGUF `base`, sampled by `inner`.
+    pub fn new(inner: &'a dyn Backend, base: &Path) -> Result<Self> {
+        Ok(Self {
+            inner,
+            base: base.to_path_buf(),
+            base_identity: serde_json::to_value(em_store::file_identity(base)?)?,
+        })
+    }
+
+    /// The base GGUF.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+}
+
+impl Backend for AdaptedBackend<'_> {
+    fn identity(&self) -> Value {
+        let mut id = self.inner.identity();
+        id["adapter_base"] = self.base_identity.clone();
+        id
+    }
+
+    fn samples_local_gguf(&self) -> bool {
+        self.inner.samples_local_gguf()
+    }
+
+    fn with_gguf_vocab(
+        &self,
+        _adapter: &Path,
+        f: &mut dyn FnMut(&dyn Vocab) -> Result<()>,
+    ) -> Result<()> {
+        self.inner.with_gguf_vocab(&self.base, f)
+    }
+
+    fn with_sampler(
+        &self,
+        adapter: &Path,
+        f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
+    ) -> Result<()> {
+        self.inner.with_adapted_sampler(&self.base, adapter, f)
+    }
+}

@@ -24,7 +24,7 @@ pub mod screen;
 pub mod train;
 
 pub use anyhow::{Error, Result};
-pub use backend::{with_vocab, Backend};
+pub use backend::{with_vocab, AdaptedBackend, Backend};
 
 use std::path::{Path, PathBuf};
 

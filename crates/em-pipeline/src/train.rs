@@ -38,6 +38,7 @@ use em_convert::OutType;
 use em_data::Problem;
 use em_sampler::{Event, Request, Sample, SamplingParams};
 use em_store::{JsonlStore, Manifest};
+use em_train::lora::{AdapterSource, LoraConfig, Target};
 use em_train::models::CausalLm;
 use em_train::{AdamWConfig, EmOptions, Sequence, TrainConfig, Trainer};
 use serde_json::{json, Value};
@@ -45,7 +46,7 @@ use serde_json::{json, Value};
 use crate::em_loss::ModelDtype;
 use crate::prompt::{PromptOptions, PromptRenderer, RenderedPrompt};
 use crate::safeguard::{self, Baseline, Round, Verdict};
-use crate::{Backend, Result};
+use crate::{AdaptedBackend, Backend, Result};
 
 /// What to train and how.
 #[derive(clap::Args, Debug, Clone)]
@@ -157,6 +158,29 @@ pub struct TrainArgs {
     /// round passed; `warn` records it and trains on.
     #[arg(long, value_enum, default_value_t = OnAlarm::Stop)]
     pub on_alarm: OnAlarm,
+    /// Train a low-rank adapter instead of every weight: the base frozen (its memory the
+    /// weights alone), llama.cpp holding the base GGUF (`--refresh-type`: f16 by default, q8_0
+    /// allowed and recorded as not exactly on-policy) and swapping in the adapter after each
+    /// update; checkpoints and `final/` are PEFT adapter directories (with `adapter.gguf`).
+    #[arg(long, value_enum)]
+    pub adapter: Option<AdapterKind>,
+    /// LoRA rank `r` (PEFT's default).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA `alpha`: the update is scaled by alpha / rank (PEFT's default).
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+    /// Linear layers adapted in every decoder layer (PEFT's "all-linear").
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub targets: Vec<String>,
+}
+
+/// Parameter-efficient training instead of full fine-tuning.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// Low-rank adapters (LoRA) on linear layers.
+    Lora,
 }
 
 /// What the safeguard does when a watch round alarms.
@@ -206,7 +230,33 @@ impl TrainArgs {
             watch_samples: 4,
             watch_every: 1,
             on_alarm: OnAlarm::Stop,
+            adapter: None,
+            rank: 8,
+            alpha: 8.0,
+            targets: ["q", "k", "v", "o", "gate", "up", "down"]
+                .map(String::from)
+                .to_vec(),
         }
+    }
+
+    /// The adapter these arguments ask for, if any.
+    pub fn lora(&self) -> Result<Option<LoraConfig>> {
+        if self.adapter.is_none() {
+            return Ok(None);
+        }
+        let targets = self
+            .targets
+            .iter()
+            .map(|t| Target::parse(t).map_err(|e| anyhow::anyhow!("--targets: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        if self.rank == 0 || targets.is_empty() || !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("--rank must be ≥ 1, --targets not empty and --alpha a finite number > 0");
+        }
+        Ok(Some(LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets,
+        }))
     }
 }
 
@@ -227,6 +277,10 @@ pub enum RefreshType {
     F16,
     Bf16,
     F32,
+    /// The base under an adapter only (a full refresh rewrites float tensors in place).
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 impl RefreshType {
@@ -235,7 +289,44 @@ impl RefreshType {
             RefreshType::F16 => OutType::F16,
             RefreshType::Bf16 => OutType::Bf16,
             RefreshType::F32 => OutType::F32,
+            RefreshType::Q8_0 => OutType::Q8_0,
         }
+    }
+}
+
+/// Publishes an adapter: llama.cpp's LoRA GGUF of the current factors, rewritten whole (it is
+/// small) next to a base GGUF written once.
+struct AdapterRefresh {
+    lora: LoraConfig,
+    config: em_train::models::ModelConfig,
+    names: Vec<String>,
+    path: PathBuf,
+}
+
+impl Publish for AdapterRefresh {
+    fn publish(&mut self, weights: &mut dyn FnMut(&str) -> Result<Tensor>) -> Result<RefreshStats> {
+        let t0 = Instant::now();
+        let factors = self
+            .names
+            .iter()
+            .map(|n| Ok((n.clone(), weights(n)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let adapter = em_train::lora::peft_adapter(&self.lora, &factors, None)?;
+        let bytes = em_convert::lora::write_lora_gguf(
+            &adapter,
+            &self.config,
+            &self.path,
+            em_convert::lora::LoraGgufType::F32,
+        )?;
+        Ok(RefreshStats {
+            bytes,
+            tensors: factors.len(),
+            seconds: t0.elapsed().as_secs_f64(),
+        })
+    }
+
+    fn model_path(&self) -> &Path {
+        &self.path
     }
 }
 
@@ -283,6 +374,10 @@ fn run_identity(args: &TrainArgs, backend: &dyn Backend) -> Value {
     if args.watch.is_some() {
         v["watch"] = json!({"limit": args.watch_limit, "samples": args.watch_samples,
             "every": args.watch_every, "on_alarm": args.on_alarm});
+    }
+    if args.adapter.is_some() {
+        v["adapter"] = json!({"kind": args.adapter, "rank": args.rank, "alpha": args.alpha,
+            "targets": args.targets, "on_policy": args.refresh_type != RefreshType::Q8_0});
     }
     v
 }
@@ -388,6 +483,22 @@ fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -
     if dir.exists() {
         fs::remove_dir_all(dir).with_context(|| format!("{}: cannot remove", dir.display()))?;
     }
+    if trainer.model.adapter().is_some() {
+        // A PEFT adapter directory naming its base, with llama.cpp's form of it beside.
+        let base = fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
+        trainer.save_model(dir, Some(base.display().to_string()))?;
+        if optimizer {
+            trainer.save(dir)?;
+        }
+        let adapter = em_train::lora::to_peft(&trainer.model, None)?.context("an adapter")?;
+        em_convert::lora::write_lora_gguf(
+            &adapter,
+            trainer.model.config(),
+            &dir.join(ADAPTER_GGUF),
+            em_convert::lora::LoraGgufType::F32,
+        )?;
+        return Ok(());
+    }
     if optimizer {
         trainer.save(dir)?;
     } else {
@@ -420,6 +531,9 @@ fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -
     }
     Ok(())
 }
+
+/// llama.cpp's LoRA GGUF inside an adapter checkpoint or `final/` (for `eval --adapter`).
+pub const ADAPTER_GGUF: &str = "adapter.gguf";
 
 /// Writes `dir` under a temporary sibling name and renames it into place when complete.
 fn write_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -581,6 +695,28 @@ fn stop_run(
     Ok(final_dir)
 }
 
+/// The model a run trains: the HF directory `dir` (default: the run's `--model`), or under an
+/// adapter the base with a fresh adapter (no `dir`) or the adapter saved in `dir`.
+fn load_model(
+    args: &TrainArgs,
+    lora: Option<&LoraConfig>,
+    dir: Option<&Path>,
+    dtype: DType,
+    device: &candle_core::Device,
+) -> Result<CausalLm> {
+    Ok(match (lora, dir) {
+        (None, dir) => CausalLm::from_hf_dir(dir.unwrap_or(&args.model), dtype, device)?,
+        (Some(lora), None) => CausalLm::from_hf_dir_with_adapter(
+            &args.model,
+            dtype,
+            device,
+            lora.clone(),
+            AdapterSource::Init { seed: args.seed },
+        )?,
+        (Some(_), Some(dir)) => em_train::lora::load_adapted(&args.model, dir, dtype, device)?,
+    })
+}
+
 /// Trains (see the module documentation); returns the directory of the trained model when the
 /// run is complete.
 pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
@@ -602,6 +738,10 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             bail!("{}: missing (the model directory needs it)", p.display());
         }
     }
+    let lora = args.lora()?;
+    if lora.is_none() && args.refresh_type == RefreshType::Q8_0 {
+        bail!("--refresh-type q8_0 needs --adapter lora (a full refresh rewrites float tensors in place)");
+    }
     let problem = load_prompt(&args.prompt, args.prompt_id.as_deref())?;
     let prompt = render_prompt(backend, &args.model, &problem, &args.prompt_options)?;
     let prompt_ids = prompt.ids.clone();
@@ -621,7 +761,9 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     remove_leftovers(&args.out)?;
     let final_dir = args.out.join("final");
     if let Ok(text) = fs::read_to_string(args.out.join(SAFEGUARD_FILE)) {
-        if final_dir.join("config.json").is_file() {
+        if final_dir.join("config.json").is_file()
+            || final_dir.join(em_convert::lora::CONFIG_FILE).is_file()
+        {
             eprintln!(
                 "{}: the safeguard ended this run: {}",
                 args.out.display(),
@@ -651,8 +793,12 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let metrics_path = args.out.join("metrics.jsonl");
     let (mut trainer, start) = match latest_checkpoint(&args.out) {
         Some((step, dir)) => {
-            let mut trainer = Trainer::resume(&dir, config, dtype, &device)
-                .with_context(|| format!("{}: cannot resume", dir.display()))?;
+            let mut trainer = if lora.is_some() {
+                Trainer::resume_adapter(&args.model, &dir, config, dtype, &device)
+            } else {
+                Trainer::resume(&dir, config, dtype, &device)
+            }
+            .with_context(|| format!("{}: cannot resume", dir.display()))?;
             if args.train_pad_row {
                 trainer.model.set_padding_idx(None);
             }
@@ -662,7 +808,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         }
         None => {
             truncate_metrics(&metrics_path, 0)?;
-            let mut model = CausalLm::from_hf_dir(&args.model, dtype, &device)?;
+            let mut model = load_model(args, lora.as_ref(), None, dtype, &device)?;
             if args.train_pad_row {
                 model.set_padding_idx(None);
             }
@@ -684,12 +830,42 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
         .iter()
         .map(|(n, v)| (n.clone(), v.dims().to_vec()))
         .collect();
-    let mut publisher: Box<dyn Publish> = Box::new(GgufRefresh::new(
-        &args.model,
-        &shapes,
-        args.refresh_type.out_type(),
-        &work.join("model.gguf"),
-    )?);
+    let (mut publisher, adapted): (Box<dyn Publish>, Option<AdaptedBackend>) = match &lora {
+        None => (
+            Box::new(GgufRefresh::new(
+                &args.model,
+                &shapes,
+                args.refresh_type.out_type(),
+                &work.join("model.gguf"),
+            )?),
+            None,
+        ),
+        Some(lora) => {
+            // The base is written once; only the adapter changes between updates.
+            let out_type = args.refresh_type.out_type();
+            let base = work.join(format!(
+                "base.{}.gguf",
+                format!("{out_type:?}").to_lowercase()
+            ));
+            if !base.is_file() {
+                em_convert::hf_to_gguf(&args.model, &base, out_type)?;
+            }
+            (
+                Box::new(AdapterRefresh {
+                    lora: lora.clone(),
+                    config: trainer.model.config().clone(),
+                    names: params.iter().map(|(n, _)| n.clone()).collect(),
+                    path: work.join(ADAPTER_GGUF),
+                }),
+                Some(AdaptedBackend::new(backend, &base)?),
+            )
+        }
+    };
+    // What samples the published weights: the backend itself, or it with the adapter applied.
+    let sampler_backend: &dyn Backend = match &adapted {
+        Some(a) => a,
+        None => backend,
+    };
     let by_name: std::collections::HashMap<&str, &candle_core::Var> =
         params.iter().map(|(n, v)| (n.as_str(), v)).collect();
     let mut current_weight = |name: &str| -> Result<Tensor> {
@@ -741,7 +917,11 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                 .into_iter()
                 .find(|(s, d)| *s < start && d.join("state.json").is_file())
                 .unwrap_or((0, args.model.clone()));
-            let earlier = CausalLm::from_hf_dir(&dir, dtype, &device)?;
+            let earlier = if step == 0 {
+                load_model(args, lora.as_ref(), None, dtype, &device)?
+            } else {
+                load_model(args, lora.as_ref(), Some(&dir), dtype, &device)?
+            };
             let by_name: std::collections::HashMap<String, candle_core::Var> =
                 earlier.parameters().into_iter().collect();
             let weights = params
@@ -759,7 +939,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let watch_round = |gguf: &Path, weights_step: usize, seed: u64| -> Result<Round> {
         let w = watch.as_ref().expect("watching");
         let samples = safeguard::sample_round(
-            backend,
+            sampler_backend,
             gguf,
             &w.prompts,
             args.watch_samples,
@@ -866,7 +1046,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             ..SamplingParams::default()
         };
         let samples = sample_responses(
-            backend,
+            sampler_backend,
             &gguf,
             &prompt,
             args.samples,

@@ -76,10 +76,30 @@ impl Trainer {
         })
     }
 
+    /// Resumes a run under a LoRA adapter: the frozen base from `base`, the adapter and the
+    /// optimizer state from the checkpoint `dir` written by [`Trainer::save`].
+    pub fn resume_adapter(
+        base: &Path,
+        dir: &Path,
+        config: TrainConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, ResumeError> {
+        let model = crate::lora::load_adapted(base, dir, dtype, device)?;
+        let path = dir.join(OPTIMIZER_FILE);
+        let optimizer = AdamW::load(&path, config.optimizer, device)?;
+        optimizer.check_fits(&model.parameters(), &path)?;
+        Ok(Self {
+            model,
+            optimizer,
+            config,
+        })
+    }
+
     /// Writes the model as an HF directory (config.json, model.safetensors in the model's dtype)
-    /// and the optimizer state next to it.
+    /// or, under an adapter, the adapter as a PEFT directory; and the optimizer state next to it.
     pub fn save(&self, dir: &Path) -> Result<(), ResumeError> {
-        self.model.save_hf_dir(dir, self.model.dtype())?;
+        self.save_model(dir, None)?;
         let path = dir.join(OPTIMIZER_FILE);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|source| ModelError::Io {
@@ -88,6 +108,19 @@ impl Trainer {
             })?;
         }
         self.optimizer.save(&path)?;
+        Ok(())
+    }
+
+    /// The model alone: an HF directory, or a PEFT adapter directory naming `base_model`.
+    pub fn save_model(&self, dir: &Path, base_model: Option<String>) -> Result<(), ResumeError> {
+        match crate::lora::to_peft(&self.model, base_model)? {
+            Some(adapter) => em_convert::lora::write_peft_dir(&adapter, dir).map_err(|e| {
+                ModelError::BadAdapter {
+                    message: format!("{e:#}"),
+                }
+            })?,
+            None => self.model.save_hf_dir(dir, self.model.dtype())?,
+        }
         Ok(())
     }
 

@@ -1,0 +1,181 @@
+//! LoRA EM on SmolLM2-135M (dequantized from the fetched GGUF): three on-policy updates with the
+//! adapter swapped into llama.cpp after each, a run stopped after two and resumed equal to an
+//! uninterrupted one bit for bit, and the trained adapter applied by llama.cpp giving the logits
+//! of the merged model (llama.cpp on its f16 GGUF, candle on its HF directory).
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use em_convert::{gguf_to_hf, hf_to_gguf, HfDtype, OutType};
+use em_llama::GgufModel;
+use em_pipeline::assets::{cache_dir, smollm2_path};
+use em_pipeline::train::{self, RefreshType, TrainArgs, ADAPTER_GGUF};
+use em_tests::asset;
+use em_train::models::CausalLm;
+use serde_json::Value;
+use xtask::backends::LlamaBackend;
+
+fn backend() -> LlamaBackend {
+    LlamaBackend::new(em_llama::EngineConfig {
+        parallel: 4,
+        ..Default::default()
+    })
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The fields of a metrics line that do not depend on timing or on a restart.
+fn deterministic(line: &Value) -> Value {
+    let mut v = line.clone();
+    v.as_object_mut().unwrap().retain(|k, _| {
+        !k.contains("seconds")
+            && !k.ends_with("per_s")
+            && k != "peak_rss_mb"
+            && k != "written_bytes"
+    });
+    v
+}
+
+fn max_abs(rows: &[Vec<f32>]) -> f32 {
+    rows.iter().flatten().fold(0.0f32, |m, v| m.max(v.abs()))
+}
+
+/// Largest difference relative to the logit scale, and the share of positions whose argmax agrees.
+fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f32, f64) {
+    let scale = max_abs(a).max(1e-6);
+    let diff = a
+        .iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    let argmax = |r: &Vec<f32>| {
+        r.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    let same = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| argmax(x) == argmax(y))
+        .count();
+    (diff / scale, same as f64 / a.len() as f64)
+}
+
+#[test]
+fn lora_em_on_smollm2_resumes_exactly_and_llama_cpp_applies_the_adapter_as_merged() {
+    let Some(gguf) = asset(smollm2_path(&cache_dir()), "smollm2-135m") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    gguf_to_hf(&gguf, &hf, HfDtype::F32).unwrap();
+    let prompt = tmp.path().join("prompt.jsonl");
+    std::fs::write(
+        &prompt,
+        r#"{"id": "t1", "prompt": [{"role": "user", "content": "What is 12 + 30?"}], "answer": "42", "data_source": "test"}
+"#,
+    )
+    .unwrap();
+    let args = |out: &Path, stop_after: Option<usize>| TrainArgs {
+        steps: 3,
+        samples: 4,
+        micro_batch: 4,
+        max_new_tokens: 12,
+        // Large enough that the adapter moves the logits well beyond the comparison's tolerance.
+        lr: 3e-3,
+        alpha: 32.0,
+        adapter: Some(train::AdapterKind::Lora),
+        refresh_type: RefreshType::F16,
+        save_every: Some(1),
+        keep_last: 3,
+        stop_after,
+        ..TrainArgs::reference(hf.clone(), prompt.clone(), out.to_path_buf())
+    };
+
+    // Uninterrupted, and stopped after 2 then resumed.
+    let a = tmp.path().join("a");
+    let final_dir = train::run(&args(&a, None), &backend()).unwrap().unwrap();
+    let b = tmp.path().join("b");
+    assert!(train::run(&args(&b, Some(2)), &backend())
+        .unwrap()
+        .is_none());
+    train::run(&args(&b, None), &backend()).unwrap().unwrap();
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), 3);
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(deterministic(x), deterministic(y));
+    }
+    let weights = |d: &Path| std::fs::read(d.join("final/adapter_model.safetensors")).unwrap();
+    assert_eq!(weights(&a), weights(&b), "resumed adapter differs");
+    let f16_bytes = {
+        let f16 = tmp.path().join("model.f16.gguf");
+        hf_to_gguf(&hf, &f16, OutType::F16).unwrap();
+        std::fs::metadata(&f16).unwrap().len()
+    };
+    for m in &ma {
+        let bytes = m["refresh_bytes"].as_u64().unwrap();
+        eprintln!(
+            "step {}: adapter refresh {bytes} bytes in {:.3}s ({:.4} of the f16 model's {f16_bytes})",
+            m["step"],
+            m["refresh_seconds"].as_f64().unwrap(),
+            bytes as f64 / f16_bytes as f64
+        );
+        assert!(bytes * 20 < f16_bytes, "{m}");
+    }
+
+    // The trained adapter in llama.cpp against the merged model.
+    let merged = tmp.path().join("merged");
+    let adapter = em_convert::lora::read_peft_dir(&final_dir).unwrap();
+    em_convert::lora::merge_into(&hf, &adapter, &merged).unwrap();
+    let base_f16 = tmp.path().join("base.f16.gguf");
+    hf_to_gguf(&hf, &base_f16, OutType::F16).unwrap();
+    let merged_f16 = tmp.path().join("merged.f16.gguf");
+    hf_to_gguf(&merged, &merged_f16, OutType::F16).unwrap();
+
+    let mut base = GgufModel::load(&base_f16).unwrap();
+    let tokens = base.tokenize(
+        "<|im_start|>user\nWhat is 12 + 30? Think step by step.<|im_end|>\n<|im_start|>assistant\n12 + 30 = 42, so the answer is 42.",
+        true,
+    );
+    let plain = base.logits(&tokens, 1).unwrap();
+    let mut lora = base.load_adapter(&final_dir.join(ADAPTER_GGUF)).unwrap();
+    let adapted = base.logits_with(&tokens, 1, Some(&mut lora)).unwrap();
+    let merged_llama = GgufModel::load(&merged_f16)
+        .unwrap()
+        .logits(&tokens, 1)
+        .unwrap();
+    let ids = Tensor::new(tokens.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let merged_candle: Vec<Vec<f32>> = CausalLm::from_hf_dir(&merged, DType::F32, &Device::Cpu)
+        .unwrap()
+        .forward(&ids)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+
+    let (moved, _) = compare(&adapted, &plain);
+    let (vs_llama, argmax_llama) = compare(&adapted, &merged_llama);
+    let (vs_candle, argmax_candle) = compare(&adapted, &merged_candle);
+    eprintln!(
+        "{} positions: the adapter moves the logits by {moved:.3} of their scale; llama.cpp + adapter vs merged: llama.cpp f16 {vs_llama:.2e} (argmax {argmax_llama:.3}), candle f32 {vs_candle:.2e} (argmax {argmax_candle:.3})",
+        tokens.len()
+    );
+    assert!(
+        moved > 0.05,
+        "the trained adapter barely changes the logits ({moved})"
+    );
+    assert!(vs_llama <= 1e-2 && vs_candle <= 1e-2);
+    assert!(argmax_llama >= 0.99 && argmax_candle >= 0.99);
+}
