@@ -8,7 +8,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use em_convert::{gguf_to_hf, hf_to_gguf, HfDtype, OutType};
 use em_llama::GgufModel;
-use em_pipeline::assets::{cache_dir, smollm2_path};
+use em_pipeline::assets::{cache_dir, gemma3_path, smollm2_path};
+use em_pipeline::prompt::{PromptOptions, Style};
 use em_pipeline::train::{self, RefreshType, TrainArgs, ADAPTER_GGUF};
 use em_tests::asset;
 use em_train::models::CausalLm;
@@ -131,18 +132,24 @@ fn lora_em_on_smollm2_resumes_exactly_and_llama_cpp_applies_the_adapter_as_merge
         assert!(bytes * 20 < f16_bytes, "{m}");
     }
 
-    // The trained adapter in llama.cpp against the merged model.
-    let merged = tmp.path().join("merged");
-    let adapter = em_convert::lora::read_peft_dir(&final_dir).unwrap();
-    em_convert::lora::merge_into(&hf, &adapter, &merged).unwrap();
-    let base_f16 = tmp.path().join("base.f16.gguf");
-    hf_to_gguf(&hf, &base_f16, OutType::F16).unwrap();
-    let merged_f16 = tmp.path().join("merged.f16.gguf");
+    adapter_equals_merged(&hf, &final_dir, tmp.path());
+}
+
+/// The adapter in `final_dir` (trained on the HF base `hf`) applied by llama.cpp to the base's f16
+/// GGUF gives the logits of the merged model: llama.cpp on its f16 GGUF and candle on its HF
+/// directory, within 1e-2 of the logit scale, argmax equal on ≥ 99% of positions.
+fn adapter_equals_merged(hf: &Path, final_dir: &Path, tmp: &Path) {
+    let merged = tmp.join("merged");
+    let adapter = em_convert::lora::read_peft_dir(final_dir).unwrap();
+    em_convert::lora::merge_into(hf, &adapter, &merged).unwrap();
+    let base_f16 = tmp.join("base.f16.gguf");
+    hf_to_gguf(hf, &base_f16, OutType::F16).unwrap();
+    let merged_f16 = tmp.join("merged.f16.gguf");
     hf_to_gguf(&merged, &merged_f16, OutType::F16).unwrap();
 
     let mut base = GgufModel::load(&base_f16).unwrap();
     let tokens = base.tokenize(
-        "<|im_start|>user\nWhat is 12 + 30? Think step by step.<|im_end|>\n<|im_start|>assistant\n12 + 30 = 42, so the answer is 42.",
+        "Question: What is 12 + 30? Think step by step.\nAnswer: 12 + 30 = 42, so the answer is 42.",
         true,
     );
     let plain = base.logits(&tokens, 1).unwrap();
@@ -178,4 +185,38 @@ fn lora_em_on_smollm2_resumes_exactly_and_llama_cpp_applies_the_adapter_as_merge
     );
     assert!(vs_llama <= 1e-2 && vs_candle <= 1e-2);
     assert!(argmax_llama >= 0.99 && argmax_candle >= 0.99);
+}
+
+#[test]
+fn lora_updates_of_gemma3_apply_in_llama_cpp_as_merged() {
+    let Some(gguf) = asset(gemma3_path(&cache_dir()), "gemma3-270m") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = tmp.path().join("hf");
+    gguf_to_hf(&gguf, &hf, HfDtype::F32).unwrap();
+    let prompt = tmp.path().join("prompt.jsonl");
+    std::fs::write(
+        &prompt,
+        r#"{"id": "t1", "prompt": [{"role": "user", "content": "What is 12 + 30?"}], "answer": "42", "data_source": "test"}
+"#,
+    )
+    .unwrap();
+    let args = TrainArgs {
+        steps: 2,
+        samples: 2,
+        micro_batch: 2,
+        max_new_tokens: 12,
+        lr: 3e-3,
+        alpha: 32.0,
+        adapter: Some(train::AdapterKind::Lora),
+        // The packaged Gemma GGUF carries no chat template.
+        prompt_options: PromptOptions {
+            style: Style::Plain,
+            ..Default::default()
+        },
+        ..TrainArgs::reference(hf.clone(), prompt, tmp.path().join("run"))
+    };
+    let final_dir = train::run(&args, &backend()).unwrap().unwrap();
+    adapter_equals_merged(&hf, &final_dir, tmp.path());
 }

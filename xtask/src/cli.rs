@@ -116,7 +116,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge { base, adapter, out } => {
             let a = em_convert::lora::read_peft_dir(&adapter)?;
             em_convert::lora::merge_into(&base, &a, &out)?;
-            println!("{}: {} merged into {}", out.display(), adapter.display(), base.display());
+            println!(
+                "{}: {} merged into {}",
+                out.display(),
+                adapter.display(),
+                base.display()
+            );
             Ok(())
         }
         Command::Screen { args, backend } => {
