@@ -147,13 +147,11 @@ fn peft_directory_round_trips_bit_for_bit() {
     assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1);
 }
 
+/// A tensor written by hand: name, shape, values.
+type RawTensor = (String, Vec<usize>, Vec<f32>);
+
 /// Writes a PEFT directory by hand: `config` and tensors `(name, shape, values)` in `dtype`.
-fn write_raw_peft(
-    dir: &Path,
-    config: &Json,
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    dtype: Dtype,
-) {
+fn write_raw_peft(dir: &Path, config: &Json, tensors: &[RawTensor], dtype: Dtype) {
     fs::create_dir_all(dir).unwrap();
     fs::write(dir.join("adapter_config.json"), config.to_string()).unwrap();
     let specs: Vec<(String, Vec<usize>)> = tensors
@@ -244,7 +242,7 @@ fn bad_peft_directories_are_one_line_errors_naming_the_file() {
     };
     let cfg = "adapter_config.json";
     let st = "adapter_model.safetensors";
-    let cases: Vec<(&str, Json, Vec<(String, Vec<usize>, Vec<f32>)>, &str, &str)> = vec![
+    let cases: Vec<(&str, Json, Vec<RawTensor>, &str, &str)> = vec![
         (
             "peft-type",
             with("peft_type", json!("IA3")),
