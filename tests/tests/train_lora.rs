@@ -43,6 +43,18 @@ fn deterministic(line: &Value) -> Value {
     v
 }
 
+/// A one-prompt pool file in `dir`.
+fn prompt_file(dir: &Path) -> std::path::PathBuf {
+    let prompt = dir.join("prompt.jsonl");
+    std::fs::write(
+        &prompt,
+        r#"{"id": "t1", "prompt": [{"role": "user", "content": "What is 12 + 30?"}], "answer": "42", "data_source": "test"}
+"#,
+    )
+    .unwrap();
+    prompt
+}
+
 fn max_abs(rows: &[Vec<f32>]) -> f32 {
     rows.iter().flatten().fold(0.0f32, |m, v| m.max(v.abs()))
 }
@@ -78,13 +90,7 @@ fn lora_em_on_smollm2_resumes_exactly_and_llama_cpp_applies_the_adapter_as_merge
     let tmp = tempfile::tempdir().unwrap();
     let hf = tmp.path().join("hf");
     gguf_to_hf(&gguf, &hf, HfDtype::F32).unwrap();
-    let prompt = tmp.path().join("prompt.jsonl");
-    std::fs::write(
-        &prompt,
-        r#"{"id": "t1", "prompt": [{"role": "user", "content": "What is 12 + 30?"}], "answer": "42", "data_source": "test"}
-"#,
-    )
-    .unwrap();
+    let prompt = prompt_file(tmp.path());
     let args = |out: &Path, stop_after: Option<usize>| TrainArgs {
         steps: 3,
         samples: 4,
@@ -115,6 +121,11 @@ fn lora_em_on_smollm2_resumes_exactly_and_llama_cpp_applies_the_adapter_as_merge
         assert_eq!(deterministic(x), deterministic(y));
     }
     let weights = |d: &Path| std::fs::read(d.join("final/adapter_model.safetensors")).unwrap();
+    let peft = em_convert::lora::read_peft_dir(&b.join("checkpoint-3")).unwrap();
+    assert_eq!(
+        peft.base_model.as_deref(),
+        Some(std::fs::canonicalize(&hf).unwrap().to_str().unwrap())
+    );
     assert_eq!(weights(&a), weights(&b), "resumed adapter differs");
     let f16_bytes = {
         let f16 = tmp.path().join("model.f16.gguf");
@@ -195,13 +206,7 @@ fn lora_updates_of_gemma3_apply_in_llama_cpp_as_merged() {
     let tmp = tempfile::tempdir().unwrap();
     let hf = tmp.path().join("hf");
     gguf_to_hf(&gguf, &hf, HfDtype::F32).unwrap();
-    let prompt = tmp.path().join("prompt.jsonl");
-    std::fs::write(
-        &prompt,
-        r#"{"id": "t1", "prompt": [{"role": "user", "content": "What is 12 + 30?"}], "answer": "42", "data_source": "test"}
-"#,
-    )
-    .unwrap();
+    let prompt = prompt_file(tmp.path());
     let args = TrainArgs {
         steps: 2,
         samples: 2,

@@ -486,11 +486,12 @@ fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -
     if trainer.model.adapter().is_some() {
         // A PEFT adapter directory naming its base, with llama.cpp's form of it beside.
         let base = fs::canonicalize(source).unwrap_or_else(|_| source.to_path_buf());
-        trainer.save_model(dir, Some(base.display().to_string()))?;
+        let adapter = em_train::lora::to_peft(&trainer.model, Some(base.display().to_string()))?
+            .context("an adapter")?;
+        em_convert::lora::write_peft_dir(&adapter, dir)?;
         if optimizer {
-            trainer.save(dir)?;
+            trainer.save_optimizer(dir)?;
         }
-        let adapter = em_train::lora::to_peft(&trainer.model, None)?.context("an adapter")?;
         em_convert::lora::write_lora_gguf(
             &adapter,
             trainer.model.config(),

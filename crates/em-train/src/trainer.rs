@@ -66,14 +66,7 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self, ResumeError> {
         let model = CausalLm::from_hf_dir(dir, dtype, device)?;
-        let path = dir.join(OPTIMIZER_FILE);
-        let optimizer = AdamW::load(&path, config.optimizer, device)?;
-        optimizer.check_fits(&model.parameters(), &path)?;
-        Ok(Self {
-            model,
-            optimizer,
-            config,
-        })
+        Self::with_saved_optimizer(model, dir, config, device)
     }
 
     /// Resumes a run under a LoRA adapter: the frozen base from `base`, the adapter and the
@@ -86,6 +79,16 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self, ResumeError> {
         let model = crate::lora::load_adapted(base, dir, dtype, device)?;
+        Self::with_saved_optimizer(model, dir, config, device)
+    }
+
+    /// `model` with the optimizer state saved in the checkpoint `dir`, which must fit it.
+    fn with_saved_optimizer(
+        model: CausalLm,
+        dir: &Path,
+        config: TrainConfig,
+        device: &Device,
+    ) -> Result<Self, ResumeError> {
         let path = dir.join(OPTIMIZER_FILE);
         let optimizer = AdamW::load(&path, config.optimizer, device)?;
         optimizer.check_fits(&model.parameters(), &path)?;
@@ -100,6 +103,11 @@ impl Trainer {
     /// or, under an adapter, the adapter as a PEFT directory; and the optimizer state next to it.
     pub fn save(&self, dir: &Path) -> Result<(), ResumeError> {
         self.save_model(dir, None)?;
+        self.save_optimizer(dir)
+    }
+
+    /// The optimizer state alone, at [`OPTIMIZER_FILE`] inside `dir`.
+    pub fn save_optimizer(&self, dir: &Path) -> Result<(), ResumeError> {
         let path = dir.join(OPTIMIZER_FILE);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|source| ModelError::Io {
