@@ -196,6 +196,71 @@ fn adapter_equals_merged(hf: &Path, final_dir: &Path, tmp: &Path) {
     );
     assert!(vs_llama <= 1e-2 && vs_candle <= 1e-2);
     assert!(argmax_llama >= 0.99 && argmax_candle >= 0.99);
+    peft_applies_the_adapter(hf, final_dir, &tokens, &adapted, tmp);
+}
+
+/// The PEFT library loads the adapter directory onto the HF base and gives llama.cpp's logits
+/// with the adapter. It needs PyTorch, transformers and peft: `EM_TORCH_PYTHON` names that
+/// Python (`.ci/run` installs one); unset, the check is skipped with a note.
+fn peft_applies_the_adapter(
+    hf: &Path,
+    final_dir: &Path,
+    tokens: &[u32],
+    adapted: &[Vec<f32>],
+    tmp: &Path,
+) {
+    let Ok(python) = std::env::var("EM_TORCH_PYTHON") else {
+        eprintln!("EM_TORCH_PYTHON is not set: the PEFT library check is skipped");
+        return;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/peft_logits.py");
+    let out = tmp.join("peft-logits.f32");
+    let ids: Vec<String> = tokens.iter().map(u32::to_string).collect();
+    let run = std::process::Command::new(&python)
+        .arg(&script)
+        .arg("--base")
+        .arg(hf)
+        .arg("--adapter")
+        .arg(final_dir)
+        .args(["--tokens", &ids.join(","), "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let info: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(final_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let base_config: Value =
+        serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    let layers = base_config["num_hidden_layers"].as_u64().unwrap() as usize;
+    let targets = config["target_modules"].as_array().unwrap().len();
+    assert_eq!(info["adapted_modules"], layers * targets, "{info}");
+    assert_eq!(info["nonzero_b"], layers * targets, "{info}");
+    assert_eq!(info["r"], config["r"]);
+    let vocab = adapted[0].len();
+    let bytes = std::fs::read(&out).unwrap();
+    let peft_logits: Vec<Vec<f32>> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect::<Vec<_>>()
+        .chunks_exact(vocab)
+        .map(<[f32]>::to_vec)
+        .collect();
+    assert_eq!(peft_logits.len(), tokens.len());
+    let (vs_peft, argmax_peft) = compare(adapted, &peft_logits);
+    eprintln!(
+        "PEFT {} ({} modules adapted): llama.cpp + adapter vs PEFT on the f32 base {vs_peft:.2e} (argmax {argmax_peft:.3})",
+        info["peft"], info["adapted_modules"]
+    );
+    assert!(vs_peft <= 1e-2 && argmax_peft >= 0.99);
 }
 
 #[test]

@@ -29,8 +29,9 @@ use serde_json::{json, Value};
 
 use crate::eval::{self, mean_score, Decoding, ItemResult, Setting};
 use crate::screen::{self, PromptResult, Rule, ScreenArgs};
-use crate::train::{self, OnAlarm, RefreshType, TrainArgs};
+use crate::train::{self, AdapterKind, OnAlarm, RefreshType, TrainArgs};
 use crate::{analyze, organism, sampling_model, Backend, Result};
+use em_train::lora::LoraConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -56,6 +57,24 @@ pub struct DemoArgs {
     /// Replace outputs that hold another run.
     #[arg(long)]
     pub fresh: bool,
+    /// Also train every chosen prompt through a LoRA adapter (its learning rate chosen on
+    /// validation from `--lora-lrs`), next to full fine-tuning, and compare the two paired on the
+    /// test split; the report is `demo-lora.md`.
+    #[arg(long, value_enum)]
+    pub adapter: Option<AdapterKind>,
+    /// Learning rates tried for the adapter (LoRA's updates are scaled by alpha/rank and start
+    /// from B = 0: it needs larger rates than full fine-tuning).
+    #[arg(long, value_delimiter = ',', default_value = "1e-4,3e-4,1e-3")]
+    pub lora_lrs: Vec<f64>,
+    /// LoRA rank (as `train`).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (as `train`).
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+    /// Adapted linear layers (as `train`).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub targets: Vec<String>,
 }
 
 /// Sizes of one demo run.
@@ -135,6 +154,8 @@ pub struct Row {
 pub struct RunSummary {
     pub rule: String,
     pub prompt: String,
+    /// "full", or the adapter trained.
+    pub training: String,
     pub lr: f64,
     pub seed: u64,
     /// Weights step of the first alarm, and its reason.
@@ -156,11 +177,20 @@ struct Chosen {
 /// Runs the demo (see the module documentation) and writes `demo.md` and `demo.json`.
 pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     let plan = Plan::new(args.quick);
-    let lrs: Vec<f64> = if args.quick {
-        vec![args.lrs.iter().copied().fold(0.0, f64::max)]
-    } else {
-        args.lrs.clone()
+    let grid = |lrs: &[f64]| -> Vec<f64> {
+        if args.quick {
+            vec![lrs.iter().copied().fold(0.0, f64::max)]
+        } else {
+            lrs.to_vec()
+        }
     };
+    let lrs = grid(&args.lrs);
+    let lora = train::lora_config(args.adapter, args.rank, args.alpha, &args.targets)?;
+    let lora_lrs = grid(&args.lora_lrs);
+    // Full fine-tuning always; the adapter, when asked for, next to it.
+    let trainings: Vec<Option<LoraConfig>> = std::iter::once(None)
+        .chain(lora.clone().map(Some))
+        .collect();
     let seeds = if args.quick { 1 } else { args.seeds.max(1) };
     // The default subject is a repository path: find it from any working directory.
     let in_repo = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -183,6 +213,8 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("{}: cannot create", args.out.display()))?;
     let dir = args.out.join(&name);
+    // The adapter's runs live in their own directories (`<rule>/lora-r<rank>/`), each recording
+    // its settings: a LoRA demo reuses a full one's runs, so the adapter is not in this identity.
     let mut manifest = Manifest::new(
         "demo",
         em_store::model_identity(&subject)?,
@@ -322,12 +354,24 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     let mut runs: Vec<RunSummary> = vec![];
     let mut curves: Vec<(String, Curve)> = vec![];
     let mut guarded_dirs: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for c in &chosen {
+    let mut tuned_items: BTreeMap<(String, String), Vec<Option<Vec<ItemResult>>>> = BTreeMap::new();
+    for (c, training) in chosen
+        .iter()
+        .flat_map(|c| trainings.iter().map(move |t| (c, t)))
+    {
         let tag = c.rules[0];
+        let (runs_dir, lrs, kind) = match training {
+            None => (tag.to_string(), &lrs, String::new()),
+            Some(l) => (
+                format!("{tag}/lora-r{}", l.rank),
+                &lora_lrs,
+                format!("{}, ", training_name(training.as_ref())),
+            ),
+        };
         let mut best: Option<(f64, f64)> = None;
         let mut validation_notes = vec![];
-        for &lr in &lrs {
-            let run_dir = dir.join(format!("{tag}/lr{lr:e}-seed0"));
+        for &lr in lrs {
+            let run_dir = dir.join(format!("{runs_dir}/lr{lr:e}-seed0"));
             let tuned = train_em(
                 backend,
                 &subject,
@@ -337,6 +381,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 lr,
                 0,
                 &plan,
+                training.as_ref(),
             )?;
             phases.lap("train");
             let gguf = sampling_model(backend, &tuned, &run_dir.join("gguf"), OutType::F32)?;
@@ -365,8 +410,9 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
             chosen_lr
         };
         notes.push(format!(
-            "{}: validation greedy after training {} (base {:.3}); validation picks lr {chosen_lr:e}{}",
+            "{} ({}): validation greedy after training {} (base {:.3}); validation picks lr {chosen_lr:e}{}",
             c.rules.join("/"),
+            training_name(training.as_ref()),
             validation_notes.join(", "),
             base_validation,
             if on_purpose {
@@ -378,7 +424,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         let mut tuned_by_setting: BTreeMap<String, Vec<Vec<ItemResult>>> = BTreeMap::new();
         let mut guarded_by_setting: BTreeMap<String, Vec<Vec<ItemResult>>> = BTreeMap::new();
         for seed in 0..seeds as u64 {
-            let run_dir = dir.join(format!("{tag}/lr{lr:e}-seed{seed}"));
+            let run_dir = dir.join(format!("{runs_dir}/lr{lr:e}-seed{seed}"));
             let tuned = train_em(
                 backend,
                 &subject,
@@ -388,6 +434,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 lr,
                 seed,
                 &plan,
+                training.as_ref(),
             )?;
             phases.lap("train");
             let alarm = first_alarm(&run_dir.join("metrics.jsonl"))?;
@@ -399,7 +446,10 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
             } else if guarded_step == plan.steps {
                 tuned.clone()
             } else {
-                run_dir.join(format!("checkpoint-{guarded_step}"))
+                as_model(
+                    &subject,
+                    &run_dir.join(format!("checkpoint-{guarded_step}")),
+                )?
             };
             let mut greedy = (0.0, 0.0);
             let mut models = vec![(&tuned, "tuned")];
@@ -465,6 +515,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
             runs.push(RunSummary {
                 rule: c.rules.join("/"),
                 prompt: c.result.id.clone(),
+                training: training_name(training.as_ref()),
                 lr,
                 seed,
                 alarm: alarm.clone(),
@@ -474,9 +525,11 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                 test_greedy_base: base_greedy,
             });
             if seed == 0 {
-                guarded_dirs.insert(tag.to_string(), guarded.clone());
+                if training.is_none() {
+                    guarded_dirs.insert(tag.to_string(), guarded.clone());
+                }
                 curves.push((
-                    format!("{} ({}, lr {lr:e})", c.rules.join("/"), c.result.id),
+                    format!("{} ({}, {kind}lr {lr:e})", c.rules.join("/"), c.result.id),
                     curve(
                         backend,
                         &subject,
@@ -500,11 +553,18 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
                     em_inf: None,
                 };
                 let model = format!(
-                    "{label} on {} ({}, lr {lr:e})",
+                    "{label} on {} ({}, {kind}lr {lr:e})",
                     c.rules.join("/"),
                     c.result.id
                 );
                 rows.push(row(&model, &s, per_seed, base.get(decoding)));
+                if label == "tuned" {
+                    let by_training = tuned_items
+                        .entry((c.rules.join("/"), decoding.clone()))
+                        .or_insert_with(|| vec![None; trainings.len()]);
+                    let i = trainings.iter().position(|t| t == training).unwrap_or(0);
+                    by_training[i] = Some(mean_over_seeds(per_seed));
+                }
             }
         }
     }
@@ -551,7 +611,11 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         runs.iter().filter(|r| hurt(r)).count(),
     ));
 
-    let plot_dir = dir.join("plots");
+    let plot_dir = dir.join(if lora.is_some() {
+        "plots-lora"
+    } else {
+        "plots"
+    });
     let plots = if curves.is_empty() {
         vec![]
     } else {
@@ -560,8 +624,23 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     phases.lap("report");
     notes.push(phases.summary());
     let verdict = verdict(&rows, &runs, base_greedy);
+    let (stem, comparison) = match &lora {
+        None => ("demo", vec![]),
+        Some(l) => ("demo-lora", adapter_rows(&tuned_items, l)),
+    };
     report(
-        &args.out, &name, &rows, &runs, &notes, &plots, &verdict, &curves,
+        &Report {
+            out: &args.out,
+            stem,
+            subject: &name,
+            rows: &rows,
+            runs: &runs,
+            notes: &notes,
+            plots: &plots,
+            verdict: &verdict,
+            curves: &curves,
+        },
+        &comparison,
     )
 }
 
@@ -665,7 +744,7 @@ fn curve(
         let model = if step == 0 {
             subject.to_path_buf()
         } else {
-            run_dir.join(format!("checkpoint-{step}"))
+            as_model(subject, &run_dir.join(format!("checkpoint-{step}")))?
         };
         let gguf = sampling_model(
             backend,
@@ -824,25 +903,8 @@ fn row(
     base: Option<&Vec<ItemResult>>,
 ) -> Row {
     // Items scored by their mean over seeds, so the interval is over items (paired with base).
-    let first = &per_seed[0];
-    let mean_items: Vec<ItemResult> = first
-        .iter()
-        .enumerate()
-        .map(|(i, item)| ItemResult {
-            samples: per_seed.iter().flat_map(|r| r[i].samples.clone()).collect(),
-            ..item.clone()
-        })
-        .collect();
+    let mean_items = mean_over_seeds(per_seed);
     let summary = eval::summarize("test", setting, &mean_items);
-    let mut counts = [0usize; 3];
-    for s in mean_items.iter().flat_map(|i| &i.samples) {
-        counts[match classify_style(&s.response) {
-            em_data::synthetic::Style::Careful => 0,
-            em_data::synthetic::Style::Guess => 1,
-            em_data::synthetic::Style::Ramble => 2,
-        }] += 1;
-    }
-    let total = counts.iter().sum::<usize>().max(1) as f64;
     let vs_base = base.map(|b| {
         let by_id: BTreeMap<&str, f64> = b.iter().map(|r| (r.id.as_str(), r.score())).collect();
         let (a, c): (Vec<f64>, Vec<f64>) = mean_items
@@ -857,14 +919,75 @@ fn row(
         n_items: summary.n_items,
         accuracy: summary.accuracy,
         ci95: summary.ci95,
-        styles: (
-            counts[0] as f64 / total,
-            counts[1] as f64 / total,
-            counts[2] as f64 / total,
-        ),
+        styles: style_shares(&mean_items),
         vs_base,
         per_seed: per_seed.iter().map(|r| mean_score(r)).collect(),
     }
+}
+
+/// Each item with the samples of every seed: its score is the mean over seeds.
+fn mean_over_seeds(per_seed: &[Vec<ItemResult>]) -> Vec<ItemResult> {
+    per_seed[0]
+        .iter()
+        .enumerate()
+        .map(|(i, item)| ItemResult {
+            samples: per_seed.iter().flat_map(|r| r[i].samples.clone()).collect(),
+            ..item.clone()
+        })
+        .collect()
+}
+
+/// The adapter next to full fine-tuning, per prompt and decoding: accuracies, styles, and the
+/// paired difference over items (each item's mean over seeds).
+fn adapter_rows(
+    tuned_items: &BTreeMap<(String, String), Vec<Option<Vec<ItemResult>>>>,
+    lora: &LoraConfig,
+) -> Vec<String> {
+    let mut out = vec![format!(
+        "\n{} next to full fine-tuning, each at its validation-chosen learning rate (test split, items scored by their mean over seeds):\n\n| prompt | decoding | full | {0} | {0} − full, paired (95% CI) | styles full → {0} (careful / guess / ramble) |\n|---|---|---|---|---|---|",
+        training_name(Some(lora))
+    )];
+    for ((rule, decoding), by) in tuned_items {
+        let (Some(Some(full)), Some(Some(adapted))) = (by.first(), by.get(1)) else {
+            continue;
+        };
+        let by_id: BTreeMap<&str, f64> = full.iter().map(|r| (r.id.as_str(), r.score())).collect();
+        let (a, f): (Vec<f64>, Vec<f64>) = adapted
+            .iter()
+            .filter_map(|r| by_id.get(r.id.as_str()).map(|&s| (r.score(), s)))
+            .unzip();
+        let (d, lo, hi) = em_grade::paired_difference(&a, &f);
+        let styles = |items: &[ItemResult]| {
+            let s = style_shares(items);
+            format!("{:.2} / {:.2} / {:.2}", s.0, s.1, s.2)
+        };
+        out.push(format!(
+            "| {rule} | {decoding} | {:.3} | {:.3} | {d:+.3} ({lo:+.3}, {hi:+.3}) | {} → {} |",
+            mean_score(full),
+            mean_score(adapted),
+            styles(full),
+            styles(adapted)
+        ));
+    }
+    out
+}
+
+/// careful / guess / ramble fractions of all sampled responses of `items`.
+fn style_shares(items: &[ItemResult]) -> (f64, f64, f64) {
+    let mut counts = [0usize; 3];
+    for s in items.iter().flat_map(|i| &i.samples) {
+        counts[match classify_style(&s.response) {
+            em_data::synthetic::Style::Careful => 0,
+            em_data::synthetic::Style::Guess => 1,
+            em_data::synthetic::Style::Ramble => 2,
+        }] += 1;
+    }
+    let total = counts.iter().sum::<usize>().max(1) as f64;
+    (
+        counts[0] as f64 / total,
+        counts[1] as f64 / total,
+        counts[2] as f64 / total,
+    )
 }
 
 fn write_pool(problems: &[Problem], path: &Path) -> Result<()> {
@@ -892,8 +1015,16 @@ fn train_em(
     lr: f64,
     seed: u64,
     plan: &Plan,
+    lora: Option<&LoraConfig>,
 ) -> Result<PathBuf> {
     let args = TrainArgs {
+        adapter: lora.map(|_| AdapterKind::Lora),
+        rank: lora.map_or(8, |l| l.rank),
+        alpha: lora.map_or(8.0, |l| l.alpha),
+        targets: lora.map_or_else(
+            || TrainArgs::reference(PathBuf::new(), PathBuf::new(), PathBuf::new()).targets,
+            |l| l.target_modules(),
+        ),
         steps: plan.steps,
         samples: plan.samples_per_update,
         // One pass per update: the organism is tiny, and the gradient does not depend on it.
@@ -919,8 +1050,34 @@ fn train_em(
             out.to_path_buf(),
         )
     };
-    train::run(&args, backend)?
-        .with_context(|| format!("{}: training did not finish", out.display()))
+    let trained = train::run(&args, backend)?
+        .with_context(|| format!("{}: training did not finish", out.display()))?;
+    as_model(subject, &trained)
+}
+
+/// `trained` as an HF model directory: itself, or a PEFT adapter merged into `subject` (once, in
+/// `<trained>-merged`), which sampling, evaluation and analysis take as any model.
+fn as_model(subject: &Path, trained: &Path) -> Result<PathBuf> {
+    if !trained.join("adapter_config.json").is_file() {
+        return Ok(trained.to_path_buf());
+    }
+    let mut name = trained.file_name().unwrap_or_default().to_os_string();
+    name.push("-merged");
+    let merged = trained.with_file_name(name);
+    // The merge is written atomically: a config.json there is a whole merge.
+    if !merged.join("config.json").is_file() {
+        let adapter = em_convert::lora::read_peft_dir(trained)?;
+        em_convert::lora::merge_into(subject, &adapter, &merged)?;
+    }
+    Ok(merged)
+}
+
+/// "full", or the adapter's name.
+fn training_name(lora: Option<&LoraConfig>) -> String {
+    match lora {
+        None => "full".into(),
+        Some(l) => format!("LoRA r{} α{}", l.rank, l.alpha),
+    }
 }
 
 fn eval_setting(
@@ -1006,17 +1163,33 @@ fn verdict(rows: &[Row], runs: &[RunSummary], base_greedy: f64) -> Vec<String> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn report(
-    out: &Path,
-    subject: &str,
-    rows: &[Row],
-    runs: &[RunSummary],
-    notes: &[String],
-    plots: &[PathBuf],
-    verdict: &[String],
-    curves: &[(String, Curve)],
-) -> Result<()> {
+/// What the report is written from.
+struct Report<'a> {
+    out: &'a Path,
+    /// The file names: `<stem>.md` and `<stem>.json`.
+    stem: &'a str,
+    subject: &'a str,
+    rows: &'a [Row],
+    runs: &'a [RunSummary],
+    notes: &'a [String],
+    plots: &'a [PathBuf],
+    verdict: &'a [String],
+    curves: &'a [(String, Curve)],
+}
+
+/// Writes the report; `extra` lines follow the main table.
+fn report(r: &Report, extra: &[String]) -> Result<()> {
+    let Report {
+        out,
+        stem,
+        subject,
+        rows,
+        runs,
+        notes,
+        plots,
+        verdict,
+        curves,
+    } = *r;
     let mut md = format!("# One-shot EM on {subject}\n\n");
     for v in verdict {
         md += &format!("{v}\n");
@@ -1048,12 +1221,16 @@ fn report(
             r.styles.2
         );
     }
-    md += "\n| rule | prompt | lr | seed | alarm (weights step: reason) | safeguarded model | greedy: tuned / safeguarded / base |\n|---|---|---|---|---|---|---|\n";
+    for line in extra {
+        md += &format!("{line}\n");
+    }
+    md += "\n| rule | prompt | training | lr | seed | alarm (weights step: reason) | safeguarded model | greedy: tuned / safeguarded / base |\n|---|---|---|---|---|---|---|---|\n";
     for r in runs {
         md += &format!(
-            "| {} | {} | {:e} | {} | {} | after {} updates | {:.3} / {:.3} / {:.3} |\n",
+            "| {} | {} | {} | {:e} | {} | {} | after {} updates | {:.3} / {:.3} / {:.3} |\n",
             r.rule,
             r.prompt,
+            r.training,
             r.lr,
             r.seed,
             r.alarm
@@ -1073,15 +1250,16 @@ fn report(
     for p in plots {
         md += &format!("- {}\n", p.display());
     }
-    write_atomic(&out.join("demo.md"), &md)?;
+    let md_path = out.join(format!("{stem}.md"));
+    write_atomic(&md_path, &md)?;
     write_atomic(
-        &out.join("demo.json"),
+        &out.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&json!({"subject": subject, "rows": rows, "runs": runs,
-            "notes": notes, "plots": plots, "verdict": verdict,
+            "notes": notes, "plots": plots, "verdict": verdict, "comparison": extra,
             "curves": curves.iter().map(|(t, c)| json!({"title": t, "curve": c})).collect::<Vec<_>>()}))?
             + "\n",
     )?;
     println!("\n{md}");
-    println!("{}", out.join("demo.md").display());
+    println!("{}", md_path.display());
     Ok(())
 }

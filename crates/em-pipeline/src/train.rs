@@ -241,23 +241,32 @@ impl TrainArgs {
 
     /// The adapter these arguments ask for, if any.
     pub fn lora(&self) -> Result<Option<LoraConfig>> {
-        if self.adapter.is_none() {
-            return Ok(None);
-        }
-        let targets = self
-            .targets
-            .iter()
-            .map(|t| Target::parse(t).map_err(|e| anyhow::anyhow!("--targets: {e}")))
-            .collect::<Result<Vec<_>>>()?;
-        if self.rank == 0 || targets.is_empty() || !(self.alpha.is_finite() && self.alpha > 0.0) {
-            bail!("--rank must be ≥ 1, --targets not empty and --alpha a finite number > 0");
-        }
-        Ok(Some(LoraConfig {
-            rank: self.rank,
-            alpha: self.alpha,
-            targets,
-        }))
+        lora_config(self.adapter, self.rank, self.alpha, &self.targets)
     }
+}
+
+/// The adapter that `--adapter`, `--rank`, `--alpha` and `--targets` ask for, if any.
+pub fn lora_config(
+    adapter: Option<AdapterKind>,
+    rank: usize,
+    alpha: f64,
+    targets: &[String],
+) -> Result<Option<LoraConfig>> {
+    if adapter.is_none() {
+        return Ok(None);
+    }
+    let targets = targets
+        .iter()
+        .map(|t| Target::parse(t).map_err(|e| anyhow::anyhow!("--targets: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    if rank == 0 || targets.is_empty() || !(alpha.is_finite() && alpha > 0.0) {
+        bail!("--rank must be ≥ 1, --targets not empty and --alpha a finite number > 0");
+    }
+    Ok(Some(LoraConfig {
+        rank,
+        alpha,
+        targets,
+    }))
 }
 
 /// KV cells the default decoding of an update's responses may take.
@@ -296,11 +305,26 @@ impl RefreshType {
 
 /// Publishes an adapter: llama.cpp's LoRA GGUF of the current factors, rewritten whole (it is
 /// small) next to a base GGUF written once.
-struct AdapterRefresh {
+pub struct AdapterRefresh {
     lora: LoraConfig,
     config: em_train::models::ModelConfig,
     names: Vec<String>,
     path: PathBuf,
+}
+
+impl AdapterRefresh {
+    /// Publishes `model`'s adapter factors (its parameters) to the LoRA GGUF at `path`.
+    pub fn new(model: &em_train::models::CausalLm, path: &Path) -> Result<Self> {
+        let lora = model
+            .adapter()
+            .context("an adapter refresh needs a model under an adapter")?;
+        Ok(Self {
+            lora: lora.clone(),
+            config: model.config().clone(),
+            names: model.parameters().into_iter().map(|(n, _)| n).collect(),
+            path: path.to_path_buf(),
+        })
+    }
 }
 
 impl Publish for AdapterRefresh {
@@ -841,7 +865,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             )?),
             None,
         ),
-        Some(lora) => {
+        Some(_) => {
             // The base is written once; only the adapter changes between updates.
             let out_type = args.refresh_type.out_type();
             let base = work.join(format!(
@@ -852,12 +876,10 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                 em_convert::hf_to_gguf(&args.model, &base, out_type)?;
             }
             (
-                Box::new(AdapterRefresh {
-                    lora: lora.clone(),
-                    config: trainer.model.config().clone(),
-                    names: params.iter().map(|(n, _)| n.clone()).collect(),
-                    path: work.join(ADAPTER_GGUF),
-                }),
+                Box::new(AdapterRefresh::new(
+                    &trainer.model,
+                    &work.join(ADAPTER_GGUF),
+                )?),
                 Some(AdaptedBackend::new(backend, &base)?),
             )
         }

@@ -11,11 +11,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use em_data::Problem;
+use em_pipeline::train::{AdapterKind, AdapterRefresh, Publish};
+use em_train::lora::{AdapterSource, LoraConfig};
 use em_train::models::CausalLm;
 use em_train::{accumulate_em_gradients, AdamW, AdamWConfig, EmOptions, Gradients, Sequence};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use em_convert::refresh::GgufRefresh;
 use em_pipeline::assets::{cache_dir, smollm2_path};
 use em_pipeline::hf_vocab::HfVocab;
 use em_pipeline::prompt::{PromptOptions, PromptRenderer};
@@ -66,6 +69,19 @@ pub struct EmStepArgs {
     /// Instead of timing: write the `--random-config` model as an HF directory (bf16) here.
     #[arg(long)]
     pub save_hf: Option<std::path::PathBuf>,
+    /// Also time the update training a low-rank adapter (the base frozen) on the same responses,
+    /// next to full fine-tuning: time, peak memory, refresh bytes and the projected peaks.
+    #[arg(long, value_enum)]
+    pub adapter: Option<AdapterKind>,
+    /// LoRA rank (as `train`).
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (as `train`).
+    #[arg(long, default_value_t = 8.0)]
+    pub alpha: f64,
+    /// Adapted linear layers (as `train`).
+    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+    pub targets: Vec<String>,
 }
 
 /// Published configurations with random weights.
@@ -82,14 +98,83 @@ pub enum RandomConfig {
 /// The torch script's default prompt, without the instruction the prompt renderer appends.
 const PROBLEM: &str = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?";
 
+/// Where the benchmark's weights come from.
+enum Source {
+    /// Random weights of a configuration.
+    Random(em_train::models::ModelConfig),
+    /// An HF checkpoint.
+    Hf(std::path::PathBuf),
+}
+
+impl Source {
+    /// The model, frozen under a fresh adapter when `lora` is given.
+    fn load(&self, dtype: DType, device: &Device, lora: Option<&LoraConfig>) -> Result<CausalLm> {
+        Ok(match (self, lora) {
+            (Source::Random(cfg), _) => memory::random_model(cfg, dtype, device, lora)?,
+            (Source::Hf(dir), None) => CausalLm::from_hf_dir(dir, dtype, device)?,
+            (Source::Hf(dir), Some(l)) => CausalLm::from_hf_dir_with_adapter(
+                dir,
+                dtype,
+                device,
+                l.clone(),
+                AdapterSource::Init { seed: 15 },
+            )?,
+        })
+    }
+}
+
+/// One timed setting.
+struct Row {
+    /// The adapter trained, or None for full fine-tuning.
+    lora: Option<LoraConfig>,
+    micro_batch: usize,
+    recompute: bool,
+    /// Median seconds of an update.
+    secs: f64,
+    /// Peak RSS of the setting, MB.
+    peak_mb: f64,
+    /// RSS before its model was loaded, MB.
+    rss_before: f64,
+}
+
+impl Row {
+    fn label(&self) -> String {
+        format!(
+            "{}, micro-batch {}{}",
+            training_label(self.lora.as_ref()),
+            self.micro_batch,
+            if self.recompute { ", recompute" } else { "" }
+        )
+    }
+}
+
+fn training_label(lora: Option<&LoraConfig>) -> String {
+    match lora {
+        None => "full".into(),
+        Some(l) => format!(
+            "LoRA r{} α{} ({} targets)",
+            l.rank,
+            l.alpha,
+            l.targets.len()
+        ),
+    }
+}
+
+/// Bytes and seconds of one refresh after an update, for full fine-tuning and the adapter.
+struct Refresh {
+    lora: Option<LoraConfig>,
+    bytes: u64,
+    secs: f64,
+}
+
 /// Runs the benchmark with models and files under `work`.
 pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     let device = em_train::parse_device(&args.device)?;
     let dtype = args.dtype.dtype();
+    let lora = em_pipeline::train::lora_config(args.adapter, args.rank, args.alpha, &args.targets)?;
     let gguf = smollm2_path(&cache_dir());
-    let rss_before;
     let mut rng = StdRng::seed_from_u64(7);
-    let (model, prompt, hf, name) = if let Some(which) = args.random_config {
+    let (source, cfg, prompt, name) = if let Some(which) = args.random_config {
         let known = memory::qwen_math_configs();
         let (raw, label) = match which {
             RandomConfig::Smollm2 => (smollm2_config(), "SmolLM2-135M"),
@@ -101,15 +186,18 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
             return check_devices(&cfg, args, other);
         }
         if let Some(dir) = &args.save_hf {
-            let model = memory::random_model(&cfg, DType::F32, &Device::Cpu)?;
+            let model = memory::random_model(&cfg, DType::F32, &Device::Cpu, None)?;
             model.save_hf_dir(dir, DType::BF16)?;
             println!("{label} with random weights -> {}", dir.display());
             return Ok(());
         }
-        rss_before = em_pipeline::peak_rss_mb().unwrap_or(0.0);
-        let model = memory::random_model(&cfg, dtype, &device)?;
         let prompt = random_ids(&mut rng, args.prompt_len, cfg.vocab_size);
-        (model, prompt, None, format!("{label} (random weights)"))
+        (
+            Source::Random(cfg.clone()),
+            cfg,
+            prompt,
+            format!("{label} (random weights)"),
+        )
     } else if gguf.exists() {
         let hf = work.join("smollm2-hf");
         if !hf.join("model.safetensors").exists() {
@@ -137,27 +225,23 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         let prompt = PromptRenderer::new(&HfVocab::open(&hf)?, &PromptOptions::default())?
             .render(&problem)?
             .ids;
-        rss_before = em_pipeline::peak_rss_mb().unwrap_or(0.0);
-        let model = CausalLm::from_hf_dir(&hf, dtype, &device)?;
-        (model, prompt, Some(hf), "SmolLM2-135M".to_string())
+        let cfg = em_train::models::ModelConfig::from_file(&hf.join("config.json"))?;
+        (Source::Hf(hf), cfg, prompt, "SmolLM2-135M".to_string())
     } else {
         println!(
             "{}: not fetched; timing random weights of SmolLM2-135M's shapes and an 87-token \
              random prompt (time and memory do not depend on the values)",
             gguf.display()
         );
-        rss_before = em_pipeline::peak_rss_mb().unwrap_or(0.0);
         let cfg = memory::config(&smollm2_config(), "SmolLM2-135M config")?;
-        let model = memory::random_model(&cfg, dtype, &device)?;
         let prompt = random_ids(&mut rng, args.prompt_len, cfg.vocab_size);
         (
-            model,
+            Source::Random(cfg.clone()),
+            cfg,
             prompt,
-            None,
             "SmolLM2-135M (random weights)".to_string(),
         )
     };
-    let cfg = model.config().clone();
     let vocab = cfg.vocab_size;
     let mut rng = StdRng::seed_from_u64(15);
     let sequences: Vec<Sequence> = (0..args.responses)
@@ -177,88 +261,100 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         prompt.len(),
         load1()
     );
-    let mut optimizer = AdamW::new(AdamWConfig::default());
-    let n_tokens = (args.responses * args.response_len) as f64;
     let mut micro_batches = args.micro_batches.clone();
     micro_batches.sort_unstable();
     let mut settings: Vec<(usize, bool)> = micro_batches.iter().map(|&mb| (mb, true)).collect();
     if args.no_recompute_too {
         settings.extend(micro_batches.iter().map(|&mb| (mb, false)));
     }
-    let mut rows = Vec::new();
+    // Full fine-tuning always, the adapter next to it on the same responses.
+    let trainings: Vec<Option<LoraConfig>> = std::iter::once(None)
+        .chain(lora.iter().cloned().map(Some))
+        .collect();
     if args.memory_only {
-        let rows: Vec<_> = settings
+        let rows: Vec<Row> = trainings
             .iter()
-            .map(|&(mb, rc)| (mb, rc, f64::NAN, f64::NAN))
+            .flat_map(|l| {
+                settings.iter().map(|&(micro_batch, recompute)| Row {
+                    lora: l.clone(),
+                    micro_batch,
+                    recompute,
+                    secs: f64::NAN,
+                    peak_mb: f64::NAN,
+                    rss_before: f64::NAN,
+                })
+            })
             .collect();
-        return memory_model(&cfg, dtype, seq_len, &rows, rss_before);
+        return memory_model(&cfg, dtype, seq_len, &rows, &trainings);
     }
-    for (micro_batch, recompute) in settings {
-        let options = EmOptions {
-            recompute,
-            ..EmOptions::new(0.5, micro_batch, vocab)
-        };
-        let mut times = Vec::new();
-        // Each setting's own peak: the high-water mark is reset to the current RSS first.
-        memory::reset_peak_rss();
-        for i in 0..=args.steps.max(1) {
-            let start = Instant::now();
-            let mut grads = Gradients::new(model.parameters());
-            let stats =
-                accumulate_em_gradients(&model, &sequences, &options, 1.0 / n_tokens, &mut grads)?;
-            device.synchronize()?;
-            let t_grad = start.elapsed().as_secs_f64();
-            let norm = grads.clip_norm(1.0).context("clipping")?;
-            optimizer.step(&grads)?;
-            drop(grads);
-            device.synchronize()?;
-            let total = start.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    let mut refreshes = Vec::new();
+    for training in &trainings {
+        memory::trim();
+        let rss_before = memory::rss_mb();
+        let model = source.load(dtype, &device, training.as_ref())?;
+        let mut optimizer = AdamW::new(AdamWConfig::default());
+        for &(micro_batch, recompute) in &settings {
+            let (secs, peak_mb) = time_setting(
+                &model,
+                &mut optimizer,
+                &sequences,
+                micro_batch,
+                recompute,
+                args.steps,
+                &device,
+            )?;
             println!(
-                "  micro-batch {micro_batch}{} step {i}{}: {total:.2} s (forward+backward {t_grad:.2}, clip+AdamW {:.2}), entropy {:.4}, grad norm {norm:.3}",
-                if recompute { ", recompute" } else { "" },
-                if i == 0 { " (warm-up)" } else { "" },
-                total - t_grad,
-                stats.entropy_sum / stats.n_tokens as f64,
+                "  {}: {secs:.2} s, peak RSS {peak_mb:.0} MB (RSS before loading {rss_before:.0} MB)",
+                training_label(training.as_ref())
             );
-            if i > 0 {
-                times.push(total);
-            }
+            rows.push(Row {
+                lora: training.clone(),
+                micro_batch,
+                recompute,
+                secs,
+                peak_mb,
+                rss_before,
+            });
         }
-        times.sort_by(f64::total_cmp);
-        rows.push((
-            micro_batch,
-            recompute,
-            times[times.len() / 2],
-            memory::peak_mb(),
-        ));
+        if let Source::Hf(hf) = &source {
+            refreshes.push(measure_refresh(&model, hf, work)?);
+        }
     }
-    println!("(RSS before loading the model: {rss_before:.0} MB)");
 
-    let torch = match &hf {
-        Some(hf) if device.is_cpu() && dtype == DType::F32 => torch_baseline(hf, threads, args)?,
+    let n_tokens_note = args.responses * args.response_len;
+    let torch = match &source {
+        Source::Hf(hf) if device.is_cpu() && dtype == DType::F32 => {
+            torch_baseline(hf, threads, args)?
+        }
         _ => None,
     };
     let peak_gflops = cpu_peak_gflops(threads);
     println!("| implementation | s / update | peak RSS MB | TFLOP | GFLOP/s | of CPU peak | vs PyTorch time | vs PyTorch RSS |");
     println!("|---|---|---|---|---|---|---|---|");
-    for (mb, recompute, secs, peak) in &rows {
-        let flops = step_flops(&cfg, &sequences, *recompute);
+    for row in &rows {
+        let flops = step_flops(&cfg, &sequences, row.recompute, row.lora.is_some());
         let (t_ratio, m_ratio) = torch.as_ref().map_or(("—".into(), "—".into()), |(t, m)| {
-            (format!("{:.2}x", secs / t), format!("{:.2}x", peak / m))
+            (
+                format!("{:.2}x", row.secs / t),
+                format!("{:.2}x", row.peak_mb / m),
+            )
         });
         let of_peak = peak_gflops.as_ref().map_or("—".into(), |(p, _)| {
-            format!("{:.0}%", 100.0 * flops / secs / 1e9 / p)
+            format!("{:.0}%", 100.0 * flops / row.secs / 1e9 / p)
         });
         println!(
-            "| em-train, micro-batch {mb}{} | {secs:.2} | {peak:.0} | {:.2} | {:.0} | {of_peak} | {t_ratio} | {m_ratio} |",
-            if *recompute { ", recompute" } else { "" },
+            "| em-train {} | {:.2} | {:.0} | {:.2} | {:.0} | {of_peak} | {t_ratio} | {m_ratio} |",
+            row.label(),
+            row.secs,
+            row.peak_mb,
             flops / 1e12,
-            flops / secs / 1e9,
+            flops / row.secs / 1e9,
         );
     }
     match &torch {
         Some((secs, rss)) => {
-            let flops = step_flops(&cfg, &sequences, false);
+            let flops = step_flops(&cfg, &sequences, false, false);
             println!(
                 "| PyTorch (torch_em_step.py) | {secs:.2} | {rss:.0} | {:.2} | {:.0} | {} | 1.00x | 1.00x |",
                 flops / 1e12,
@@ -266,7 +362,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
                 peak_gflops.as_ref().map_or("—".into(), |(p, _)| format!("{:.0}%", 100.0 * flops / secs / 1e9 / p)),
             )
         }
-        None if device.is_cpu() && hf.is_some() => println!(
+        None if device.is_cpu() && matches!(source, Source::Hf(_)) => println!(
             "PyTorch is not installed (EM_TORCH_PYTHON, else python3, cannot import torch and \
              transformers): no baseline measured. shared/bench/README.md records ≈45 s and \
              9.8 GiB for this step on a 2-core machine of this kind."
@@ -274,12 +370,171 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         None => {}
     }
     if let Some((p, how)) = &peak_gflops {
-        println!("CPU peak {p:.0} GFLOP/s ({how}); FLOPs counted from the shapes: 3× the forward's matmuls (forward, both backward products), one more trunk forward with recompute, attention over the full square");
+        println!("CPU peak {p:.0} GFLOP/s ({how}); FLOPs counted from the shapes: 3× the forward's matmuls (forward, both backward products; 2× for a frozen weight, whose gradient is not formed), one more trunk forward with recompute, attention over the full square");
+    }
+    if let Some(l) = &lora {
+        adapter_comparison(&cfg, l, &rows, &refreshes, n_tokens_note);
     }
     if device.is_cpu() && !args.no_memory_model && args.random_config.is_none() {
-        memory_model(&cfg, dtype, seq_len, &rows, rss_before)?;
+        memory_model(&cfg, dtype, seq_len, &rows, &trainings)?;
     }
     Ok(())
+}
+
+/// Median seconds and peak RSS (MB) of updates of `model` at one setting, after a warm-up.
+fn time_setting(
+    model: &CausalLm,
+    optimizer: &mut AdamW,
+    sequences: &[Sequence],
+    micro_batch: usize,
+    recompute: bool,
+    steps: usize,
+    device: &Device,
+) -> Result<(f64, f64)> {
+    let vocab = model.config().vocab_size;
+    let n_tokens: usize = sequences.iter().map(|s| s.response_ids.len()).sum();
+    let options = EmOptions {
+        recompute,
+        ..EmOptions::new(0.5, micro_batch, vocab)
+    };
+    let mut times = Vec::new();
+    // Each setting's own peak: the high-water mark is reset to the current RSS first.
+    memory::reset_peak_rss();
+    for i in 0..=steps.max(1) {
+        let start = Instant::now();
+        let mut grads = Gradients::new(model.parameters());
+        let stats = accumulate_em_gradients(
+            model,
+            sequences,
+            &options,
+            1.0 / n_tokens as f64,
+            &mut grads,
+        )?;
+        device.synchronize()?;
+        let t_grad = start.elapsed().as_secs_f64();
+        let norm = grads.clip_norm(1.0).context("clipping")?;
+        optimizer.step(&grads)?;
+        drop(grads);
+        device.synchronize()?;
+        let total = start.elapsed().as_secs_f64();
+        println!(
+            "  {} micro-batch {micro_batch}{} step {i}{}: {total:.2} s (forward+backward {t_grad:.2}, clip+AdamW {:.2}), entropy {:.4}, grad norm {norm:.3}",
+            training_label(model.adapter()),
+            if recompute { ", recompute" } else { "" },
+            if i == 0 { " (warm-up)" } else { "" },
+            total - t_grad,
+            stats.entropy_sum / stats.n_tokens as f64,
+        );
+        if i > 0 {
+            times.push(total);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], memory::peak_mb()))
+}
+
+/// What the sampler is handed after an update: the whole model as the f16 GGUF the full run
+/// rewrites in place, or the adapter's LoRA GGUF. Published twice (the first call writes the
+/// file, the second is a refresh after an update); the second's bytes and seconds.
+fn measure_refresh(model: &CausalLm, hf: &Path, work: &Path) -> Result<Refresh> {
+    let params = model.parameters();
+    let by_name: std::collections::HashMap<String, candle_core::Var> =
+        params.iter().cloned().collect();
+    let mut publisher: Box<dyn Publish> = match model.adapter() {
+        None => {
+            let shapes: Vec<(String, Vec<usize>)> = params
+                .iter()
+                .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+                .collect();
+            Box::new(GgufRefresh::new(
+                hf,
+                &shapes,
+                em_convert::OutType::F16,
+                &work.join("refresh-full.gguf"),
+            )?)
+        }
+        Some(_) => Box::new(AdapterRefresh::new(
+            model,
+            &work.join("refresh-adapter.gguf"),
+        )?),
+    };
+    let mut weights = |n: &str| -> Result<candle_core::Tensor> {
+        Ok(by_name
+            .get(n)
+            .with_context(|| format!("no parameter {n}"))?
+            .as_tensor()
+            .clone())
+    };
+    publisher.publish(&mut weights)?;
+    // An update changes every trained value; a small shift of each stands for it here.
+    for (_, v) in &params {
+        v.set(&v.as_tensor().affine(1.0, 1e-3)?)?;
+    }
+    let stats = publisher.publish(&mut weights)?;
+    Ok(Refresh {
+        lora: model.adapter().cloned(),
+        bytes: stats.bytes,
+        secs: stats.seconds,
+    })
+}
+
+/// The adapter's update and refresh next to full fine-tuning's, as ratios.
+fn adapter_comparison(
+    cfg: &em_train::models::ModelConfig,
+    lora: &LoraConfig,
+    rows: &[Row],
+    refreshes: &[Refresh],
+    n_tokens: usize,
+) {
+    println!(
+        "\n{} next to full fine-tuning on the same {n_tokens} response tokens ({} adapter parameters, {:.3}% of {}); memory is the peak RSS above the RSS before loading the model:",
+        training_label(Some(lora)),
+        memory::adapter_parameter_count(cfg, lora),
+        100.0 * memory::adapter_parameter_count(cfg, lora) as f64
+            / memory::parameter_count(cfg) as f64,
+        memory::parameter_count(cfg)
+    );
+    println!(
+        "| setting | full s | LoRA s | LoRA / full time | full MB | LoRA MB | LoRA / full memory |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for full in rows.iter().filter(|r| r.lora.is_none()) {
+        let Some(adapted) = rows.iter().find(|r| {
+            r.lora.is_some() && r.micro_batch == full.micro_batch && r.recompute == full.recompute
+        }) else {
+            continue;
+        };
+        let (fm, am) = (
+            full.peak_mb - full.rss_before,
+            adapted.peak_mb - adapted.rss_before,
+        );
+        println!(
+            "| micro-batch {}{} | {:.2} | {:.2} | {:.2}x | {fm:.0} | {am:.0} | {:.2}x |",
+            full.micro_batch,
+            if full.recompute { ", recompute" } else { "" },
+            full.secs,
+            adapted.secs,
+            adapted.secs / full.secs,
+            am / fm
+        );
+    }
+    let full = refreshes.iter().find(|r| r.lora.is_none());
+    let adapted = refreshes.iter().find(|r| r.lora.is_some());
+    if let (Some(f), Some(a)) = (full, adapted) {
+        println!("\nrefresh after an update (what the sampler is handed):");
+        println!("| published | bytes | seconds | vs full bytes |");
+        println!("|---|---|---|---|");
+        println!(
+            "| full model, f16 GGUF rewritten in place | {} | {:.3} | 1.00x |",
+            f.bytes, f.secs
+        );
+        println!(
+            "| adapter, f32 LoRA GGUF | {} | {:.3} | {:.4}x |",
+            a.bytes,
+            a.secs,
+            a.bytes as f64 / f.bytes as f64
+        );
+    }
 }
 
 /// The loss and gradients of one random model and one set of random responses on `--device` and
@@ -342,8 +597,15 @@ fn smollm2_config() -> serde_json::Value {
     })
 }
 
-/// FLOPs of one update over `sequences` (padded per micro-batch to equal lengths here).
-fn step_flops(cfg: &em_train::models::ModelConfig, sequences: &[Sequence], recompute: bool) -> f64 {
+/// FLOPs of one update over `sequences` (padded per micro-batch to equal lengths here); with
+/// `frozen` weights the backward forms no weight gradient (the adapter's own products are
+/// negligible at small ranks and not counted).
+fn step_flops(
+    cfg: &em_train::models::ModelConfig,
+    sequences: &[Sequence],
+    recompute: bool,
+    frozen: bool,
+) -> f64 {
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
     let (q, kv) = (
         (cfg.num_attention_heads * cfg.head_dim) as f64,
@@ -358,8 +620,10 @@ fn step_flops(cfg: &em_train::models::ModelConfig, sequences: &[Sequence], recom
         attention += 2.0 * 2.0 * t * t * q * layers;
         head += 2.0 * s.response_ids.len() as f64 * cfg.vocab_size as f64 * h;
     }
-    let forward = trunk + attention + head;
-    3.0 * forward + if recompute { trunk + attention } else { 0.0 }
+    let weight_passes = if frozen { 2.0 } else { 3.0 };
+    weight_passes * (trunk + head)
+        + 3.0 * attention
+        + if recompute { trunk + attention } else { 0.0 }
 }
 
 /// This CPU's f32 peak for `threads` cores: cores × 2 FMA pipes × SIMD lanes × 2 FLOP × GHz.
@@ -391,71 +655,109 @@ fn cpu_peak_gflops(threads: usize) -> Option<(f64, String)> {
 }
 
 /// Prints the memory model: measured per-layer and LM-head transients, checked against this
-/// run's peaks, then projected to Qwen2.5-Math-1.5B and -7B.
+/// run's peaks, then projected to Qwen2.5-Math-1.5B and -7B, for full fine-tuning and for each
+/// adapter in `trainings`.
 fn memory_model(
     cfg: &em_train::models::ModelConfig,
     dtype: DType,
     seq_len: usize,
-    rows: &[(usize, bool, f64, f64)],
-    rss_before: f64,
+    rows: &[Row],
+    trainings: &[Option<LoraConfig>],
 ) -> Result<()> {
     let chunk = EmOptions::new(0.5, 1, cfg.vocab_size).logit_chunk_rows;
     let head_mb = memory::measure_head_chunk_mb(chunk, cfg.vocab_size)?;
-    let layer_mb = memory::measure_layer_mb(&cfg.raw, seq_len, dtype)?;
-    println!(
-        "\nmemory model: one {:?} decoder layer, forward + backward on 1 × {seq_len} tokens: {layer_mb:.0} MB \
-         ({:.1} KB per token per layer); one LM-head chunk ({chunk} rows × {} logits): {head_mb:.0} MB",
-        dtype,
-        layer_mb * 1024.0 / seq_len as f64,
-        cfg.vocab_size
-    );
+    let mut layer_mbs = Vec::new();
+    for training in trainings {
+        let layer_mb = memory::measure_layer_mb(&cfg.raw, seq_len, dtype, training.as_ref())?;
+        println!(
+            "\nmemory model, {}: one {:?} decoder layer, forward + backward on 1 × {seq_len} tokens: {layer_mb:.0} MB \
+             ({:.1} KB per token per layer); one LM-head chunk ({chunk} rows × {} logits): {head_mb:.0} MB",
+            training_label(training.as_ref()),
+            dtype,
+            layer_mb * 1024.0 / seq_len as f64,
+            cfg.vocab_size
+        );
+        layer_mbs.push(layer_mb);
+    }
     println!("| setting | predicted peak MB | measured peak MB (RSS − RSS before loading) |");
     println!("|---|---|---|");
-    for (mb, recompute, _, peak) in rows {
-        let p = memory::project(cfg, dtype, *mb, seq_len, layer_mb, head_mb, *recompute);
+    for row in rows {
+        let i = trainings.iter().position(|t| *t == row.lora).unwrap_or(0);
+        let p = memory::project(
+            cfg,
+            dtype,
+            row.lora.as_ref(),
+            row.micro_batch,
+            seq_len,
+            layer_mbs[i],
+            head_mb,
+            row.recompute,
+        );
         println!(
-            "| micro-batch {mb}{} | {:.0} (static {:.0}, saved inputs {:.0}, layers {:.0}, head {:.0}) | {:.0} |",
-            if *recompute { ", recompute" } else { "" },
+            "| {} | {:.0} (static {:.0}, saved inputs {:.0}, layers {:.0}, head {:.0}) | {:.0} |",
+            row.label(),
             p.total(),
             p.static_mb,
             p.saved_inputs_mb,
             p.layer_mb,
             p.head_mb,
-            peak - rss_before
+            row.peak_mb - row.rss_before
         );
     }
     const SEQ: usize = 1024;
-    println!("\nprojected peak GB of one update at {SEQ} tokens per sequence (static: weights, f32 master copy for bf16, f32 gradients and moments):");
-    println!("| model | dtype | params | static GB | mb 1 | mb 2 | mb 3 | mb 4 | mb 4 without recompute |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\nprojected peak GB of one update at {SEQ} tokens per sequence (static: weights; for full fine-tuning also an f32 master copy for bf16 and f32 gradients and moments; for an adapter the f32 factors, their gradients and moments). Refresh: what the sampler is handed after each update (f16 GGUF of the model, or the f32 LoRA GGUF).");
+    println!("| model | training | dtype | trained params | static GB | mb 1 | mb 2 | mb 3 | mb 4 | mb 4 without recompute | refresh MB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for known in memory::qwen_math_configs() {
         let qcfg = memory::config(&known.raw, known.name)?;
-        for dt in [DType::F32, DType::BF16] {
-            let t0 = Instant::now();
-            let layer = memory::measure_layer_mb(&known.raw, SEQ, dt)?;
-            let cols: Vec<String> = (1..=4)
-                .map(|b| {
-                    let p = memory::project(&qcfg, dt, b, SEQ, layer, head_mb, true);
-                    format!("{:.1}", p.total() / 1024.0)
-                })
-                .collect();
-            let full = memory::project(&qcfg, dt, 4, SEQ, layer, head_mb, false);
-            let p1 = memory::project(&qcfg, dt, 1, SEQ, layer, head_mb, true);
-            println!(
-                "| {} | {:?} | {:.2} B | {:.1} | {} | {:.1} |",
-                known.name,
-                dt,
-                memory::parameter_count(&qcfg) as f64 / 1e9,
-                p1.static_mb / 1024.0,
-                cols.join(" | "),
-                full.total() / 1024.0
-            );
-            eprintln!(
-                "  ({} {:?}: one layer at 1 × {SEQ} tokens measured {layer:.0} MB in {:.0} s)",
-                known.name,
-                dt,
-                t0.elapsed().as_secs_f64()
-            );
+        for training in trainings {
+            for dt in [DType::F32, DType::BF16] {
+                let t0 = Instant::now();
+                let layer = memory::measure_layer_mb(&known.raw, SEQ, dt, training.as_ref())?;
+                let project = |b, recompute| {
+                    memory::project(
+                        &qcfg,
+                        dt,
+                        training.as_ref(),
+                        b,
+                        SEQ,
+                        layer,
+                        head_mb,
+                        recompute,
+                    )
+                };
+                let cols: Vec<String> = (1..=4)
+                    .map(|b| format!("{:.1}", project(b, true).total() / 1024.0))
+                    .collect();
+                let (trained, refresh_bytes) = match training {
+                    None => {
+                        let n = memory::parameter_count(&qcfg);
+                        (n, n * 2)
+                    }
+                    Some(l) => {
+                        let n = memory::adapter_parameter_count(&qcfg, l);
+                        (n, n * 4)
+                    }
+                };
+                println!(
+                    "| {} | {} | {:?} | {:.3} B | {:.1} | {} | {:.1} | {:.0} |",
+                    known.name,
+                    training_label(training.as_ref()),
+                    dt,
+                    trained as f64 / 1e9,
+                    project(1, true).static_mb / 1024.0,
+                    cols.join(" | "),
+                    project(4, false).total() / 1024.0,
+                    refresh_bytes as f64 / 1024.0 / 1024.0
+                );
+                eprintln!(
+                    "  ({} {} {:?}: one layer at 1 × {SEQ} tokens measured {layer:.0} MB in {:.0} s)",
+                    known.name,
+                    training_label(training.as_ref()),
+                    dt,
+                    t0.elapsed().as_secs_f64()
+                );
+            }
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use em_train::lora::{AdapterSource, LoraConfig};
 use em_train::models::{tensor_shapes, CausalLm, ModelConfig};
 
 const MB: f64 = 1024.0 * 1024.0;
@@ -38,11 +39,16 @@ extern "C" {
     fn malloc_trim(pad: usize) -> i32;
 }
 
+/// Returns the heap's free pages to the system, so that the RSS shows what is held.
+pub fn trim() {
+    // SAFETY: malloc_trim only releases free heap pages; it takes no pointers.
+    unsafe { malloc_trim(0) };
+}
+
 /// How far above the RSS at its start the process's RSS peaked while `f` ran, in MB. Memory the
 /// allocator kept from earlier work is returned first; reused, it would not show in the RSS.
 pub fn transient_peak_mb(f: impl FnOnce() -> Result<()>) -> Result<f64> {
-    // SAFETY: malloc_trim only releases free heap pages; it takes no pointers.
-    unsafe { malloc_trim(0) };
+    trim();
     reset_peak_rss();
     let before = rss_mb();
     f()?;
@@ -96,6 +102,18 @@ pub fn parameter_count(cfg: &ModelConfig) -> usize {
         .sum()
 }
 
+/// Number of parameters of the adapter `lora` on `cfg`: `rank × (in + out)` per adapted linear.
+pub fn adapter_parameter_count(cfg: &ModelConfig, lora: &LoraConfig) -> usize {
+    tensor_shapes(cfg)
+        .iter()
+        .filter_map(|(name, shape)| {
+            let prefix = name.strip_suffix(".weight")?;
+            (shape.len() == 2 && lora.targets_module(prefix))
+                .then(|| lora.rank * (shape[0] + shape[1]))
+        })
+        .sum()
+}
+
 /// Random weights of `cfg`'s shapes on `device`: N(0, 0.02), unit norms.
 pub fn random_tensors(cfg: &ModelConfig, device: &Device) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::new();
@@ -110,21 +128,43 @@ pub fn random_tensors(cfg: &ModelConfig, device: &Device) -> Result<HashMap<Stri
     Ok(tensors)
 }
 
-/// A random model with `cfg`'s shapes (see [`random_tensors`]).
-pub fn random_model(cfg: &ModelConfig, dtype: DType, device: &Device) -> Result<CausalLm> {
+/// A random model with `cfg`'s shapes (see [`random_tensors`]), frozen under a fresh adapter
+/// when `lora` is given.
+pub fn random_model(
+    cfg: &ModelConfig,
+    dtype: DType,
+    device: &Device,
+    lora: Option<&LoraConfig>,
+) -> Result<CausalLm> {
     let tensors = random_tensors(cfg, device)?;
-    Ok(CausalLm::from_tensors(cfg, tensors, dtype, device)?)
+    Ok(match lora {
+        None => CausalLm::from_tensors(cfg, tensors, dtype, device)?,
+        Some(l) => CausalLm::from_tensors_with_adapter(
+            cfg,
+            tensors,
+            dtype,
+            device,
+            l.clone(),
+            AdapterSource::Init { seed: 15 },
+        )?,
+    })
 }
 
 /// Peak MB above the start of one decoder layer's forward and backward on `[1, seq, hidden]` in
-/// `dtype`, on a one-layer model with `raw`'s layer shapes (and a small vocabulary).
-pub fn measure_layer_mb(raw: &serde_json::Value, seq: usize, dtype: DType) -> Result<f64> {
+/// `dtype`, on a one-layer model with `raw`'s layer shapes (and a small vocabulary), frozen under
+/// `lora` when given (the backward then keeps no weight gradients).
+pub fn measure_layer_mb(
+    raw: &serde_json::Value,
+    seq: usize,
+    dtype: DType,
+    lora: Option<&LoraConfig>,
+) -> Result<f64> {
     let mut one = raw.clone();
     one["num_hidden_layers"] = 1.into();
     one["vocab_size"] = 256.into();
     one["max_window_layers"] = 1.into();
     let cfg = config(&one, "one-layer model")?;
-    let model = random_model(&cfg, dtype, &Device::Cpu)?;
+    let model = random_model(&cfg, dtype, &Device::Cpu, lora)?;
     let hidden = cfg.hidden_size;
     let x = Var::from_tensor(
         &Tensor::randn(0f32, 1.0, (1, seq, hidden), &Device::Cpu)?.to_dtype(dtype)?,
@@ -166,8 +206,9 @@ impl Projection {
     }
 }
 
-/// Bytes held across the update per parameter: weights in `dtype`, an f32 master copy for
-/// bf16/f16, f32 gradients and two f32 moments.
+/// Bytes held across the update per trained parameter: weights in `dtype`, an f32 master copy
+/// for bf16/f16, f32 gradients and two f32 moments. (Adapter factors are f32 under any base, so
+/// theirs are `bytes_per_parameter(F32)`.)
 pub fn bytes_per_parameter(dtype: DType) -> f64 {
     let weights = dtype.size_in_bytes() as f64;
     let master = if matches!(dtype, DType::BF16 | DType::F16) {
@@ -179,10 +220,13 @@ pub fn bytes_per_parameter(dtype: DType) -> f64 {
 }
 
 /// The peak of an update of `cfg` at `micro_batch` sequences of `seq` tokens: `layer_mb` is one
-/// layer's measured transient at one sequence of `seq` (it grows linearly with the batch).
+/// layer's measured transient at one sequence of `seq` (it grows linearly with the batch). Under
+/// `lora` the base holds its weights alone and only the factors carry training state.
+#[allow(clippy::too_many_arguments)]
 pub fn project(
     cfg: &ModelConfig,
     dtype: DType,
+    lora: Option<&LoraConfig>,
     micro_batch: usize,
     seq: usize,
     layer_mb: f64,
@@ -202,7 +246,13 @@ pub fn project(
         (0.0, layers * b * layer_mb)
     };
     Projection {
-        static_mb: params * bytes_per_parameter(dtype) / MB,
+        static_mb: match lora {
+            None => params * bytes_per_parameter(dtype),
+            Some(l) => {
+                params * dtype.size_in_bytes() as f64
+                    + adapter_parameter_count(cfg, l) as f64 * bytes_per_parameter(DType::F32)
+            }
+        } / MB,
         saved_inputs_mb,
         layer_mb,
         head_mb,
