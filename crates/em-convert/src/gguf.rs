@@ -1,7 +1,8 @@
 //! GGUF files: a streaming writer, and reading with errors that name the file.
 //!
 //! The writer lays out the header from tensor shapes and types alone, then takes each tensor's bytes
-//! one at a time, so a model is never held in memory whole. Reading uses candle's parser.
+//! one at a time, so a model is never held in memory whole. Headers are read by `gguf_header`,
+//! which bounds every length by the file; tensors by candle.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -12,6 +13,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::{self, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
+
+pub use crate::gguf_header::read_header;
 
 /// GGUF's default data alignment (`general.alignment` is not written, so readers assume it).
 pub const ALIGNMENT: u64 = 32;
@@ -258,30 +261,8 @@ pub struct GgufFile {
 impl GgufFile {
     /// Opens and parses the header; errors name the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file =
-            File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        let content = gguf_file::Content::read(&mut file).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: not a valid GGUF file: {}",
-                path.display(),
-                one_line(&e.to_string())
-            )
-        })?;
-        let size = file.metadata()?.len();
-        for (name, info) in &content.tensor_infos {
-            let spec = TensorSpec {
-                name: name.clone(),
-                shape: info.shape.dims().to_vec(),
-                dtype: info.ggml_dtype,
-            };
-            let end = content.tensor_data_offset + info.offset + spec.n_bytes();
-            if end > size {
-                bail!(
-                    "{}: truncated: tensor {name} ends at byte {end}, file has {size}",
-                    path.display()
-                );
-            }
-        }
+        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let content = read_header(&mut std::io::BufReader::new(&file), path)?;
         Ok(Self {
             path: path.to_path_buf(),
             content,

@@ -8,6 +8,7 @@
 
 pub mod arch;
 pub mod gguf;
+mod gguf_header;
 pub mod lora;
 pub mod quant;
 pub mod refresh;
