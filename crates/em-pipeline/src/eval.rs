@@ -472,12 +472,13 @@ pub fn evaluate(
     if !todo.is_empty() {
         crate::with_vocab(backend, source, &mut |vocab| {
             let renderer = PromptRenderer::new(vocab, &args.prompt)?;
-            for (i, p) in todo.iter().enumerate() {
+            for p in &todo {
                 let prompt = renderer
                     .render(p)
                     .with_context(|| format!("problem {}", p.id))?;
-                // What the model saw, in the output's manifest (when the output has one).
-                if i == 0 {
+                // What the model saw on the suite's first problem, in the output's manifest (when
+                // the output has one; a resumed run wrote it before that problem was done).
+                if p.id == problems[0].id {
                     if let Some(dir) = out.parent().filter(|d| d.join("manifest.json").is_file()) {
                         let name = out.file_stem().unwrap_or_default().to_string_lossy();
                         Manifest::note(

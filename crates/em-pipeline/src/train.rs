@@ -513,6 +513,7 @@ fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -
         let adapter = em_train::lora::to_peft(&trainer.model, Some(base.display().to_string()))?
             .context("an adapter")?;
         em_convert::lora::write_peft_dir(&adapter, dir)?;
+        em_store::crash_point("checkpoint.write");
         if optimizer {
             trainer.save_optimizer(dir)?;
         }
@@ -529,6 +530,7 @@ fn write_hf_dir(trainer: &Trainer, source: &Path, dir: &Path, optimizer: bool) -
     } else {
         trainer.model.save_hf_dir(dir, trainer.model.dtype())?;
     }
+    em_store::crash_point("checkpoint.write");
     // config.json as read, with the dtype the weights are now stored in.
     let config_path = dir.join("config.json");
     let mut config = em_convert::read_json(&config_path)?;

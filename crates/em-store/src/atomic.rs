@@ -9,16 +9,45 @@ use crate::StoreError;
 /// What a staging name holds between the destination's name and the writer's pid.
 const STAGED_MARK: &str = ".tmp-";
 
-/// Removes from `dir` what [`Staged`] writers that were killed left behind (`.NAME.tmp-PID`):
-/// for an output directory that one process owns at a time, at its start.
+/// What the name of a directory moved aside for its replacement holds before the writer's pid.
+const ASIDE_MARK: &str = ".old-";
+
+fn aside_name(dest: &Path) -> PathBuf {
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    dest.with_file_name(format!(".{name}{ASIDE_MARK}{}", std::process::id()))
+}
+
+/// Cleans up after [`Staged`] writers that were killed, in an output directory that one process
+/// owns at a time, at its start: a directory moved aside whose replacement never arrived goes
+/// back (`.NAME.old-PID` → `NAME`) or, if it did arrive, is removed; half-written staging
+/// (`.NAME.tmp-PID`) is removed.
 pub fn remove_stale_staged(dir: &Path) -> Result<(), StoreError> {
-    let entries = fs::read_dir(dir).map_err(|e| StoreError::io(dir, "cannot list", e))?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !(name.starts_with('.') && name.contains(STAGED_MARK)) {
+    let names = |dir: &Path| -> Result<Vec<String>, StoreError> {
+        Ok(fs::read_dir(dir)
+            .map_err(|e| StoreError::io(dir, "cannot list", e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect())
+    };
+    for name in names(dir)? {
+        let Some((original, _pid)) = name[1..].rsplit_once(ASIDE_MARK) else {
+            continue;
+        };
+        let (aside, dest) = (dir.join(&name), dir.join(original));
+        let done = if dest.exists() {
+            fs::remove_dir_all(&aside)
+        } else {
+            fs::rename(&aside, &dest)
+        };
+        done.map_err(|e| StoreError::io(&aside, "cannot clean up a replaced directory", e))?;
+    }
+    for name in names(dir)? {
+        if !name.contains(STAGED_MARK) {
             continue;
         }
-        let path = entry.path();
+        let entry = dir.join(&name);
+        let path = entry;
         let removed = if path.is_dir() {
             fs::remove_dir_all(&path)
         } else {
@@ -73,14 +102,17 @@ impl Staged {
         &self.tmp
     }
 
-    /// Replaces `dest` with what was written.
+    /// Replaces `dest` with what was written. A file is renamed over the old one (atomic); a
+    /// directory cannot be, so the old one is first renamed aside (`.NAME.old-PID`), and a kill
+    /// between the two renames leaves it there for [`remove_stale_staged`] to put back.
     pub fn commit(mut self) -> Result<(), StoreError> {
-        if self.dest.is_dir() {
-            fs::remove_dir_all(&self.dest)
-                .map_err(|e| StoreError::io(&self.dest, "cannot replace", e))?;
-        } else if self.dest.exists() {
-            fs::remove_file(&self.dest)
-                .map_err(|e| StoreError::io(&self.dest, "cannot replace", e))?;
+        crate::crash_point("staged.commit");
+        let aside = self.dest.is_dir().then(|| aside_name(&self.dest));
+        if let Some(aside) = &aside {
+            let _ = fs::remove_dir_all(aside);
+            fs::rename(&self.dest, aside)
+                .map_err(|e| StoreError::io(&self.dest, "cannot move aside to replace", e))?;
+            crate::crash_point("staged.swap");
         }
         fs::rename(&self.tmp, &self.dest)
             .map_err(|e| StoreError::io(&self.dest, "cannot move into place", e))?;
@@ -88,6 +120,10 @@ impl Staged {
             sync_dir(parent);
         }
         self.done = true;
+        if let Some(aside) = aside {
+            fs::remove_dir_all(&aside)
+                .map_err(|e| StoreError::io(&aside, "cannot remove the replaced directory", e))?;
+        }
         Ok(())
     }
 }
@@ -142,5 +178,39 @@ mod tests {
             e.to_string().contains("parent directory does not exist"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_directory_replaced_by_a_killed_writer_comes_back_or_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let write_dir = |name: &str, content: &str| {
+            let staged = Staged::new(&dir.path().join(name)).unwrap();
+            fs::create_dir(staged.path()).unwrap();
+            fs::write(staged.path().join("f"), content).unwrap();
+            staged.commit().unwrap();
+        };
+        write_dir("ckpt", "one");
+        write_dir("ckpt", "two");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ckpt/f")).unwrap(),
+            "two"
+        );
+        // Killed between the two renames: only the old one, moved aside, and half a staging.
+        fs::rename(dir.path().join("ckpt"), dir.path().join(".ckpt.old-7")).unwrap();
+        fs::create_dir(dir.path().join(".ckpt.tmp-7")).unwrap();
+        remove_stale_staged(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("ckpt/f")).unwrap(),
+            "two"
+        );
+        // Killed after both renames: the old one goes.
+        fs::create_dir(dir.path().join(".ckpt.old-8")).unwrap();
+        remove_stale_staged(dir.path()).unwrap();
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["ckpt"]);
     }
 }

@@ -93,6 +93,11 @@ impl<T: Serialize + DeserializeOwned> JsonlStore<T> {
         let mut line = serde_json::to_vec(record)
             .map_err(|e| StoreError::io(&self.path, "cannot serialise a record", e))?;
         line.push(b'\n');
+        let file = &mut self.file;
+        crate::crash_point_with("jsonl.append", || {
+            let _ = file.write_all(&line[..line.len() / 2]);
+            let _ = file.sync_data();
+        });
         self.file
             .write_all(&line)
             .and_then(|_| self.file.sync_data())

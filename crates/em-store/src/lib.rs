@@ -5,17 +5,20 @@
 //!   (a kill mid-write) and refuses a corrupt line anywhere else, naming the file and line.
 //! - [`identity`]: content hashes of models (a GGUF, or an HF directory's config, tokenizer and
 //!   weights) and of input files, streamed once and cached by path, size and mtime.
+//! - [`crash_point`]: named moments a test can kill the process at (`EM_CRASH_AT`).
 //! - [`Manifest`]: what an output directory holds (model, inputs, settings); a rerun that differs
 //!   stops with one line naming what differs.
 //!
 //! Architecture invariant: knows nothing of models, samplers or training; plain files only.
 
 mod atomic;
+mod crash;
 pub mod identity;
 mod jsonl;
 mod manifest;
 
 pub use atomic::{remove_stale_staged, write_atomic, Staged};
+pub use crash::{crash_point, crash_point_with};
 pub use identity::{file_identity, model_identity, Identity};
 pub use jsonl::JsonlStore;
 pub use manifest::Manifest;

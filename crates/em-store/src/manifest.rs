@@ -100,7 +100,8 @@ impl Manifest {
             })?;
             let diff = old.differences(self);
             if diff.is_empty() {
-                return Ok(());
+                // This run owns the directory now: what a killed writer left is cleaned up.
+                return crate::remove_stale_staged(dir);
             }
             return Err(StoreError::Mismatch {
                 path,
@@ -109,6 +110,10 @@ impl Manifest {
                     diff.join("; ")
                 ),
             });
+        }
+        // A writer killed while staging the manifest leaves only its staging behind.
+        if dir.is_dir() {
+            crate::remove_stale_staged(dir)?;
         }
         let occupied = std::fs::read_dir(dir)
             .map(|mut d| d.next().is_some())
