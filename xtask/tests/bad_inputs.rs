@@ -172,7 +172,7 @@ fn bad_gguf_files_fail_cleanly() {
         &corrupt,
         &hf_out,
         &[],
-        &["corrupt.gguf", "not a valid GGUF"],
+        &["corrupt.gguf", "not a GGUF file"],
     );
 
     // The output already exists: refuse rather than overwrite.
