@@ -168,12 +168,7 @@ fn bad_gguf_files_fail_cleanly() {
     let mut garbage = bytes.clone();
     garbage[..4].copy_from_slice(b"NOPE");
     fs::write(&corrupt, &garbage).unwrap();
-    expect_failure(
-        &corrupt,
-        &hf_out,
-        &[],
-        &["corrupt.gguf", "not a GGUF file"],
-    );
+    expect_failure(&corrupt, &hf_out, &[], &["corrupt.gguf", "not a GGUF file"]);
 
     // The output already exists: refuse rather than overwrite.
     let exists = tmp.path().join("exists");

@@ -60,7 +60,11 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, origin: &Path) -> Result<Cont
     };
     let magic = r.array::<4>("the magic")?;
     if &magic != b"GGUF" {
-        bail!("{}: not a GGUF file (magic {magic:02x?})", origin.display());
+        bail!(
+            "{}: not a GGUF file (it starts with \"{}\", not \"GGUF\")",
+            origin.display(),
+            magic.escape_ascii()
+        );
     }
     let magic = match r.u32("the version")? {
         2 => VersionedMagic::GgufV2,

@@ -34,17 +34,18 @@ pub struct ChatMessage {
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     /// The file could not be read.
-    #[error("{path}: {source}")]
+    // The cause is in the message and not a `source`: printed as a chain, it would repeat.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A line (or the whole file, line 0) is not valid JSON.
-    #[error("{path}:{line}: invalid JSON: {source}")]
+    #[error("{}:{line}: invalid JSON: {error}", path.display())]
     Json {
         path: PathBuf,
         line: usize,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// A record lacks what a problem needs.
     #[error("{path}:{line}: {msg}")]
@@ -108,9 +109,9 @@ fn suite_name(path: &Path) -> String {
 type Record = (usize, Map<String, Value>);
 
 fn records(path: &Path) -> Result<Vec<Record>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
+    let text = std::fs::read_to_string(path).map_err(|error| DataError::Io {
         path: path.into(),
-        source,
+        error,
     })?;
     let mut out = Vec::new();
     let trimmed = text.trim_start();
@@ -123,10 +124,10 @@ fn records(path: &Path) -> Result<Vec<Record>, DataError> {
         }),
     };
     if path.extension().is_some_and(|e| e == "json") || trimmed.starts_with('[') {
-        let v: Value = serde_json::from_str(&text).map_err(|source| DataError::Json {
+        let v: Value = serde_json::from_str(&text).map_err(|error| DataError::Json {
             path: path.into(),
             line: 0,
-            source,
+            error,
         })?;
         let items = match v {
             Value::Array(a) => a,
@@ -156,10 +157,10 @@ fn records(path: &Path) -> Result<Vec<Record>, DataError> {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: Value = serde_json::from_str(line).map_err(|source| DataError::Json {
+            let v: Value = serde_json::from_str(line).map_err(|error| DataError::Json {
                 path: path.into(),
                 line: k + 1,
-                source,
+                error,
             })?;
             out.push(record(k + 1, v)?);
         }
