@@ -161,7 +161,7 @@ impl Backend for LlamaBackend {
         gguf: &Path,
         f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
     ) -> Result<()> {
-        let model = GgufModel::load_with_gpu_layers(gguf, self.gpu_layers)?;
+        let model = load_gguf(gguf, self.gpu_layers)?;
         let mut engine = Engine::new(&model, self.config.clone());
         f(&mut engine)
     }
@@ -176,11 +176,10 @@ impl Backend for LlamaBackend {
         let cached = self.base.borrow_mut().take();
         let mut model = match cached {
             Some((path, s, model)) if path == gguf && s == stamp => model,
-            _ => GgufModel::load_with_gpu_layers(gguf, self.gpu_layers)?,
+            _ => load_gguf(gguf, self.gpu_layers)?,
         };
-        let result = model
-            .load_adapter(adapter)
-            .map_err(anyhow::Error::from)
+        let result = em_convert::gguf::GgufFile::open(adapter)
+            .and_then(|_| model.load_adapter(adapter).map_err(anyhow::Error::from))
             .and_then(|a| {
                 let mut engine = Engine::with_adapter(&model, a, self.config.clone());
                 f(&mut engine)
@@ -231,7 +230,14 @@ impl Backend for ServerBackend {
 /// Runs `f` with the tokenizer and chat template of a local GGUF (llama.cpp reads them).
 fn gguf_vocab(gguf: &Path, f: &mut dyn FnMut(&dyn Vocab) -> Result<()>) -> Result<()> {
     // Only the vocabulary is read: nothing goes to the GPU.
-    f(&GgufModel::load_with_gpu_layers(gguf, 0)?)
+    f(&load_gguf(gguf, 0)?)
+}
+
+/// Loads a GGUF into llama.cpp after checking its header with em-convert's bounded reader:
+/// llama.cpp refuses a malformed file too, but says only "null result".
+fn load_gguf(gguf: &Path, gpu_layers: u32) -> Result<GgufModel> {
+    em_convert::gguf::GgufFile::open(gguf)?;
+    Ok(GgufModel::load_with_gpu_layers(gguf, gpu_layers)?)
 }
 
 /// The in-process backend with default settings (for commands that take no backend flags).

@@ -178,6 +178,11 @@ fn cases(tmp: &Path) -> Vec<Case> {
         "{\"id\": \"a\", \"problem\": \"1+1?\", \"answer\": \"2\"}\n{\"id\": \"b\", \"problem\": \n",
     )
     .unwrap();
+    fs::write(
+        tmp.join("ok.jsonl"),
+        "{\"id\": \"a\", \"problem\": \"1+1?\", \"answer\": \"2\"}\n",
+    )
+    .unwrap();
     let eval = |suite: String| {
         let mut v = s(&["eval", "--model"]);
         v.push(fixture().to_string_lossy().into_owned());
@@ -204,6 +209,16 @@ fn cases(tmp: &Path) -> Vec<Case> {
         input: "suite file missing",
         args: eval(t("missing.jsonl")),
     });
+    let mut v = s(&["eval", "--model"]);
+    v.push(t("many-tensors.gguf"));
+    v.extend(s(&["--suites"]));
+    v.push(t("ok.jsonl"));
+    v.extend(s(&["--out"]));
+    v.push(t("eval-gguf-out"));
+    cases.push(Case {
+        input: "GGUF given to llama.cpp (`eval --model`): header claims 10^12 tensors",
+        args: v,
+    });
     let mut v = s(&["screen", "--model"]);
     v.push(fixture().to_string_lossy().into_owned());
     v.extend(s(&["--quant", "f32", "--pool"]));
@@ -229,11 +244,6 @@ fn cases(tmp: &Path) -> Vec<Case> {
     v.push(t("ok.jsonl"));
     v.extend(s(&["--out"]));
     v.push(t("openai-out"));
-    fs::write(
-        tmp.join("ok.jsonl"),
-        "{\"id\": \"a\", \"problem\": \"1+1?\", \"answer\": \"2\"}\n",
-    )
-    .unwrap();
     cases.push(Case {
         input: "OpenAI-compatible server unreachable",
         args: v,
