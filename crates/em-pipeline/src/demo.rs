@@ -64,7 +64,7 @@ pub struct DemoArgs {
     pub adapter: Option<AdapterKind>,
     /// Learning rates tried for the adapter (LoRA's updates are scaled by alpha/rank and start
     /// from B = 0: it needs larger rates than full fine-tuning).
-    #[arg(long, value_delimiter = ',', default_value = "1e-4,3e-4,1e-3")]
+    #[arg(long, value_delimiter = ',', default_value = "1e-4,3e-4,1e-3,3e-3")]
     pub lora_lrs: Vec<f64>,
     /// LoRA rank (as `train`).
     #[arg(long, default_value_t = 8)]
