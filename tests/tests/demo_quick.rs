@@ -1,5 +1,6 @@
 //! `cargo xtask demo --quick`: the whole loop (screen, EM-train with the safeguard watching,
-//! convert, evaluate, plot) on the mixed model organism, in reduced form.
+//! convert, evaluate, plot) on the mixed model organism, in reduced form; then again with a LoRA
+//! adapter beside full fine-tuning, reusing the full runs.
 
 use em_pipeline::demo::{self, DemoArgs};
 
@@ -14,6 +15,13 @@ fn quick_demo_runs_end_to_end() {
         subject: em_tests::repo_root().join("fixtures/organism-mixed"),
         data_seed: 0,
         fresh: false,
+        adapter: None,
+        lora_lrs: vec![1e-3],
+        rank: 8,
+        alpha: 8.0,
+        targets: ["q", "k", "v", "o", "gate", "up", "down"]
+            .map(String::from)
+            .to_vec(),
     };
     demo::run(&args, &xtask::backends::llama_default()).unwrap();
     let report: serde_json::Value =
@@ -65,4 +73,27 @@ fn quick_demo_runs_end_to_end() {
     let png = plots.iter().find(|p| p.ends_with(".png")).expect("a PNG");
     assert!(std::fs::read(png).unwrap().starts_with(b"\x89PNG"));
     assert!(!report["verdict"].as_array().unwrap().is_empty());
+
+    // The adapter beside full fine-tuning: its runs, rows and the paired comparison.
+    let lora = DemoArgs {
+        adapter: Some(em_pipeline::train::AdapterKind::Lora),
+        ..args
+    };
+    demo::run(&lora, &xtask::backends::llama_default()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("demo-lora.json")).unwrap())
+            .unwrap();
+    let runs = report["runs"].as_array().unwrap();
+    assert!(runs.iter().any(|r| r["training"] == "full"));
+    assert!(runs.iter().any(|r| r["training"] == "LoRA r8 α8"));
+    let comparison: Vec<&str> = report["comparison"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert!(
+        comparison.iter().any(|l| l.contains("| greedy |")),
+        "{comparison:?}"
+    );
 }

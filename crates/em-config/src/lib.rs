@@ -59,6 +59,10 @@ use serde_json::Value;
 
 pub use rope::{parse_scaling, RopeParams, RopeScaling};
 
+/// Most decoder layers a config.json may declare (released models have under 200): per-layer
+/// tables are built from this count before any weight is read.
+pub const MAX_LAYERS: usize = 1 << 16;
+
 /// The model families the workspace supports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Architecture {
@@ -438,6 +442,20 @@ impl ModelConfig {
                 return Err(invalid(format!("{key} must be positive")));
             }
         }
+        // llama.cpp stores sizes as u32, and products of two sizes then fit in 64 bits.
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if value > u32::MAX as usize {
+                return Err(invalid(format!("{key} ({value}) is more than 2^32 - 1")));
+            }
+        }
         let (h, kv) = (self.num_attention_heads, self.num_key_value_heads);
         if h == 0 || kv == 0 || h % kv != 0 {
             return Err(invalid(format!(
@@ -610,6 +628,11 @@ impl<'a> Resolver<'a> {
     /// The keys no architecture defaults.
     pub fn required_common(&self) -> Result<Required, ConfigError> {
         let c = &self.common;
+        if let Some(n) = c.num_hidden_layers.filter(|&n| n > MAX_LAYERS) {
+            return Err(self
+                .src
+                .invalid(format!("num_hidden_layers ({n}) is more than {MAX_LAYERS}")));
+        }
         Ok(Required {
             vocab_size: self.required("vocab_size", c.vocab_size)?,
             hidden_size: self.required("hidden_size", c.hidden_size)?,

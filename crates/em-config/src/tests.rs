@@ -460,6 +460,27 @@ fn errors_name_the_file_and_the_fault() {
 }
 
 #[test]
+fn sizes_a_file_claims_are_bounded_before_anything_is_built_from_them() {
+    for raw in [qwen_math_v4(), smollm2_v4(), gemma_v4()] {
+        let raw = without(&raw, &["layer_types"]);
+        let msg = resolve_err(&with(
+            &raw,
+            json!({"num_hidden_layers": 1_000_000_000_000u64}),
+        ))
+        .to_string();
+        assert!(
+            msg.contains("num_hidden_layers (1000000000000) is more than 65536"),
+            "{msg}"
+        );
+    }
+    let msg = resolve_err(&with(&qwen_math_v4(), json!({"hidden_size": u64::MAX}))).to_string();
+    assert!(
+        msg.contains("hidden_size (18446744073709551615) is more than"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn deserialises_straight_from_json_keeping_the_raw_value() {
     let c: ModelConfig = serde_json::from_value(llama31_v4()).unwrap();
     assert_eq!(c.raw, llama31_v4());

@@ -45,6 +45,9 @@ impl GgufArch for Arch {
     }
 }
 
+/// Largest size GGUF metadata holds (llama.cpp reads sizes as u32).
+const MAX_SIZE: usize = u32::MAX as usize;
+
 /// The hyperparameters both formats carry.
 #[derive(Debug, Clone)]
 pub struct Hparams {
@@ -269,6 +272,19 @@ impl Hparams {
         let hidden_size = num("embedding_length")?;
         let num_heads = num("attention.head_count")?;
         let num_layers = num("block_count")?;
+        // Shapes and per-layer tables are built from these next.
+        let bounded = |key: &str, value: usize, max: usize| -> Result<()> {
+            if value == 0 || value > max {
+                bail!(
+                    "{}: {a}.{key} is {value}; it must be between 1 and {max}",
+                    path.display()
+                );
+            }
+            Ok(())
+        };
+        bounded("embedding_length", hidden_size, MAX_SIZE)?;
+        bounded("attention.head_count", num_heads, MAX_SIZE)?;
+        bounded("block_count", num_layers, em_config::MAX_LAYERS)?;
         let vocab_size = match opt_num("vocab_size") {
             Some(v) => v,
             None => md
@@ -293,9 +309,9 @@ impl Hparams {
                     .map(|f| matches!(f, Value::Bool(true)))
                     .collect(),
                 other => {
-                    let pattern = other.and_then(as_u64).unwrap_or(6) as usize;
+                    let pattern = other.and_then(as_u64).unwrap_or(6).max(1);
                     (0..num_layers)
-                        .map(|i| window.is_some() && (i + 1) % pattern != 0)
+                        .map(|i| window.is_some() && !(i as u64 + 1).is_multiple_of(pattern))
                         .collect()
                 }
             };
@@ -312,14 +328,25 @@ impl Hparams {
             Some(t) => bail!("{}: rope scaling {t:?} is not supported", path.display()),
             None => None,
         };
+        let intermediate_size = num("feed_forward_length")?;
+        let num_kv_heads = opt_num("attention.head_count_kv").unwrap_or(num_heads);
+        bounded("vocab_size", vocab_size, MAX_SIZE)?;
+        bounded("feed_forward_length", intermediate_size, MAX_SIZE)?;
+        bounded("attention.key_length (the head size)", head_dim, MAX_SIZE)?;
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!(
+                "{}: {a}.attention.head_count ({num_heads}) must be a positive multiple of {a}.attention.head_count_kv ({num_kv_heads})",
+                path.display()
+            );
+        }
         Ok(Self {
             arch,
             vocab_size,
             hidden_size,
-            intermediate_size: num("feed_forward_length")?,
+            intermediate_size,
             num_layers,
             num_heads,
-            num_kv_heads: opt_num("attention.head_count_kv").unwrap_or(num_heads),
+            num_kv_heads,
             head_dim,
             max_position_embeddings: opt_num("context_length").unwrap_or(2048),
             rms_norm_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-6),
@@ -628,6 +655,9 @@ fn split_layer(name: &str) -> Option<(usize, &str)> {
 /// a head's rows pairs with the second; GGUF: rows 2i and 2i+1 pair). `inverse` undoes it.
 fn permute_rope_rows(t: &Tensor, heads: usize, inverse: bool) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
+    if heads == 0 || dims.is_empty() {
+        candle_core::bail!("cannot split a tensor of shape {dims:?} into {heads} rotary heads");
+    }
     let rows = dims[0];
     let rest: Vec<usize> = dims[1..].to_vec();
     let half = rows / heads / 2;
@@ -744,6 +774,50 @@ mod tests {
             back.dtype = original.dtype.clone();
             assert_eq!(back, original);
         }
+    }
+
+    #[test]
+    fn hostile_gguf_hyperparameters_are_errors() {
+        let gemma = json!({"model_type": "gemma3_text", "vocab_size": 10, "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 4, "rms_norm_eps": 1e-6, "rope_theta": 1e4,
+            "max_position_embeddings": 64, "sliding_window": 4, "rope_local_base_freq": 1e4,
+            "query_pre_attn_scalar": 4});
+        let hp = Hparams::from_model_config(&model_config(gemma), Path::new("c")).unwrap();
+        let mut md: HashMap<String, Value> = hp.to_gguf_metadata().into_iter().collect();
+        md.insert(
+            "general.architecture".into(),
+            Value::String("gemma3".into()),
+        );
+        md.remove("gemma3.attention.sliding_window_pattern");
+        let read = |key: &str, v: Value| {
+            let mut md = md.clone();
+            md.insert(format!("gemma3.{key}"), v);
+            md.remove("gemma3.attention.key_length");
+            Hparams::from_gguf(&md, true, Path::new("x.gguf")).map(|_| ())
+        };
+        let error = |key: &str, v: Value| read(key, v).unwrap_err().to_string();
+        let e = error("attention.head_count", Value::U32(0));
+        assert!(
+            e.contains("x.gguf: gemma3.attention.head_count is 0"),
+            "{e}"
+        );
+        let e = error("block_count", Value::U64(1_000_000_000_000));
+        assert!(
+            e.contains("block_count is 1000000000000; it must be between 1 and 65536"),
+            "{e}"
+        );
+        let e = error("attention.head_count_kv", Value::U32(0));
+        assert!(e.contains("positive multiple"), "{e}");
+        let e = error("embedding_length", Value::U64(u64::MAX));
+        assert!(
+            e.contains("embedding_length is 18446744073709551615"),
+            "{e}"
+        );
+        // A pattern of 0 reads as 1 (every layer full attention), as em-config reads it.
+        read("attention.sliding_window_pattern", Value::U32(0)).unwrap();
+        let t = Tensor::zeros((4, 2), DType::F32, &candle_core::Device::Cpu).unwrap();
+        assert!(permute_rope_rows(&t, 0, true).is_err());
     }
 
     #[test]

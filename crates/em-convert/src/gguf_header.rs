@@ -119,6 +119,13 @@ pub fn read_header<R: Read + Seek>(reader: &mut R, origin: &Path) -> Result<Cont
         for _ in 0..n_dims {
             dims.push(r.u64("a tensor dimension")?);
         }
+        // An empty tensor has no bytes to read, and candle would read them from a dangling slice.
+        if dims.contains(&0) {
+            bail!(
+                "{}: tensor {name} has a dimension of 0 ({dims:?})",
+                origin.display()
+            );
+        }
         let type_id = r.u32("a tensor type")?;
         let Some(dtype) = TYPES.iter().copied().find(|t| ggml_type_id(*t) == type_id) else {
             bail!(
@@ -452,6 +459,8 @@ mod tests {
         assert!(error(&b).contains("block of 32"));
         let b = gguf(&[], &[("a", &[8], 0, 0), ("a", &[8], 0, 32)], 64);
         assert!(error(&b).contains("appears twice"));
+        let b = gguf(&[], &[("a", &[32, 0], 0, 0)], 64);
+        assert!(error(&b).contains("a dimension of 0"));
         let b = gguf(&[("k", 7, vec![2])], &[], 0);
         assert!(error(&b).contains("boolean byte 2"));
         let mut nested = vec![];

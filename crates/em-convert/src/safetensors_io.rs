@@ -31,12 +31,22 @@ impl HfTensors {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .with_context(|| format!("{}: no \"weight_map\" object", index_path.display()))?;
-            let mut files: Vec<String> = map
-                .values()
-                .filter_map(|v| v.as_str().map(String::from))
-                .collect();
+            let mut files: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
             files.sort();
             files.dedup();
+            for f in &files {
+                // A shard elsewhere could be any file, a device or a pipe that never ends.
+                let inside = Path::new(f)
+                    .components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if f.is_empty() || !inside {
+                    bail!(
+                        "{}: shard {f:?} is not a file inside {}",
+                        index_path.display(),
+                        dir.display()
+                    );
+                }
+            }
             files.into_iter().map(|f| dir.join(f)).collect()
         } else if dir.join("model.safetensors").is_file() {
             // As transformers does: a single-file checkpoint wins over other safetensors beside it.
@@ -257,5 +267,29 @@ impl SafetensorsWriter {
         self.out.flush()?;
         self.out.get_ref().sync_all()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_naming_files_outside_the_directory_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        for shard in ["/dev/stdin", "../model.safetensors", "", "."] {
+            let index = serde_json::json!({"weight_map": {"w": shard}});
+            std::fs::write(
+                dir.path().join("model.safetensors.index.json"),
+                index.to_string(),
+            )
+            .unwrap();
+            let e = HfTensors::open(dir.path()).err().unwrap().to_string();
+            assert!(
+                e.contains("model.safetensors.index.json: shard")
+                    && e.contains("is not a file inside"),
+                "{e}"
+            );
+        }
     }
 }

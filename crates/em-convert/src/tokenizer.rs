@@ -125,27 +125,67 @@ fn one_line(s: &str) -> String {
     s.replace('\r', "\\r").replace('\n', "\\n")
 }
 
-fn read_json(path: &Path) -> Result<Json> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TokenizerError::NotFound {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(TokenizerError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    };
-    serde_json::from_str(&text).map_err(|e| TokenizerError::Json {
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => TokenizerError::NotFound {
+            path: path.to_path_buf(),
+        },
+        _ => TokenizerError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })
+}
+
+fn json_error(path: &Path, e: &serde_json::Error) -> TokenizerError {
+    TokenizerError::Json {
         path: path.to_path_buf(),
         line: e.line(),
         column: e.column(),
         msg: one_line(&e.to_string()),
-    })
+    }
+}
+
+fn read_json(path: &Path) -> Result<Json> {
+    serde_json::from_str(&read_text(path)?).map_err(|e| json_error(path, &e))
+}
+
+/// Loads `tokenizer.json` with the tokenizers library, which the samplers and analyses use. The
+/// text is checked to be JSON first: the library (0.23) panics on a syntax error inside some
+/// sections, its decoder among them. Errors name the file.
+pub fn load_hf_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = read_text(path)?;
+    let json: Json = serde_json::from_str(&text).map_err(|e| json_error(path, &e))?;
+    // tokenizers 0.23 panics building a BPE whose merge's right part is shorter than the
+    // continuing-subword prefix (it subtracts the lengths).
+    let model = &json["model"];
+    if let Some(prefix) = model["continuing_subword_prefix"].as_str() {
+        let short = model["merges"].as_array().into_iter().flatten().find(|m| {
+            let right = match m {
+                Json::String(s) => s.split_once(' ').map(|(_, b)| b),
+                Json::Array(parts) => parts.get(1).and_then(Json::as_str),
+                _ => None,
+            };
+            right.is_some_and(|b| b.len() < prefix.len())
+        });
+        if let Some(m) = short {
+            return Err(TokenizerError::Invalid {
+                path: path.to_path_buf(),
+                msg: format!("merge {m} is shorter than the continuing_subword_prefix {prefix:?}"),
+            }
+            .into());
+        }
+    }
+    // Any other panic of the library is an error too, not an abort of the command.
+    std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>())
+        .unwrap_or_else(|_| Err("the tokenizers library panicked on it".into()))
+        .map_err(|e| TokenizerError::Invalid {
+            path: path.to_path_buf(),
+            msg: format!(
+                "the tokenizers library cannot load it: {}",
+                one_line(&e.to_string())
+            ),
+        })
 }
 
 /// A token given in tokenizer_config.json as `"<s>"` or `{"content": "<s>", ...}`.
@@ -372,6 +412,16 @@ pub fn hf_to_gguf(
     let n = by_id.keys().max().map_or(0, |&m| m as usize + 1);
     if n == 0 {
         return Err(invalid("empty vocabulary".into()));
+    }
+    // Every unused id below the largest becomes a placeholder token: real tokenizers leave a few,
+    // and a lone id of 4 billion must not make billions.
+    let unused = n - by_id.len();
+    if unused > by_id.len() + (1 << 16) {
+        return Err(invalid(format!(
+            "token ids run to {} but only {} are used; the {unused} unused ids would each need a placeholder token",
+            n - 1,
+            by_id.len()
+        )));
     }
     let mut tokens = Vec::with_capacity(n);
     let mut types = Vec::with_capacity(n);

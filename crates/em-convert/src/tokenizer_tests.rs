@@ -489,6 +489,39 @@ fn bad_hf_inputs() {
     );
     assert!(e.contains("neither byte-level"), "{e}");
 
+    // A syntax error inside the decoder, on which the tokenizers library panics.
+    let dir = tmp_dir("decoder-syntax");
+    let path = dir.join("tokenizer.json");
+    std::fs::write(
+        &path,
+        r#"{"decoder": {"type": "ByteLevel", "trim_offsets": false, "typ, "x": 1}, "model": {}}"#,
+    )
+    .unwrap();
+    let e = load_hf_tokenizer(&path).unwrap_err().to_string();
+    let tok = train_tiny(QWEN2_REGEX, "split");
+    std::fs::write(&path, tok.to_string(false).unwrap()).unwrap();
+    let loaded = load_hf_tokenizer(&path).unwrap();
+    assert_eq!(
+        loaded.encode("Hello world", false).unwrap().get_ids(),
+        tok.encode("Hello world", false).unwrap().get_ids()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        e.contains("tokenizer.json: malformed JSON at line 1"),
+        "{e}"
+    );
+
+    // One id of 2^32 - 2: an error, not 4 billion placeholder tokens.
+    let e = err_of(
+        r#"{"model": {"type": "BPE", "vocab": {"a": 0, "b": 4294967294}, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false}}"#,
+        "sparse",
+    );
+    assert!(
+        e.contains("token ids run to 4294967294 but only 2 are used"),
+        "{e}"
+    );
+
     // tokenizer_config naming a token the vocab lacks
     let dir = tmp_dir("badcfg");
     let tok = train_tiny(QWEN2_REGEX, "split");

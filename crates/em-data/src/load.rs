@@ -103,16 +103,19 @@ fn suite_name(path: &Path) -> String {
     stem.to_string()
 }
 
-/// Read the records of a `.jsonl` file (one object a line) or a `.json` array, with line numbers
-/// (item numbers for a `.json` array).
 /// A JSON record with its line (or item) number.
 type Record = (usize, Map<String, Value>);
 
-fn records(path: &Path) -> Result<Vec<Record>, DataError> {
-    let text = std::fs::read_to_string(path).map_err(|error| DataError::Io {
+fn read(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|error| DataError::Io {
         path: path.into(),
         error,
-    })?;
+    })
+}
+
+/// The records of `text`, the contents of `path`: a `.jsonl` file (one object a line) or a `.json`
+/// array, with line numbers (item numbers for a `.json` array).
+fn records(text: &str, path: &Path) -> Result<Vec<Record>, DataError> {
     let mut out = Vec::new();
     let trimmed = text.trim_start();
     let record = |line: usize, v: Value| match v {
@@ -124,7 +127,7 @@ fn records(path: &Path) -> Result<Vec<Record>, DataError> {
         }),
     };
     if path.extension().is_some_and(|e| e == "json") || trimmed.starts_with('[') {
-        let v: Value = serde_json::from_str(&text).map_err(|error| DataError::Json {
+        let v: Value = serde_json::from_str(text).map_err(|error| DataError::Json {
             path: path.into(),
             line: 0,
             error,
@@ -187,9 +190,10 @@ fn answer_values(v: &Value) -> Option<Vec<String>> {
     match v {
         Value::String(s) => Some(vec![s.clone()]),
         Value::Number(n) => Some(vec![number_text(n)]),
+        // A nested list gives its first answer; an empty one gives none, and so no answer list.
         Value::Array(a) => a
             .iter()
-            .map(|x| answer_values(x).map(|mut v| v.remove(0)))
+            .map(|x| answer_values(x).and_then(|v| v.into_iter().next()))
             .collect(),
         _ => None,
     }
@@ -311,8 +315,14 @@ fn problem_from(
 /// plain JSONL of `{id, problem, answer}`; the format is told by the fields of each record.
 pub fn load_suite(path: impl AsRef<Path>) -> Result<Vec<Problem>, DataError> {
     let path = path.as_ref();
+    parse_suite(&read(path)?, path)
+}
+
+/// [`load_suite`] of text already read from `path` (named in errors; its extension and name
+/// matter as they do for a file).
+pub fn parse_suite(text: &str, path: &Path) -> Result<Vec<Problem>, DataError> {
     let suite = suite_name(path);
-    records(path)?
+    records(text, path)?
         .iter()
         .map(|(line, m)| problem_from(m, path, *line, &suite, false))
         .collect()
@@ -323,9 +333,14 @@ pub fn load_suite(path: impl AsRef<Path>) -> Result<Vec<Problem>, DataError> {
 /// uses: the `agreement` rule, the safeguard's watched prompts; rules that grade refuse it).
 pub fn load_pool(path: impl AsRef<Path>) -> Result<Vec<Problem>, DataError> {
     let path = path.as_ref();
+    parse_pool(&read(path)?, path)
+}
+
+/// [`load_pool`] of text already read from `path` (named in errors, as for [`parse_suite`]).
+pub fn parse_pool(text: &str, path: &Path) -> Result<Vec<Problem>, DataError> {
     let suite = suite_name(path);
     let mut out = Vec::new();
-    for (line, m) in records(path)? {
+    for (line, m) in records(text, path)? {
         if !matches!(m.get("prompt"), Some(Value::Array(_))) {
             return Err(DataError::Record {
                 path: path.into(),
@@ -423,6 +438,17 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("pool.jsonl:1"));
+        // An empty nested answer list is an error, not a panic.
+        let e = parse_suite(
+            "{\"problem\": \"x\", \"answer\": [[]]}",
+            Path::new("nested.jsonl"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nested.jsonl:1") && e.contains("`answer`"),
+            "{e}"
+        );
         let e = load_suite("/nonexistent/x.jsonl").unwrap_err().to_string();
         assert!(e.contains("/nonexistent/x.jsonl"), "{e}");
     }

@@ -23,12 +23,69 @@ pub struct ChatTemplate {
     pub eos_token: String,
 }
 
+/// Most template instructions one render may run: far above any real chat template (a few
+/// thousand for a long conversation), low enough that a template that loops stops within a second.
+pub const MAX_TEMPLATE_STEPS: u64 = 1_000_000;
+/// Deepest nesting of loops, conditions, macro calls and includes while rendering (minijinja's
+/// default is 500, which a 2 MiB thread stack may not hold).
+pub const MAX_TEMPLATE_DEPTH: usize = 100;
+/// Longest rendered prompt, in bytes.
+pub const MAX_RENDERED_BYTES: usize = 4 << 20;
+
 /// Why a template could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum PromptError {
     /// The template failed to compile or render.
     #[error("chat template: {0:#}")]
     Template(#[from] minijinja::Error),
+    /// The template ran out of its [`MAX_TEMPLATE_STEPS`].
+    #[error("chat template: rendering takes more than {MAX_TEMPLATE_STEPS} steps (a loop that does not end?)")]
+    TooManySteps,
+    /// The template nests deeper than [`MAX_TEMPLATE_DEPTH`] (or than minijinja's parser allows).
+    #[error(
+        "chat template: nested deeper than {MAX_TEMPLATE_DEPTH} levels (unbounded recursion?)"
+    )]
+    TooDeep,
+    /// The rendered text would exceed [`MAX_RENDERED_BYTES`].
+    #[error("chat template: the rendered prompt exceeds {MAX_RENDERED_BYTES} bytes")]
+    TooLong,
+}
+
+impl PromptError {
+    /// The limit a minijinja error reports, if it is one, else the error itself.
+    fn from_render(e: minijinja::Error, output_full: bool) -> Self {
+        let detail = e.detail().unwrap_or("");
+        if output_full {
+            Self::TooLong
+        } else if e.kind() == minijinja::ErrorKind::OutOfFuel {
+            Self::TooManySteps
+        } else if detail.contains("recursion limit") {
+            Self::TooDeep
+        } else {
+            Self::Template(e)
+        }
+    }
+}
+
+/// An output that refuses to grow past [`MAX_RENDERED_BYTES`].
+struct BoundedOutput {
+    text: Vec<u8>,
+    full: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > MAX_RENDERED_BYTES {
+            self.full = true;
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ChatTemplate {
@@ -48,16 +105,35 @@ impl ChatTemplate {
             },
         );
         env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
-        env.add_template("chat", &self.template)?;
-        let tmpl = env.get_template("chat")?;
-        let out = tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-            tools => minijinja::Value::UNDEFINED,
+        env.set_fuel(Some(MAX_TEMPLATE_STEPS));
+        env.set_recursion_limit(MAX_TEMPLATE_DEPTH);
+        env.add_template("chat", &self.template).map_err(|e| {
+            if e.detail().is_some_and(|d| d.contains("recursion limit")) {
+                PromptError::TooDeep
+            } else {
+                PromptError::Template(e)
+            }
         })?;
-        Ok(out)
+        let tmpl = env.get_template("chat")?;
+        let mut out = BoundedOutput {
+            text: Vec::new(),
+            full: false,
+        };
+        let rendered = tmpl.render_captured_to(
+            minijinja::context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+                tools => minijinja::Value::UNDEFINED,
+            },
+            &mut out,
+        );
+        if let Err(e) = rendered {
+            return Err(PromptError::from_render(e, out.full));
+        }
+        // Every piece minijinja writes is a whole &str, so this is never lossy.
+        Ok(String::from_utf8_lossy(&out.text).into_owned())
     }
 }
 
@@ -112,5 +188,38 @@ mod tests {
         };
         let s = t.render(&user("What is 1+1?")).unwrap();
         assert!(s.starts_with("WHAT IS 1+1?") && s.ends_with("!</s>"), "{s}");
+    }
+
+    #[test]
+    fn hostile_templates_stop_quickly_with_one_line_errors() {
+        let render = |template: &str| {
+            let t = ChatTemplate {
+                template: template.into(),
+                bos_token: String::new(),
+                eos_token: String::new(),
+            };
+            let start = std::time::Instant::now();
+            let e = t.render(&user("x")).unwrap_err();
+            assert!(
+                start.elapsed().as_secs() < 5,
+                "{template}: took {:?}",
+                start.elapsed()
+            );
+            let e = e.to_string();
+            assert!(!e.contains('\n'), "{e}");
+            e
+        };
+        // 10^15 iterations that output nothing.
+        let e = render("{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}{% endfor %}{% endfor %}{% endfor %}");
+        assert!(e.contains("more than 1000000 steps"), "{e}");
+        // A macro that calls itself forever.
+        let e = render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
+        assert!(e.contains("nested deeper than 100"), "{e}");
+        // Nesting the parser refuses.
+        let e = render(&("{% if true %}".repeat(400) + &"{% endif %}".repeat(400)));
+        assert!(e.contains("nested deeper"), "{e}");
+        // 100 MB of output from a few steps.
+        let e = render("{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}");
+        assert!(e.contains("exceeds 4194304 bytes"), "{e}");
     }
 }

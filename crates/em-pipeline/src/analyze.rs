@@ -290,8 +290,7 @@ const HIST_RANGE: (f64, f64) = (-15.0, 25.0);
 /// Logit statistics of two HF models over the response positions of the same texts.
 pub fn logit_shift(base: &Path, tuned: &Path, pairs: &[(String, String)]) -> Result<LogitShift> {
     let tokenizer_path = tuned.join("tokenizer.json");
-    let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer_path.display()))?;
+    let tokenizer = em_convert::tokenizer::load_hf_tokenizer(&tokenizer_path)?;
     let encode = |s: &str| -> Result<Vec<u32>> {
         Ok(tokenizer
             .encode(s, false)

@@ -31,10 +31,15 @@ impl HfVocab {
     /// Reads `dir/tokenizer.json` and `dir/tokenizer_config.json` (errors name the file).
     pub fn open(dir: &Path) -> Result<Self, SamplerError> {
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| {
+        let tokenizer = em_convert::tokenizer::load_hf_tokenizer(&tok_path).map_err(|e| {
+            // The error names the file first, as `backend` does.
+            let e = e.to_string();
+            let what = e
+                .strip_prefix(&format!("{}: ", tok_path.display()))
+                .unwrap_or(&e);
             SamplerError::backend(
                 tok_path.display(),
-                format!("cannot load the tokenizer: {e}"),
+                format!("cannot load the tokenizer: {what}"),
             )
         })?;
         let cfg_path = dir.join("tokenizer_config.json");
