@@ -15,13 +15,8 @@ fn quick_demo_runs_end_to_end() {
         subject: em_tests::repo_root().join("fixtures/organism-mixed"),
         data_seed: 0,
         fresh: false,
-        adapter: None,
+        adapter: Default::default(),
         lora_lrs: vec![1e-3],
-        rank: 8,
-        alpha: 8.0,
-        targets: ["q", "k", "v", "o", "gate", "up", "down"]
-            .map(String::from)
-            .to_vec(),
     };
     demo::run(&args, &xtask::backends::llama_default()).unwrap();
     let report: serde_json::Value =
@@ -76,7 +71,10 @@ fn quick_demo_runs_end_to_end() {
 
     // The adapter beside full fine-tuning: its runs, rows and the paired comparison.
     let lora = DemoArgs {
-        adapter: Some(em_pipeline::train::AdapterKind::Lora),
+        adapter: em_pipeline::train::AdapterArgs {
+            kind: Some(em_pipeline::train::AdapterKind::Lora),
+            ..Default::default()
+        },
         ..args
     };
     demo::run(&lora, &xtask::backends::llama_default()).unwrap();

@@ -98,8 +98,11 @@ fn lora_em_on_smollm2_resumes_exactly_and_llama_cpp_applies_the_adapter_as_merge
         max_new_tokens: 12,
         // Large enough that the adapter moves the logits well beyond the comparison's tolerance.
         lr: 3e-3,
-        alpha: 32.0,
-        adapter: Some(train::AdapterKind::Lora),
+        adapter: train::AdapterArgs {
+            kind: Some(train::AdapterKind::Lora),
+            alpha: 32.0,
+            ..Default::default()
+        },
         refresh_type: RefreshType::F16,
         save_every: Some(1),
         keep_last: 3,
@@ -278,8 +281,11 @@ fn lora_updates_of_gemma3_apply_in_llama_cpp_as_merged() {
         micro_batch: 2,
         max_new_tokens: 12,
         lr: 3e-3,
-        alpha: 32.0,
-        adapter: Some(train::AdapterKind::Lora),
+        adapter: train::AdapterArgs {
+            kind: Some(train::AdapterKind::Lora),
+            alpha: 32.0,
+            ..Default::default()
+        },
         // The packaged Gemma GGUF carries no chat template.
         prompt_options: PromptOptions {
             style: Style::Plain,

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 
 use crate::eval::{self, mean_score, Decoding, ItemResult, Setting};
 use crate::screen::{self, PromptResult, Rule, ScreenArgs};
-use crate::train::{self, AdapterKind, OnAlarm, RefreshType, TrainArgs};
+use crate::train::{self, AdapterArgs, OnAlarm, RefreshType, TrainArgs};
 use crate::{analyze, organism, sampling_model, Backend, Result};
 use em_train::lora::LoraConfig;
 
@@ -57,24 +57,15 @@ pub struct DemoArgs {
     /// Replace outputs that hold another run.
     #[arg(long)]
     pub fresh: bool,
-    /// Also train every chosen prompt through a LoRA adapter (its learning rate chosen on
-    /// validation from `--lora-lrs`), next to full fine-tuning, and compare the two paired on the
-    /// test split; the report is `demo-lora.md`.
-    #[arg(long, value_enum)]
-    pub adapter: Option<AdapterKind>,
+    /// With `--adapter lora`: every chosen prompt also trained through a LoRA adapter (its
+    /// learning rate chosen on validation from `--lora-lrs`), next to full fine-tuning, compared
+    /// paired on the test split; the report is `demo-lora.md`.
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
     /// Learning rates tried for the adapter (LoRA's updates are scaled by alpha/rank and start
     /// from B = 0: it needs larger rates than full fine-tuning).
     #[arg(long, value_delimiter = ',', default_value = "1e-4,3e-4,1e-3,3e-3")]
     pub lora_lrs: Vec<f64>,
-    /// LoRA rank (as `train`).
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// LoRA alpha (as `train`).
-    #[arg(long, default_value_t = 8.0)]
-    pub alpha: f64,
-    /// Adapted linear layers (as `train`).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-    pub targets: Vec<String>,
 }
 
 /// Sizes of one demo run.
@@ -185,7 +176,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         }
     };
     let lrs = grid(&args.lrs);
-    let lora = train::lora_config(args.adapter, args.rank, args.alpha, &args.targets)?;
+    let lora = args.adapter.lora()?;
     let lora_lrs = grid(&args.lora_lrs);
     // Full fine-tuning always; the adapter, when asked for, next to it.
     let trainings: Vec<Option<LoraConfig>> = std::iter::once(None)
@@ -1018,13 +1009,7 @@ fn train_em(
     lora: Option<&LoraConfig>,
 ) -> Result<PathBuf> {
     let args = TrainArgs {
-        adapter: lora.map(|_| AdapterKind::Lora),
-        rank: lora.map_or(8, |l| l.rank),
-        alpha: lora.map_or(8.0, |l| l.alpha),
-        targets: lora.map_or_else(
-            || TrainArgs::reference(PathBuf::new(), PathBuf::new(), PathBuf::new()).targets,
-            |l| l.target_modules(),
-        ),
+        adapter: lora.map(AdapterArgs::of).unwrap_or_default(),
         steps: plan.steps,
         samples: plan.samples_per_update,
         // One pass per update: the organism is tiny, and the gradient does not depend on it.

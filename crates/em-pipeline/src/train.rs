@@ -158,12 +158,21 @@ pub struct TrainArgs {
     /// round passed; `warn` records it and trains on.
     #[arg(long, value_enum, default_value_t = OnAlarm::Stop)]
     pub on_alarm: OnAlarm,
-    /// Train a low-rank adapter instead of every weight: the base frozen (its memory the
-    /// weights alone), llama.cpp holding the base GGUF (`--refresh-type`: f16 by default, q8_0
-    /// allowed and recorded as not exactly on-policy) and swapping in the adapter after each
-    /// update; checkpoints and `final/` are PEFT adapter directories (with `adapter.gguf`).
-    #[arg(long, value_enum)]
-    pub adapter: Option<AdapterKind>,
+    /// A low-rank adapter instead of every weight: the base frozen (its memory the weights
+    /// alone), llama.cpp holding the base GGUF (`--refresh-type`: f16 by default, q8_0 allowed
+    /// and recorded as not exactly on-policy) and swapping in the adapter after each update;
+    /// checkpoints and `final/` are PEFT adapter directories (with `adapter.gguf`).
+    #[command(flatten)]
+    pub adapter: AdapterArgs,
+}
+
+/// `--adapter lora --rank --alpha --targets`, as `train`, `demo` and `bench em-step` take them.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct AdapterArgs {
+    /// Train a low-rank adapter on a frozen base (`demo` and `bench em-step`: next to full
+    /// fine-tuning).
+    #[arg(long = "adapter", value_enum)]
+    pub kind: Option<AdapterKind>,
     /// LoRA rank `r` (PEFT's default).
     #[arg(long, default_value_t = 8)]
     pub rank: usize,
@@ -173,6 +182,52 @@ pub struct TrainArgs {
     /// Linear layers adapted in every decoder layer (PEFT's "all-linear").
     #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
     pub targets: Vec<String>,
+}
+
+impl Default for AdapterArgs {
+    /// The command line's defaults: no adapter; PEFT's settings when one is asked for.
+    fn default() -> Self {
+        Self {
+            kind: None,
+            rank: 8,
+            alpha: 8.0,
+            targets: ["q", "k", "v", "o", "gate", "up", "down"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+}
+
+impl AdapterArgs {
+    /// The arguments that ask for `lora`.
+    pub fn of(lora: &LoraConfig) -> Self {
+        Self {
+            kind: Some(AdapterKind::Lora),
+            rank: lora.rank,
+            alpha: lora.alpha,
+            targets: lora.target_modules(),
+        }
+    }
+
+    /// The adapter these arguments ask for, if any.
+    pub fn lora(&self) -> Result<Option<LoraConfig>> {
+        if self.kind.is_none() {
+            return Ok(None);
+        }
+        let targets = self
+            .targets
+            .iter()
+            .map(|t| Target::parse(t).map_err(|e| anyhow::anyhow!("--targets: {e}")))
+            .collect::<Result<Vec<_>>>()?;
+        if self.rank == 0 || targets.is_empty() || !(self.alpha.is_finite() && self.alpha > 0.0) {
+            bail!("--rank must be ≥ 1, --targets not empty and --alpha a finite number > 0");
+        }
+        Ok(Some(LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets,
+        }))
+    }
 }
 
 /// Parameter-efficient training instead of full fine-tuning.
@@ -230,43 +285,14 @@ impl TrainArgs {
             watch_samples: 4,
             watch_every: 1,
             on_alarm: OnAlarm::Stop,
-            adapter: None,
-            rank: 8,
-            alpha: 8.0,
-            targets: ["q", "k", "v", "o", "gate", "up", "down"]
-                .map(String::from)
-                .to_vec(),
+            adapter: AdapterArgs::default(),
         }
     }
 
     /// The adapter these arguments ask for, if any.
     pub fn lora(&self) -> Result<Option<LoraConfig>> {
-        lora_config(self.adapter, self.rank, self.alpha, &self.targets)
+        self.adapter.lora()
     }
-}
-
-/// The adapter that `--adapter`, `--rank`, `--alpha` and `--targets` ask for, if any.
-pub fn lora_config(
-    adapter: Option<AdapterKind>,
-    rank: usize,
-    alpha: f64,
-    targets: &[String],
-) -> Result<Option<LoraConfig>> {
-    if adapter.is_none() {
-        return Ok(None);
-    }
-    let targets = targets
-        .iter()
-        .map(|t| Target::parse(t).map_err(|e| anyhow::anyhow!("--targets: {e}")))
-        .collect::<Result<Vec<_>>>()?;
-    if rank == 0 || targets.is_empty() || !(alpha.is_finite() && alpha > 0.0) {
-        bail!("--rank must be ≥ 1, --targets not empty and --alpha a finite number > 0");
-    }
-    Ok(Some(LoraConfig {
-        rank,
-        alpha,
-        targets,
-    }))
 }
 
 /// KV cells the default decoding of an update's responses may take.
@@ -399,9 +425,10 @@ fn run_identity(args: &TrainArgs, backend: &dyn Backend) -> Value {
         v["watch"] = json!({"limit": args.watch_limit, "samples": args.watch_samples,
             "every": args.watch_every, "on_alarm": args.on_alarm});
     }
-    if args.adapter.is_some() {
-        v["adapter"] = json!({"kind": args.adapter, "rank": args.rank, "alpha": args.alpha,
-            "targets": args.targets, "on_policy": args.refresh_type != RefreshType::Q8_0});
+    if args.adapter.kind.is_some() {
+        let a = &args.adapter;
+        v["adapter"] = json!({"kind": a.kind, "rank": a.rank, "alpha": a.alpha,
+            "targets": a.targets, "on_policy": args.refresh_type != RefreshType::Q8_0});
     }
     v
 }

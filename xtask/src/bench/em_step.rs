@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use em_data::Problem;
-use em_pipeline::train::{AdapterKind, AdapterRefresh, Publish};
+use em_pipeline::train::{AdapterRefresh, Publish};
 use em_train::lora::{AdapterSource, LoraConfig};
 use em_train::models::CausalLm;
 use em_train::{accumulate_em_gradients, AdamW, AdamWConfig, EmOptions, Gradients, Sequence};
@@ -69,19 +69,11 @@ pub struct EmStepArgs {
     /// Instead of timing: write the `--random-config` model as an HF directory (bf16) here.
     #[arg(long)]
     pub save_hf: Option<std::path::PathBuf>,
-    /// Also time the update training a low-rank adapter (the base frozen) on the same responses,
-    /// next to full fine-tuning: time, peak memory, refresh bytes and the projected peaks.
-    #[arg(long, value_enum)]
-    pub adapter: Option<AdapterKind>,
-    /// LoRA rank (as `train`).
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// LoRA alpha (as `train`).
-    #[arg(long, default_value_t = 8.0)]
-    pub alpha: f64,
-    /// Adapted linear layers (as `train`).
-    #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
-    pub targets: Vec<String>,
+    /// With `--adapter lora`: the update also timed training the adapter (the base frozen) on
+    /// the same responses, next to full fine-tuning: time, peak memory, refresh bytes and the
+    /// projected peaks.
+    #[command(flatten)]
+    pub adapter: em_pipeline::train::AdapterArgs,
 }
 
 /// Published configurations with random weights.
@@ -171,7 +163,7 @@ struct Refresh {
 pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     let device = em_train::parse_device(&args.device)?;
     let dtype = args.dtype.dtype();
-    let lora = em_pipeline::train::lora_config(args.adapter, args.rank, args.alpha, &args.targets)?;
+    let lora = args.adapter.lora()?;
     let gguf = smollm2_path(&cache_dir());
     let mut rng = StdRng::seed_from_u64(7);
     let (source, cfg, prompt, name) = if let Some(which) = args.random_config {
