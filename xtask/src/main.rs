@@ -1,5 +1,9 @@
 use clap::Parser;
 
+/// Chat templates from downloaded models render under a memory budget (em_data::MAX_TEMPLATE_MEMORY).
+#[global_allocator]
+static ALLOC: em_alloc::BudgetAlloc = em_alloc::BudgetAlloc;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())

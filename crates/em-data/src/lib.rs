@@ -12,6 +12,6 @@ pub use load::{
     last_boxed, load_pool, load_suite, parse_pool, parse_suite, ChatMessage, DataError, Problem,
 };
 pub use prompt::{
-    ChatTemplate, PromptError, MAX_RENDERED_BYTES, MAX_TEMPLATE_DEPTH, MAX_TEMPLATE_STEPS,
-    QWEN_MATH_COT_SYSTEM, STEP_BY_STEP,
+    ChatTemplate, PromptError, MAX_RENDERED_BYTES, MAX_TEMPLATE_DEPTH, MAX_TEMPLATE_MEMORY,
+    MAX_TEMPLATE_STEPS, QWEN_MATH_COT_SYSTEM, STEP_BY_STEP,
 };

@@ -31,6 +31,10 @@ pub const MAX_TEMPLATE_STEPS: u64 = 1_000_000;
 pub const MAX_TEMPLATE_DEPTH: usize = 100;
 /// Longest rendered prompt, in bytes.
 pub const MAX_RENDERED_BYTES: usize = 4 << 20;
+/// Most memory one render may hold (minijinja has no bound on a value's size: a template can double
+/// a string a few dozen times within its steps). Enforced where the binary installs
+/// [`em_alloc::BudgetAlloc`]; a real template holds a few times its output.
+pub const MAX_TEMPLATE_MEMORY: usize = 64 << 20;
 
 /// Why a template could not be rendered.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +53,15 @@ pub enum PromptError {
     /// The rendered text would exceed [`MAX_RENDERED_BYTES`].
     #[error("chat template: the rendered prompt exceeds {MAX_RENDERED_BYTES} bytes")]
     TooLong,
+    /// Rendering would hold more than its memory budget ([`MAX_TEMPLATE_MEMORY`] by default).
+    #[error("chat template: rendering needs more than {} MiB of memory (a value that grows without bound?)", limit >> 20)]
+    TooMuchMemory {
+        /// The budget, in bytes.
+        limit: usize,
+    },
+    /// minijinja panicked, or no thread could be started to render on.
+    #[error("chat template: rendering failed: {0}")]
+    Failed(String),
 }
 
 impl PromptError {
@@ -88,9 +101,40 @@ impl std::io::Write for BoundedOutput {
     }
 }
 
+/// Fill minijinja's lazily built tables here, not on a bounded thread that may never return (and
+/// would leave them locked).
+fn warm_up_minijinja() {
+    static WARM: std::sync::Once = std::sync::Once::new();
+    WARM.call_once(|| {
+        let _ = minijinja::Environment::new().render_str("{{ 1 }}{{ 'a'|upper }}", ());
+    });
+}
+
 impl ChatTemplate {
-    /// Render `messages` with `add_generation_prompt`, as `transformers` does.
+    /// Render `messages` with `add_generation_prompt`, as `transformers` does, on a thread that
+    /// may hold at most [`MAX_TEMPLATE_MEMORY`].
     pub fn render(&self, messages: &[ChatMessage]) -> Result<String, PromptError> {
+        self.render_within(messages, MAX_TEMPLATE_MEMORY)
+    }
+
+    /// [`render`](Self::render) with another memory budget, in bytes. A render that exceeds it
+    /// leaves its thread blocked, holding up to the budget, for good (see `em_alloc`).
+    pub fn render_within(
+        &self,
+        messages: &[ChatMessage],
+        max_memory: usize,
+    ) -> Result<String, PromptError> {
+        warm_up_minijinja();
+        let template = self.clone();
+        let messages = messages.to_vec();
+        match em_alloc::run_bounded(max_memory, move || template.render_unbounded(&messages)) {
+            Ok(rendered) => rendered,
+            Err(em_alloc::Error::OverBudget { limit }) => Err(PromptError::TooMuchMemory { limit }),
+            Err(e) => Err(PromptError::Failed(e.to_string())),
+        }
+    }
+
+    fn render_unbounded(&self, messages: &[ChatMessage]) -> Result<String, PromptError> {
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);

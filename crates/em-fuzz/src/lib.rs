@@ -7,6 +7,15 @@
 
 pub mod seeds;
 
+/// Every fuzz binary and the replay test render chat templates under a memory budget, as `xtask`
+/// does.
+#[global_allocator]
+static ALLOC: em_alloc::BudgetAlloc = em_alloc::BudgetAlloc;
+
+/// The memory budget of one fuzzed render: far above what the seed conversations need, and small
+/// because a render over budget keeps what it held for the life of the process.
+pub const TEMPLATE_MEMORY: usize = 1 << 20;
+
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -142,7 +151,10 @@ pub fn chat_template(data: &[u8]) {
         eos_token: "</s>".into(),
     };
     let conversations = seeds::conversations();
-    let _ = template.render(&conversations[data.len() % conversations.len()]);
+    let _ = template.render_within(
+        &conversations[data.len() % conversations.len()],
+        TEMPLATE_MEMORY,
+    );
 }
 
 /// A suite file, read as `.jsonl` and as `.json`.

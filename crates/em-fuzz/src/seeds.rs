@@ -783,6 +783,15 @@ fn template_seeds() -> Vec<Seed> {
             "huge-output".into(),
             "{% for i in range(1000) %}{{ 'x' * 100000 }}{% endfor %}".into(),
         ),
+        // Values that grow past the memory budget within the step budget.
+        (
+            "grow-by-recursion".into(),
+            "{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f(messages[0].content * 10000, 20) }}".into(),
+        ),
+        (
+            "grow-by-join".into(),
+            "{% set a = range(100000)|join('xyz') %}{{ range(100000)|join(a)|length }}".into(),
+        ),
         ("syntax-error".into(), "{% for m in messages %}{{ m.content ".into()),
     ];
     for (model, bytes) in fixture_files("tokenizer_config.json") {
