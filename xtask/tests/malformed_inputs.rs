@@ -229,6 +229,28 @@ fn cases(tmp: &Path) -> Vec<Case> {
         input: "pool JSONL: a malformed line",
         args: v,
     });
+    for (input, name, template) in [
+        (
+            "chat template: a value that doubles 40 times",
+            "template-grows",
+            "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+        ),
+        (
+            "chat template: a loop that does not end",
+            "template-loops",
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        ),
+    ] {
+        let dir = fixture_copy(tmp, name);
+        edit_json(&dir.join("tokenizer_config.json"), |v| {
+            v["chat_template"] = template.into()
+        });
+        let mut v = s(&["prompt", "--style", "chat", "--model"]);
+        v.push(dir.to_string_lossy().into_owned());
+        v.extend(s(&["--suite"]));
+        v.push(t("ok.jsonl"));
+        cases.push(Case { input, args: v });
+    }
     let mut v = s(&[
         "eval",
         "--backend",

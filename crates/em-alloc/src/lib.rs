@@ -19,7 +19,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::Thread;
 
@@ -44,6 +44,7 @@ pub enum Error {
 pub struct BudgetAlloc;
 
 static INSTALLED: AtomicBool = AtomicBool::new(false);
+static BLOCKED: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     /// Budget of this thread in bytes; 0 while unbounded.
@@ -65,6 +66,11 @@ pub fn enforced() -> bool {
     // Make sure at least one allocation went through the global allocator.
     drop(std::hint::black_box(Box::new(0u8)));
     INSTALLED.load(Ordering::Relaxed)
+}
+
+/// How many threads this process has left blocked for going over budget.
+pub fn threads_left_blocked() -> usize {
+    BLOCKED.load(Ordering::Relaxed)
 }
 
 /// Count `size` more bytes against this thread's budget. Never returns when the budget is exceeded.
@@ -99,6 +105,7 @@ fn refund(size: usize) {
 
 #[cold]
 fn over_budget() -> ! {
+    BLOCKED.fetch_add(1, Ordering::Relaxed);
     let signal = SIGNAL.get();
     // SAFETY: `run_bounded` sets SIGNAL together with LIMIT, from an `Arc<Signal>` that the
     // bounded thread's closure owns; that closure never returns from here, so the Arc outlives us.

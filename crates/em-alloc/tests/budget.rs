@@ -33,6 +33,7 @@ fn a_thread_over_budget_gives_an_error_instead_of_the_memory() {
     let out = run_bounded(16 * MIB, || vec![1u8; 1 << 40].len());
     assert!(matches!(out, Err(Error::OverBudget { .. })), "{out:?}");
     assert!(start.elapsed() < Duration::from_secs(20));
+    assert!(em_alloc::threads_left_blocked() >= 2);
     // The process goes on allocating, bounded or not.
     assert_eq!(vec![0u8; 64 * MIB].len(), 64 * MIB);
     assert_eq!(run_bounded(16 * MIB, || vec![0u8; MIB].len()).unwrap(), MIB);

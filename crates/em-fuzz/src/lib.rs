@@ -14,7 +14,7 @@ static ALLOC: em_alloc::BudgetAlloc = em_alloc::BudgetAlloc;
 
 /// The memory budget of one fuzzed render: far above what the seed conversations need, and small
 /// because a render over budget keeps what it held for the life of the process.
-pub const TEMPLATE_MEMORY: usize = 1 << 20;
+pub const TEMPLATE_MEMORY: usize = 256 << 10;
 
 use std::io::Cursor;
 use std::path::{Path, PathBuf};

@@ -296,6 +296,12 @@ fn mutate_target(name: &'static str) {
     match finished.recv_timeout(MUTATION_BUDGET + SLOW_INPUT * 10) {
         Ok(Ok((runs, slowest, took))) => {
             eprintln!("{name}: {runs} mutations in {took:.1?}, slowest {slowest:.1?}");
+            if name == "chat_template" {
+                eprintln!(
+                    "{name}: {} renders over their memory budget left blocked",
+                    em_alloc::threads_left_blocked()
+                );
+            }
             assert!(runs >= 100, "{name}: only {runs} mutations ran");
         }
         Ok(Err(e)) => panic!("{e}"),

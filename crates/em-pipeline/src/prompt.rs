@@ -100,7 +100,7 @@ impl<'v> PromptRenderer<'v> {
                     role: "user".into(),
                     content: "1+1".into(),
                 }])
-                .map_err(|e| Error::msg(format!("{}: chat template: {e}", source.origin)))?;
+                .map_err(|e| Error::msg(format!("{}: {e}", source.origin)))?;
                 let name = if options.style == Style::Auto {
                     "auto"
                 } else {
