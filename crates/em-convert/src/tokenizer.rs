@@ -1189,12 +1189,22 @@ fn spm_merges(tokens: &[&str], types: &[i32], scores: Option<&[f64]>) -> Vec<(St
             .unwrap_or(std::cmp::Ordering::Equal)
             .then(a.cmp(&b))
     });
+    // Look a split up only where both halves have the length of some piece: hashing every prefix
+    // of every piece is quadratic in a piece's length, which a hostile GGUF makes megabytes.
+    let longest = normal.keys().map(|t| t.len()).max().unwrap_or(0);
+    let mut has_length = vec![false; longest + 1];
+    for t in normal.keys() {
+        has_length[t.len()] = true;
+    }
     let mut out = Vec::new();
     let mut local: Vec<(usize, usize)> = Vec::new();
     for i in order {
         let piece = tokens[i];
         local.clear();
         for (pos, _) in piece.char_indices().skip(1) {
+            if !(has_length[pos] && has_length[piece.len() - pos]) {
+                continue;
+            }
             if let (Some(&l), Some(&r)) = (normal.get(&piece[..pos]), normal.get(&piece[pos..])) {
                 local.push((l, r));
             }

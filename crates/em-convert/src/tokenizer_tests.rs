@@ -807,3 +807,19 @@ fn gemma3_rebuilt_matches_llama_cpp_spm_algorithm() {
     }
     assert_eq!(mismatches, 0);
 }
+
+#[test]
+fn spm_merges_look_up_only_splits_whose_halves_are_pieces_lengths() {
+    // A 1 MB piece: hashing each of its prefixes would take minutes; the length filter skips them.
+    let huge = "a".repeat(1 << 20);
+    let tokens = ["a", "b", "ab", "ba", "aba", huge.as_str()];
+    let types = [TOKEN_NORMAL; 6];
+    let scores = [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0];
+    let merges = spm_merges(&tokens, &types, Some(&scores));
+    let pairs: Vec<(&str, &str)> = merges
+        .iter()
+        .map(|(l, r)| (l.as_str(), r.as_str()))
+        .collect();
+    // By piece score, then by (left id, right id); the huge piece has no split into pieces.
+    assert_eq!(pairs, [("a", "b"), ("b", "a"), ("a", "ba"), ("ab", "a")]);
+}
