@@ -4,9 +4,16 @@
 //!
 //! The budget is enforced by [`BudgetAlloc`], which a binary installs as its global allocator:
 //!
-//! ```ignore
+//! ```
 //! #[global_allocator]
 //! static ALLOC: em_alloc::BudgetAlloc = em_alloc::BudgetAlloc;
+//!
+//! fn main() {
+//!     let grow = || (0..40).fold(String::from("x"), |s, _| s.repeat(2)).len();
+//!     let out = em_alloc::run_bounded(16 << 20, grow);
+//!     assert!(matches!(out, Err(em_alloc::Error::OverBudget { .. })));
+//!     assert_eq!(em_alloc::run_bounded(16 << 20, || vec![0u8; 1 << 20].len()).unwrap(), 1 << 20);
+//! }
 //! ```
 //!
 //! Without it (see [`enforced`]), `run_bounded` still runs the closure on its own thread, unbounded.
