@@ -19,16 +19,17 @@ fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-qwen2")
 }
 
-/// A small generator (SplitMix64): the moments must not depend on a crate's version.
-struct Moments(u64);
+/// The sampler's seeded stream (em-sampler's own, so the moments do not depend on another crate's
+/// version).
+struct Moments(em_sampler::maths::Rng);
 
 impl Moments {
+    fn new(seed: u64) -> Self {
+        Self(em_sampler::maths::Rng::new(seed, 0))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: u64) -> u64 {
@@ -348,7 +349,7 @@ fn harness(kind: &str, rtol: f64, input: impl Fn(&Path) -> PathBuf) {
     let (hits, whole) = reference(kind, &input, &clean, &tmp.path().join("trace"));
     let expected = contents(&clean);
     for round in 0..rounds {
-        let mut moments = Moments(seed + round);
+        let mut moments = Moments::new(seed + round);
         let out = tmp.path().join(format!("killed-{round}"));
         let log = killed_run(kind, &input, &out, &hits, whole, &mut moments);
         let got = contents(&out);

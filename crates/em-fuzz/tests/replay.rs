@@ -137,16 +137,16 @@ fn write_corpus() {
     eprintln!("wrote {n} seed files");
 }
 
-/// SplitMix64: the mutations are the same on every run.
-struct Rng(u64);
+/// The sampler's seeded stream: the mutations are the same on every run.
+struct Rng(em_sampler::maths::Rng);
 
 impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(em_sampler::maths::Rng::new(seed, 0))
+    }
+
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn below(&mut self, n: usize) -> usize {
@@ -271,7 +271,7 @@ fn mutate_target(name: &'static str) {
     let (done, finished) = mpsc::channel();
     let watched = Arc::clone(&current);
     std::thread::spawn(move || {
-        let mut rng = Rng(fnv(name.as_bytes()));
+        let mut rng = Rng::new(fnv(name.as_bytes()));
         let start = Instant::now();
         let (mut runs, mut slowest) = (0usize, Duration::ZERO);
         'rounds: for _ in 0..ROUNDS {

@@ -185,16 +185,15 @@ pub struct AdapterArgs {
 }
 
 impl Default for AdapterArgs {
-    /// The command line's defaults: no adapter; PEFT's settings when one is asked for.
+    /// The command line's defaults (read from the attributes above, so they are written once): no
+    /// adapter; PEFT's settings when one is asked for.
     fn default() -> Self {
-        Self {
-            kind: None,
-            rank: 8,
-            alpha: 8.0,
-            targets: ["q", "k", "v", "o", "gate", "up", "down"]
-                .map(String::from)
-                .to_vec(),
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            adapter: AdapterArgs,
         }
+        <Defaults as clap::Parser>::parse_from(["defaults"]).adapter
     }
 }
 
