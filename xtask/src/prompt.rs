@@ -29,7 +29,7 @@ pub struct PromptArgs {
 pub fn run(args: &PromptArgs) -> Result<()> {
     let mut problems = match (&args.suite, &args.pool) {
         (Some(suite), None) => em_data::load_suite(em_pipeline::assets::suite_path(suite)?)?,
-        (None, Some(pool)) => em_data::load_pool(pool)?,
+        (None, Some(pool)) => em_data::load_pool(em_pipeline::assets::pool_path(pool)?)?,
         _ => bail!("give --suite or --pool"),
     };
     problems.truncate(args.limit);

@@ -1,17 +1,15 @@
 //! Responses graded per second on one core, over all MATH500 gold solutions as responses.
 //!
-//! `cargo run --release -p em-grade --example grade_bench [-- path/to/math500.jsonl]`
+//! `cargo run --release -p em-grade --example grade_bench -- MATH500.jsonl` (the file
+//! `cargo xtask fetch math-data` puts at `~/.cache/oneshot-em/data/math500/test.jsonl`)
 
 use std::time::Instant;
 
 fn main() {
-    let default = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/data/bench/math500.jsonl"
-    );
-    let path = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| default.to_string());
+    let Some(path) = std::env::args().nth(1) else {
+        eprintln!("usage: grade_bench MATH500.jsonl (cargo xtask fetch math-data provides it)");
+        std::process::exit(2);
+    };
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {

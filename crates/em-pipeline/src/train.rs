@@ -56,7 +56,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt file: pool JSONL (`id`, `prompt` chat messages, `answer`), e.g. `screen`'s
-    /// chosen.jsonl or pool/pi1.jsonl; the first record is used unless --prompt-id says otherwise.
+    /// chosen.jsonl, or a bundled pool's name (`pi1`, `dsr`); the first record is used unless
+    /// --prompt-id says otherwise.
     #[arg(long)]
     pub prompt: PathBuf,
     /// Which record of the prompt file to train on.
@@ -140,9 +141,9 @@ pub struct TrainArgs {
     /// Stop after this many steps of this invocation (a later run resumes).
     #[arg(long)]
     pub stop_after: Option<usize>,
-    /// The safeguard's held-out prompts (pool JSONL; answers, if any, are never read): sampled
-    /// from the weights being trained, they stop the run when its responses stop finishing (see
-    /// `safeguard`). Off without it.
+    /// The safeguard's held-out prompts (pool JSONL or a bundled pool's name; answers, if any,
+    /// are never read): sampled from the weights being trained, they stop the run when its
+    /// responses stop finishing (see `safeguard`). Off without it.
     #[arg(long)]
     pub watch: Option<PathBuf>,
     /// Watched prompts (the first N of `--watch`).
@@ -445,6 +446,7 @@ impl Watch {
         if args.watch_limit == 0 || args.watch_samples == 0 || args.watch_every == 0 {
             bail!("--watch-limit, --watch-samples and --watch-every must be positive");
         }
+        let path = &crate::assets::pool_path(path)?;
         let mut problems = em_data::load_pool(path).map_err(|e| anyhow::anyhow!("{e}"))?;
         problems.truncate(args.watch_limit);
         if problems.is_empty() {
@@ -486,6 +488,7 @@ pub fn step_seed(seed: u64, step: usize) -> u64 {
 
 /// The prompt record to train on.
 pub fn load_prompt(path: &Path, id: Option<&str>) -> Result<Problem> {
+    let path = &crate::assets::pool_path(path)?;
     let problems = em_data::load_pool(path)
         .or_else(|pool_err| em_data::load_suite(path).map_err(|_| pool_err))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -801,13 +804,15 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let identity = run_identity(args, backend);
     let watch = Watch::load(args, backend)?;
     let mut manifest = Manifest::new("train", em_store::model_identity(&args.model)?, identity);
-    manifest
-        .inputs
-        .insert("prompt".into(), em_store::file_identity(&args.prompt)?);
+    manifest.inputs.insert(
+        "prompt".into(),
+        em_store::file_identity(&crate::assets::pool_path(&args.prompt)?)?,
+    );
     if let Some(path) = &args.watch {
-        manifest
-            .inputs
-            .insert("watch".into(), em_store::file_identity(path)?);
+        manifest.inputs.insert(
+            "watch".into(),
+            em_store::file_identity(&crate::assets::pool_path(path)?)?,
+        );
     }
     manifest.info = json!({ "tool": crate::TOOL, "prompt_id": problem.id, "prompt_text": prompt.text, "prompt_ids": prompt.ids });
     manifest.claim(&args.out, args.fresh)?;

@@ -41,7 +41,7 @@ pub fn bench_server(work: &Path) -> Result<()> {
     let tg: usize = env_or("EM_BENCH_TG", 96)?;
     let b: usize = env_or("EM_BENCH_B", 8)?;
     let concurrency: usize = env_or("EM_BENCH_CONCURRENCY", 2)?;
-    let pool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/pool/dsr_sub.jsonl");
+    let pool = em_pipeline::assets::pool_path(Path::new("dsr"))?;
     let args = |out: &str| ScreenArgs {
         k,
         limit: Some(prompts),
