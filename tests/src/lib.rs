@@ -1,38 +1,17 @@
 //! Helpers shared by the end-to-end tests in `tests/tests/`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
+pub use em_testkit::repo_root;
 
 /// The committed tiny qwen2 fixture.
 pub fn tiny_qwen2() -> PathBuf {
     repo_root().join("fixtures/tiny-qwen2")
 }
 
-/// A fetched asset, or None (with a message) when it is absent and `EM_REQUIRE_ASSETS` is unset.
-/// CI sets `EM_REQUIRE_ASSETS=1`, so there a missing asset fails the test instead of skipping it.
-pub fn asset(path: PathBuf, fetch_name: &str) -> Option<PathBuf> {
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var_os("EM_REQUIRE_ASSETS").is_some() {
-        panic!(
-            "{} is missing: run `cargo xtask fetch {fetch_name}`",
-            path.display()
-        );
-    }
-    eprintln!(
-        "SKIPPED: {} is missing; run `cargo xtask fetch {fetch_name}` to run this test",
-        path.display()
-    );
-    None
-}
+/// A fetched asset, or None when it is absent (the test skips locally, fails under
+/// `EM_REQUIRE_ASSETS`): see `em_testkit`.
+pub use em_testkit::fetched as asset;
 
 /// Index of the largest value.
 pub fn argmax(xs: &[f32]) -> usize {

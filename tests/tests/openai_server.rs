@@ -11,19 +11,17 @@ use em_openai::{Dialect, OpenAiConfig, PromptFormat};
 use em_pipeline::eval::{self, EvalArgs};
 use em_pipeline::prompt::{PromptOptions, Style};
 use em_pipeline::screen::{self, ScreenArgs};
-use em_tests::{asset, repo_root};
+use em_tests::asset;
 use xtask::backends::{LlamaBackend, ServerBackend};
 use xtask::server::{server_python, LlamaCppServer};
 
 fn server_or_skip() -> Option<()> {
-    if server_python().is_some() {
-        return Some(());
-    }
-    if std::env::var_os("EM_REQUIRE_ASSETS").is_some() {
-        panic!("no llama-cpp-python server venv: .ci/install-llama-server.sh installs it");
-    }
-    eprintln!("SKIPPED: no llama-cpp-python server venv (run .ci/install-llama-server.sh)");
-    None
+    em_testkit::available(
+        server_python().is_some(),
+        "the llama-cpp-python server venv",
+        "run `bash .ci/install-llama-server.sh`",
+    )
+    .then_some(())
 }
 
 fn server_backend(server: &LlamaCppServer, format: PromptFormat) -> ServerBackend {
@@ -56,11 +54,7 @@ fn screen_args(model: &Path, out: PathBuf) -> ScreenArgs {
             ..Default::default()
         },
         keep_responses: true,
-        ..ScreenArgs::reference(
-            model.into(),
-            repo_root().join("../shared/data/pool/dsr_sub.jsonl"),
-            out,
-        )
+        ..ScreenArgs::reference(model.into(), PathBuf::from("dsr"), out)
     }
 }
 

@@ -1,9 +1,10 @@
-//! A small screen on the fetched SmolLM2-135M-Instruct (Q4_1): 10 pool prompts, k = 4, 128 new
-//! tokens, the model's own chat template. Skips locally without the model; fails in CI.
+//! A small screen on the fetched SmolLM2-135M-Instruct (Q4_1): 10 prompts of the bundled `dsr`
+//! pool, k = 4, 128 new tokens, the model's own chat template. Skips locally without the model;
+//! fails in CI.
 
 use em_pipeline::prompt::{PromptOptions, Style};
 use em_pipeline::screen::{self, Rule, ScreenArgs};
-use em_tests::{asset, repo_root};
+use em_tests::asset;
 
 #[test]
 fn small_screen_on_smollm2() {
@@ -13,8 +14,7 @@ fn small_screen_on_smollm2() {
     ) else {
         return;
     };
-    let pool = repo_root().join("../shared/data/pool/dsr_sub.jsonl");
-    assert!(pool.is_file(), "{} is missing", pool.display());
+    let pool = std::path::PathBuf::from("dsr");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("screen");
     let args = ScreenArgs {

@@ -204,7 +204,7 @@ fn adapter_equals_merged(hf: &Path, final_dir: &Path, tmp: &Path) {
 
 /// The PEFT library loads the adapter directory onto the HF base and gives llama.cpp's logits
 /// with the adapter. It needs PyTorch, transformers and peft: `EM_TORCH_PYTHON` names that
-/// Python (`.ci/run` installs one); unset, the check is skipped with a note.
+/// Python (`.ci/run` installs one); unset, the check skips locally and fails in CI.
 fn peft_applies_the_adapter(
     hf: &Path,
     final_dir: &Path,
@@ -212,8 +212,7 @@ fn peft_applies_the_adapter(
     adapted: &[Vec<f32>],
     tmp: &Path,
 ) {
-    let Ok(python) = std::env::var("EM_TORCH_PYTHON") else {
-        eprintln!("EM_TORCH_PYTHON is not set: the PEFT library check is skipped");
+    let Some(python) = em_testkit::python("EM_TORCH_PYTHON", ".ci/install-torch.sh") else {
         return;
     };
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("python/peft_logits.py");

@@ -82,12 +82,11 @@ fn prompts_equal_transformers_apply_chat_template() {
     let gemma3 =
         em_pipeline::assets::cache_dir().join("models/gemma3-270m/gemma-3-270m-q4_k_m.gguf");
     let math500 = em_pipeline::assets::cache_dir().join("data/math500/test.jsonl");
-    if !(smollm2.is_file() && gemma3.is_file() && math500.is_file()) {
-        assert!(
-            std::env::var_os("EM_REQUIRE_ASSETS").is_none(),
-            "fetched models and data are missing: run `cargo xtask fetch all`"
-        );
-        eprintln!("SKIPPED: run `cargo xtask fetch all` to compare prompts with transformers");
+    if !em_testkit::available(
+        smollm2.is_file() && gemma3.is_file() && math500.is_file(),
+        "the fetched SmolLM2, Gemma-3 and MATH500",
+        "run `cargo xtask fetch all`",
+    ) {
         return;
     }
     let reference: Value = serde_json::from_str(
@@ -111,8 +110,7 @@ fn prompts_equal_transformers_apply_chat_template() {
         gemma3_dir.join("chat_template.jinja"),
     )
     .unwrap();
-    let pool = root().join("../shared/data/pool/dsr_sub.jsonl");
-    let pool = pool.to_str().unwrap();
+    let pool = "dsr";
     for (name, dir) in [("smollm2", &smollm2_dir), ("gemma3", &gemma3_dir)] {
         let suite = prompts(dir, &["--suite", "math500"], "chat");
         assert_eq!(

@@ -1,5 +1,5 @@
-//! Tests for `tokenizer.rs`. The real-model tests read GGUFs from `$EM_CACHE_DIR` (default
-//! `$HOME/.cache/oneshot-em`) and print a skip message when they are absent.
+//! Tests for `tokenizer.rs`. The real-model tests read the GGUFs `cargo xtask fetch` puts in the
+//! cache; absent, they skip locally and fail under `EM_REQUIRE_ASSETS` (`em_testkit`).
 
 use super::*;
 use std::str::FromStr;
@@ -21,14 +21,12 @@ fn cache_dir() -> PathBuf {
 }
 
 fn load_gguf(rel: &str) -> Option<HashMap<String, Value>> {
-    let path = cache_dir().join(rel);
-    if !path.exists() {
-        eprintln!(
-            "SKIP: {} not found (fetch it into $EM_CACHE_DIR to run this test)",
-            path.display()
-        );
-        return None;
-    }
+    let fetch_name = if rel.contains("gemma3") {
+        "gemma3-270m"
+    } else {
+        "smollm2-135m"
+    };
+    let path = em_testkit::fetched(cache_dir().join(rel), fetch_name)?;
     let mut f = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
     Some(content.metadata)
