@@ -1,6 +1,7 @@
-//! The baselines the sampling benchmarks run beside ours: llama.cpp's own batched tool
-//! (`../shared/bench/llamacpp-anchor`, built from the llama.cpp sources llama-cpp-sys-2 vendors),
-//! and the small helpers the benchmarks share.
+//! The baseline the sampling benchmarks run beside ours: the project's llama.cpp anchor
+//! (`bench/llamacpp-anchor`, a llama.h-only tool following llama.cpp's batched-bench, embedded in
+//! this binary and built from the llama.cpp sources llama-cpp-sys-2 vendors), and the small
+//! helpers the benchmarks share.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,20 +29,30 @@ pub(super) fn load1() -> String {
         .unwrap_or_default()
 }
 
-/// The llama.cpp sources vendored by the llama-cpp-sys-2 version in Cargo.lock.
+/// The anchor's sources, written into the benchmark's work directory before it is built.
+const ANCHOR_CMAKE: &str = include_str!("../../../bench/llamacpp-anchor/CMakeLists.txt");
+const ANCHOR_CPP: &str = include_str!("../../../bench/llamacpp-anchor/batched_bench.cpp");
+
+/// The workspace's lock file as this binary was built with it: the llama-cpp-sys-2 version the
+/// engine links, whose sources the anchor is built from.
+const CARGO_LOCK: &str = include_str!("../../../Cargo.lock");
+
+/// The llama-cpp-sys-2 version in `lock`.
+fn llama_sys_version(lock: &str) -> Option<&str> {
+    lock.split("[[package]]")
+        .find(|p| p.contains("name = \"llama-cpp-sys-2\""))
+        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
+        .map(|v| v.trim_end_matches('"'))
+}
+
+/// The llama.cpp sources vendored by the llama-cpp-sys-2 version this binary was built with
+/// (`LLAMA_SRC` overrides).
 pub(super) fn llama_src() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("LLAMA_SRC") {
         return Ok(p.into());
     }
-    let lock_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.lock");
-    let lock = std::fs::read_to_string(&lock_path)
-        .with_context(|| format!("{}: cannot read", lock_path.display()))?;
-    let version = lock
-        .split("[[package]]")
-        .find(|p| p.contains("name = \"llama-cpp-sys-2\""))
-        .and_then(|p| p.lines().find_map(|l| l.strip_prefix("version = \"")))
-        .map(|v| v.trim_end_matches('"').to_string())
-        .with_context(|| format!("{}: no llama-cpp-sys-2 package", lock_path.display()))?;
+    let version = llama_sys_version(CARGO_LOCK)
+        .context("the embedded Cargo.lock has no llama-cpp-sys-2 package")?;
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
@@ -63,27 +74,34 @@ pub(super) fn llama_src() -> Result<PathBuf> {
     )
 }
 
-/// The anchor binary, built (cmake, as llama-cpp-sys-2 builds llama.cpp) when absent.
+/// Writes `contents` to `path` unless it already holds them (so that cmake rebuilds nothing
+/// that did not change).
+fn write_if_changed(path: &Path, contents: &str) -> Result<()> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == contents) {
+        return Ok(());
+    }
+    std::fs::write(path, contents).with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// The anchor binary under `work`, built (cmake, as llama-cpp-sys-2 builds llama.cpp) when absent
+/// or when the embedded sources or the llama.cpp sources differ from those it was built from.
 pub(super) fn anchor_binary(work: &Path) -> Result<PathBuf> {
+    let anchor = work.join("llamacpp-anchor");
     let build = work.join("llamacpp-anchor-build");
     let bin = build.join("anchor-batched-bench");
-    if bin.is_file() {
+    let src = llama_src()?;
+    // What the binary was built from; written once a build succeeds.
+    let stamp_path = build.join("anchor-built-from.txt");
+    let stamp = format!("{}\n{ANCHOR_CMAKE}\n{ANCHOR_CPP}", src.display());
+    if bin.is_file() && std::fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
         return Ok(bin);
     }
-    let anchor = std::env::var_os("EM_ANCHOR_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/llamacpp-anchor")
-        });
-    if !anchor.join("batched_bench.cpp").is_file() {
-        bail!(
-            "{}: no batched_bench.cpp (set EM_ANCHOR_DIR)",
-            anchor.display()
-        );
-    }
-    let src = llama_src()?;
+    std::fs::create_dir_all(&anchor)
+        .with_context(|| format!("{}: cannot create", anchor.display()))?;
+    write_if_changed(&anchor.join("CMakeLists.txt"), ANCHOR_CMAKE)?;
+    write_if_changed(&anchor.join("batched_bench.cpp"), ANCHOR_CPP)?;
     eprintln!(
-        "bench sample: building the llama.cpp anchor from {} (several minutes)",
+        "bench: building the llama.cpp anchor from {} (several minutes)",
         src.display()
     );
     let flags = [
@@ -124,6 +142,8 @@ pub(super) fn anchor_binary(work: &Path) -> Result<PathBuf> {
     if !status.success() || !bin.is_file() {
         bail!("building {} failed", bin.display());
     }
+    std::fs::write(&stamp_path, stamp)
+        .with_context(|| format!("{}: cannot write", stamp_path.display()))?;
     Ok(bin)
 }
 
@@ -172,4 +192,19 @@ pub(super) fn run_anchor(
             .with_context(|| format!("anchor result lacks {k}: {line}"))
     };
     Ok((get("t_pp")?, get("speed_tg")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_lock_names_llama_cpp_sys() {
+        let version = llama_sys_version(CARGO_LOCK).expect("llama-cpp-sys-2 in Cargo.lock");
+        assert!(
+            version.split('.').all(|p| p.parse::<u32>().is_ok()),
+            "{version}"
+        );
+        assert_eq!(llama_sys_version("[[package]]\nname = \"x\"\n"), None);
+    }
 }

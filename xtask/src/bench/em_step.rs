@@ -1,8 +1,8 @@
 //! `cargo xtask bench em-step`: seconds, peak memory and FLOP/s of one EM update (8 responses ×
-//! 256 tokens) on SmolLM2-135M in f32, next to the same step in PyTorch
-//! (`shared/bench/torch_em_step.py`) when PyTorch is installed, and the memory model projected to
-//! Qwen2.5-Math-1.5B and -7B. With `--random-config`, one update of a random-weight model of a
-//! published configuration on `--device` (the GPU script's figure).
+//! 256 tokens) on SmolLM2-135M in f32, next to the same step in PyTorch (the project's
+//! `bench/torch_em_step.py`, embedded in this binary) when PyTorch is installed, and the memory
+//! model projected to Qwen2.5-Math-1.5B and -7B. With `--random-config`, one update of a
+//! random-weight model of a published configuration on `--device` (the GPU script's figure).
 
 use std::path::Path;
 use std::process::Command;
@@ -317,7 +317,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     let n_tokens_note = args.responses * args.response_len;
     let torch = match &source {
         Source::Hf(hf) if device.is_cpu() && dtype == DType::F32 => {
-            torch_baseline(hf, threads, args)?
+            torch_baseline(work, hf, threads, args)?
         }
         _ => None,
     };
@@ -356,8 +356,8 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         }
         None if device.is_cpu() && matches!(source, Source::Hf(_)) => println!(
             "PyTorch is not installed (EM_TORCH_PYTHON, else python3, cannot import torch and \
-             transformers): no baseline measured. shared/bench/README.md records ≈45 s and \
-             9.8 GiB for this step on a 2-core machine of this kind."
+             transformers): no baseline measured. `bash .ci/install-torch.sh` installs them into \
+             the cache and prints the Python to put in EM_TORCH_PYTHON."
         ),
         None => {}
     }
@@ -769,9 +769,17 @@ fn load1() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The PyTorch reference step, written into the work directory before it runs.
+const TORCH_EM_STEP: &str = include_str!("../../../bench/torch_em_step.py");
+
 /// (seconds per step, peak RSS MB) of the PyTorch step, or None without PyTorch. The Python is
 /// `EM_TORCH_PYTHON` when set, else `python3`.
-fn torch_baseline(hf: &Path, threads: usize, args: &EmStepArgs) -> Result<Option<(f64, f64)>> {
+fn torch_baseline(
+    work: &Path,
+    hf: &Path,
+    threads: usize,
+    args: &EmStepArgs,
+) -> Result<Option<(f64, f64)>> {
     let python = std::env::var("EM_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
     let has_torch = Command::new(&python)
         .args(["-c", "import torch, transformers"])
@@ -780,10 +788,9 @@ fn torch_baseline(hf: &Path, threads: usize, args: &EmStepArgs) -> Result<Option
     if !has_torch {
         return Ok(None);
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/bench/torch_em_step.py");
-    if !script.is_file() {
-        bail!("{}: missing", script.display());
-    }
+    let script = work.join("torch_em_step.py");
+    std::fs::write(&script, TORCH_EM_STEP)
+        .with_context(|| format!("{}: cannot write", script.display()))?;
     let out = Command::new(&python)
         .arg(&script)
         .arg("--model-dir")

@@ -1,12 +1,13 @@
 //! `cargo xtask bench sample`: em-llama's batched generation against llama.cpp's own batched
-//! throughput (`../shared/bench/llamacpp-anchor`, built from the llama.cpp sources that
-//! llama-cpp-sys-2 vendors), on the same GGUF, threads, batch and prompt length, interleaved in
-//! one command. Ours includes the sampling (reference settings, log-probs and entropies on); the
+//! throughput (the project's anchor, `bench/llamacpp-anchor`, built from the llama.cpp sources
+//! that llama-cpp-sys-2 vendors), on the same GGUF, threads, batch and prompt length, interleaved
+//! in one command. Ours includes the sampling (reference settings, log-probs and entropies on); the
 //! anchor's generation figure does not sample at all.
 //!
 //! Knobs (environment): `EM_BENCH_MODEL` (default: the fetched SmolLM2-135M Q4_1),
 //! `EM_BENCH_THREADS` (default: [`em_llama::default_threads`]), `EM_BENCH_B` (8), `EM_BENCH_PP`
-//! (256), `EM_BENCH_TG` (128), `EM_BENCH_REPS` (3), `EM_ANCHOR_DIR`, `LLAMA_SRC`.
+//! (256), `EM_BENCH_TG` (128), `EM_BENCH_REPS` (3), `LLAMA_SRC` (the llama.cpp sources to build
+//! the anchor from).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
