@@ -2,6 +2,8 @@
 //! convert, evaluate, plot) on the mixed model organism, in reduced form; then again with a LoRA
 //! adapter beside full fine-tuning, reusing the full runs.
 
+use std::path::{Path, PathBuf};
+
 use em_pipeline::demo::{self, DemoArgs};
 
 #[test]
@@ -38,16 +40,27 @@ fn quick_demo_runs_end_to_end() {
         ("safeguarded on", "greedy"),
     ] {
         let row = find(model, setting);
-        let acc = row["accuracy"].as_f64().unwrap();
-        let (lo, hi) = (
-            row["ci95"][0].as_f64().unwrap(),
-            row["ci95"][1].as_f64().unwrap(),
-        );
-        assert!(
-            lo <= acc + 1e-12 && acc <= hi + 1e-12,
-            "{model} {setting}: {acc} outside [{lo}, {hi}]"
-        );
         assert_eq!(row["n_items"], 48);
+        // The row's accuracy and interval, recomputed from the per-item results it came from.
+        let file = items_file(&tmp.path().join("organism-mixed"), row);
+        let (acc, lo, hi) = recompute(&file);
+        eprintln!(
+            "{} {setting}: {acc:.3} [{lo:.3}, {hi:.3}] from {}",
+            row["model"],
+            file.display()
+        );
+        for (what, got, want) in [
+            ("accuracy", &row["accuracy"], acc),
+            ("ci95 low", &row["ci95"][0], lo),
+            ("ci95 high", &row["ci95"][1], hi),
+        ] {
+            let got = got.as_f64().unwrap();
+            assert!(
+                (got - want).abs() < 1e-6,
+                "{model} {setting}: {what} {got}, but {} gives {want}",
+                file.display()
+            );
+        }
     }
     // Tuned rows carry their paired difference from the base.
     let d = &find("tuned on", "greedy")["vs_base"];
@@ -94,4 +107,108 @@ fn quick_demo_runs_end_to_end() {
         comparison.iter().any(|l| l.contains("| greedy |")),
         "{comparison:?}"
     );
+}
+
+/// The per-item results behind a row of the quick demo (one seed) in the subject's directory `dir`:
+/// the base model's under `test/`, a tuned or safeguarded model's in its run directory.
+fn items_file(dir: &Path, row: &serde_json::Value) -> PathBuf {
+    let (model, setting) = (
+        row["model"].as_str().unwrap(),
+        row["setting"].as_str().unwrap(),
+    );
+    if model == "base" {
+        // "greedy", "T=0.1", "T=0.5 EM-INF" → base.greedy.jsonl, base.t0.1-n2.jsonl, base.t0.5-n2-eminf….jsonl
+        let (decoding, em_inf) = match setting.strip_suffix(" EM-INF") {
+            Some(d) => (d, true),
+            None => (setting, false),
+        };
+        let prefix = match decoding.strip_prefix("T=") {
+            Some(t) => format!("base.t{t}-n"),
+            None => format!("base.{decoding}"),
+        };
+        let found: Vec<PathBuf> = std::fs::read_dir(dir.join("test"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.starts_with(&prefix)
+                    && name.ends_with(".jsonl")
+                    && name.contains("eminf") == em_inf
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{model} {setting}: {found:?}");
+        return found[0].clone();
+    }
+    // "tuned on majority-right/agreement (pool-7, lr 1e-4)" → majority-right/lr1e-4-seed0
+    let (label, rest) = model.split_once(" on ").unwrap();
+    let rule = rest.split([' ', '/']).next().unwrap();
+    let lr = rest.rsplit_once("lr ").unwrap().1.trim_end_matches(')');
+    let run = dir.join(rule).join(format!("lr{lr}-seed0"));
+    let decoding = match setting.strip_prefix("T=") {
+        Some(t) => format!("t{t}-n2"),
+        None => setting.to_string(),
+    };
+    let guarded = run.join(format!("test-guarded/guarded.{decoding}.jsonl"));
+    if label == "safeguarded" && guarded.exists() {
+        return guarded;
+    }
+    // Without an alarm the safeguarded model is the tuned one, evaluated once.
+    run.join(format!("test-tuned/tuned.{decoding}.jsonl"))
+}
+
+/// Accuracy and 95% interval of a per-item JSONL, each response graded again against its gold:
+/// with one sample an item, the share correct and its Wilson interval; with several (avg@n),
+/// the mean of the items' shares and the normal interval over items widened to the Wilson
+/// interval of that mean.
+fn recompute(file: &Path) -> (f64, f64, f64) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let mut scores = vec![];
+    let mut samples_per_item = 0;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let gold: Vec<String> = serde_json::from_value(v["gold"].clone()).unwrap();
+        let samples = v["samples"].as_array().unwrap();
+        samples_per_item = samples.len();
+        let mut right = 0;
+        for s in samples {
+            let verdict = em_grade::grade(s["response"].as_str().unwrap(), &gold);
+            assert_eq!(
+                s["correct"].as_bool(),
+                Some(verdict.correct),
+                "{}: {}: the recorded verdict is not the response's",
+                file.display(),
+                v["id"]
+            );
+            right += verdict.correct as usize;
+        }
+        scores.push(right as f64 / samples.len() as f64);
+    }
+    let n = scores.len() as f64;
+    let mean = scores.iter().sum::<f64>() / n;
+    let (wlo, whi) = wilson95(mean, scores.len());
+    if samples_per_item == 1 {
+        return (mean, wlo, whi);
+    }
+    let var = scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let half = Z95 * (var / n).sqrt();
+    (
+        mean,
+        (mean - half).min(wlo).max(0.0),
+        (mean + half).max(whi).min(1.0),
+    )
+}
+
+const Z95: f64 = 1.959_963_984_540_054;
+
+/// The 95% Wilson score interval of a proportion `p` over `n` items (Wilson 1927), written out
+/// here rather than taken from em-grade: (p + z²/2n ± z·√(p(1−p)/n + z²/4n²)) / (1 + z²/n).
+fn wilson95(p: f64, n: usize) -> (f64, f64) {
+    let (n, z) = (n as f64, Z95);
+    let centre = p + z * z / (2.0 * n);
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
+    let denom = 1.0 + z * z / n;
+    (
+        ((centre - half) / denom).max(0.0),
+        ((centre + half) / denom).min(1.0),
+    )
 }

@@ -41,14 +41,11 @@ fn smollm2_gsm8k_slice_evaluates() {
             .unwrap();
     let suite = &summary["suites"][0];
     assert_eq!(suite["n_items"], 6);
-    let acc = suite["accuracy"].as_f64().unwrap();
-    let (lo, hi) = (
-        suite["ci95"][0].as_f64().unwrap(),
-        suite["ci95"][1].as_f64().unwrap(),
-    );
-    assert!(lo <= acc && acc <= hi);
     let items = std::fs::read_to_string(tmp.path().join("gsm8k.model.greedy.jsonl")).unwrap();
     assert_eq!(items.lines().count(), 6);
+    // The summary's accuracy and interval, recomputed from the per-item results: each response
+    // graded again against its gold answers, counted, and the Wilson interval written out below.
+    let mut correct = 0;
     for line in items.lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
         let response = v["samples"][0]["response"].as_str().unwrap();
@@ -57,6 +54,58 @@ fn smollm2_gsm8k_slice_evaluates() {
             "empty response for {}",
             v["id"]
         );
+        let gold: Vec<String> = serde_json::from_value(v["gold"].clone()).unwrap();
+        let verdict = em_grade::grade(response, &gold);
+        assert_eq!(
+            v["samples"][0]["correct"].as_bool(),
+            Some(verdict.correct),
+            "{}: the recorded verdict is not the response's",
+            v["id"]
+        );
+        correct += verdict.correct as usize;
+    }
+    let acc = suite["accuracy"].as_f64().unwrap();
+    assert!(
+        (acc - correct as f64 / 6.0).abs() < 1e-9,
+        "{acc} vs {correct}/6"
+    );
+    let (lo, hi) = wilson95(correct, 6);
+    for (got, want) in [(&suite["ci95"][0], lo), (&suite["ci95"][1], hi)] {
+        let got = got.as_f64().unwrap();
+        assert!(
+            (got - want).abs() < 1e-6,
+            "ci95 {got} but {correct}/6 gives {want}"
+        );
     }
     assert!(tmp.path().join("summary.md").exists());
+}
+
+/// The 95% Wilson score interval of `k` successes in `n` (Wilson 1927), written out here rather
+/// than taken from em-grade: (p + z²/2n ± z·√(p(1−p)/n + z²/4n²)) / (1 + z²/n).
+fn wilson95(k: usize, n: usize) -> (f64, f64) {
+    let (p, n, z) = (k as f64 / n as f64, n as f64, 1.959_963_984_540_054_f64);
+    let centre = p + z * z / (2.0 * n);
+    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt();
+    let denom = 1.0 + z * z / n;
+    (
+        ((centre - half) / denom).max(0.0),
+        ((centre + half) / denom).min(1.0),
+    )
+}
+
+/// The formula above reproduces published intervals (Newcombe 1998, the score method's examples).
+#[test]
+fn wilson95_matches_published_intervals() {
+    for (k, n, lo, hi) in [
+        (81, 263, 0.2553, 0.3662),
+        (15, 148, 0.0624, 0.1605),
+        (0, 20, 0.0, 0.1611),
+        (1, 29, 0.0061, 0.1718),
+    ] {
+        let (l, h) = wilson95(k, n);
+        assert!(
+            (l - lo).abs() < 5e-5 && (h - hi).abs() < 5e-5,
+            "{k}/{n}: [{l:.4}, {h:.4}], published [{lo}, {hi}]"
+        );
+    }
 }
