@@ -10,7 +10,7 @@ use em_data::synthetic::{
     first_digit, split_as_problems, split_problems, Split, StyleMix, TrainStream,
 };
 use em_llama::GgufModel;
-use em_pipeline::organism::{Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
+use em_pipeline::organism::{figures, Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
 use em_tests::{argmax, repo_root};
 use em_train::models::CausalLm;
 
@@ -35,8 +35,14 @@ fn check_greedy(name: &str) -> Figures {
     let seed = report["seed"].as_u64().unwrap();
     let problems = split_as_problems(seed, Split::Validation, CHECK_PROBLEMS);
     let got = subject.measure(&problems, 0.0, MEASURE_SEED).unwrap();
-    let want = recorded(&report["check"]["greedy"]);
     println!("{name}: greedy on {CHECK_PROBLEMS} validation problems {got:?}");
+    assert_recorded(name, "greedy", &got, &report["check"]["greedy"]);
+    got
+}
+
+/// `got` is within two or so problems of what organism.json records at `want`.
+fn assert_recorded(name: &str, key: &str, got: &Figures, want: &serde_json::Value) {
+    let want = recorded(want);
     for (what, g, w) in [
         ("accuracy", got.accuracy, want.accuracy),
         ("careful", got.careful, want.careful),
@@ -44,24 +50,48 @@ fn check_greedy(name: &str) -> Figures {
     ] {
         assert!(
             (g - w).abs() <= 0.051,
-            "{name}: greedy {what} {g} but organism.json records {w}"
+            "{name}: {key} {what} {g} but organism.json records {w}"
         );
+    }
+}
+
+/// The figures organism.json records for the whole validation split at `key` (`t0.0`, `t1.0`),
+/// measured again from the committed weights; greedy, its first problems also give the recorded
+/// check figures.
+fn remeasure(name: &str, key: &str) -> Figures {
+    let dir = fixture(name);
+    let report = report(&dir);
+    let want = recorded(&report["validation"][key]);
+    let problems = split_as_problems(report["seed"].as_u64().unwrap(), Split::Validation, want.n);
+    let responses = Subject::load(&dir)
+        .unwrap()
+        .respond(&problems, want.temperature, MEASURE_SEED)
+        .unwrap();
+    let got = figures(&problems, &responses, want.temperature);
+    println!("{name}: {key} on {} validation problems {got:?}", want.n);
+    assert_recorded(name, key, &got, &report["validation"][key]);
+    if want.temperature == 0.0 {
+        let k = CHECK_PROBLEMS.min(problems.len());
+        let check = figures(&problems[..k], &responses[..k], 0.0);
+        assert_recorded(name, "greedy", &check, &report["check"]["greedy"]);
     }
     got
 }
 
 #[test]
 fn good_organism_is_mostly_careful_and_right_about_half_the_time() {
-    let got = check_greedy("organism-good");
-    let report = report(&fixture("organism-good"));
-    assert!(got.careful > 0.5, "greedy careful only {}", got.careful);
-    let greedy = recorded(&report["validation"]["t0.0"]);
+    let greedy = remeasure("organism-good", "t0.0");
+    assert!(
+        greedy.careful > 0.5,
+        "greedy careful only {}",
+        greedy.careful
+    );
     assert!(
         (0.3..=0.85).contains(&greedy.accuracy),
         "greedy accuracy {} is not in the varying range",
         greedy.accuracy
     );
-    let t1 = recorded(&report["validation"]["t1.0"]);
+    let t1 = remeasure("organism-good", "t1.0");
     assert!(t1.accuracy > 0.0 && t1.accuracy < greedy.accuracy);
 }
 
@@ -69,8 +99,7 @@ fn good_organism_is_mostly_careful_and_right_about_half_the_time() {
 fn bad_organism_mostly_rambles() {
     let got = check_greedy("organism-bad");
     assert!(got.ramble > 0.5, "greedy rambles only {}", got.ramble);
-    let report = report(&fixture("organism-bad"));
-    let t1 = recorded(&report["validation"]["t1.0"]);
+    let t1 = remeasure("organism-bad", "t1.0");
     assert!(t1.careful > 0.0 && t1.accuracy > 0.0, "{t1:?}");
 }
 
