@@ -167,6 +167,50 @@ mod tests {
         let reference =
             em_pipeline::train::TrainArgs::reference("m".into(), "p".into(), "runs/em".into());
         assert_eq!(format!("{args:?}"), format!("{reference:?}"));
+        // Both sides above read the adapter's defaults from the same clap attributes: check them
+        // against PEFT's LoraConfig (r = 8, lora_alpha = 8) on every linear layer, written here.
+        let peft = em_pipeline::train::AdapterArgs {
+            kind: None,
+            rank: 8,
+            alpha: 8.0,
+            targets: ["q", "k", "v", "o", "gate", "up", "down"]
+                .map(String::from)
+                .to_vec(),
+        };
+        assert_eq!(args.adapter, peft);
+        assert_eq!(em_pipeline::train::AdapterArgs::default(), peft);
+        let cli = super::Cli::parse_from([
+            "x",
+            "train",
+            "--model",
+            "m",
+            "--prompt",
+            "p",
+            "--adapter",
+            "lora",
+        ]);
+        let super::Command::Train { args, .. } = cli.command else {
+            unreachable!()
+        };
+        let lora = args.adapter.lora().unwrap().expect("--adapter lora");
+        assert_eq!((lora.rank, lora.alpha, lora.scale()), (8, 8.0, 1.0));
+        assert_eq!(
+            lora.target_modules(),
+            [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj"
+            ]
+        );
+        let cli = super::Cli::parse_from(["x", "demo"]);
+        let super::Command::Demo { args, .. } = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.adapter, peft);
         let cli =
             super::Cli::parse_from(["x", "screen", "--model", "m", "--pool", "p", "--out", "o"]);
         let super::Command::Screen { args, .. } = cli.command else {
