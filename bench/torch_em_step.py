@@ -54,6 +54,8 @@ def parse_args():
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--responses", default="random", choices=["random", "generate"])
     p.add_argument("--problem", default=PROBLEM)
+    p.add_argument("--prompt-ids", help="comma-separated prompt token ids to use instead of rendering "
+                   "--problem (bench em-step passes its own, so both sides run the same shapes)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.steps < 1 or args.batch < 1 or args.resp_len < 1:
@@ -108,7 +110,10 @@ def main():
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype)
-    prompt = prompt_ids(tokenizer, args.problem)
+    if args.prompt_ids:
+        prompt = [int(t) for t in args.prompt_ids.split(",")]
+    else:
+        prompt = prompt_ids(tokenizer, args.problem)
     ids = build_batch(model, tokenizer, prompt, args)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)

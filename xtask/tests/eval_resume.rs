@@ -20,7 +20,10 @@ fn arith() -> PathBuf {
     let text: String = (0..40)
         .map(|i| {
             let (a, b) = (7 * i + 3, 11 * i % 17 + 2);
-            format!("{{\"problem\": \"What is {a} + {b}?\", \"answer\": \"{}\"}}\n", a + b)
+            format!(
+                "{{\"problem\": \"What is {a} + {b}?\", \"answer\": \"{}\"}}\n",
+                a + b
+            )
         })
         .collect();
     std::fs::create_dir_all(&dir).unwrap();

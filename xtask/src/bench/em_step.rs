@@ -317,7 +317,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     let n_tokens_note = args.responses * args.response_len;
     let torch = match &source {
         Source::Hf(hf) if device.is_cpu() && dtype == DType::F32 => {
-            torch_baseline(work, hf, threads, args)?
+            torch_baseline(work, hf, threads, &sequences[0].prompt_ids, args)?
         }
         _ => None,
     };
@@ -772,12 +772,14 @@ fn load1() -> f64 {
 /// The PyTorch reference step, written into the work directory before it runs.
 const TORCH_EM_STEP: &str = include_str!("../../../bench/torch_em_step.py");
 
-/// (seconds per step, peak RSS MB) of the PyTorch step, or None without PyTorch. The Python is
+/// (seconds per step, peak RSS MB) of the PyTorch step over the same prompt ids and response
+/// lengths, or None without PyTorch. The Python is
 /// `EM_TORCH_PYTHON` when set, else `python3`.
 fn torch_baseline(
     work: &Path,
     hf: &Path,
     threads: usize,
+    prompt_ids: &[u32],
     args: &EmStepArgs,
 ) -> Result<Option<(f64, f64)>> {
     let python = std::env::var("EM_TORCH_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -807,6 +809,14 @@ fn torch_baseline(
             "--steps",
             &args.steps.to_string(),
         ])
+        .arg("--prompt-ids")
+        .arg(
+            prompt_ids
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
