@@ -25,6 +25,8 @@ fn smollm2_gsm8k_slice_evaluates() {
         max_new_tokens: 128,
         prompt: PromptOptions::default(),
         baseline: None,
+        adapter: None,
+        baseline_adapter: None,
         baseline_temperatures: vec![],
         seed: 0,
         em_inf: None,

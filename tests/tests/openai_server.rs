@@ -71,6 +71,8 @@ fn eval_args(model: &Path, out: PathBuf) -> EvalArgs {
         max_new_tokens: 48,
         prompt: PromptOptions::default(),
         baseline: None,
+        adapter: None,
+        baseline_adapter: None,
         baseline_temperatures: vec![],
         seed: 0,
         em_inf: None,

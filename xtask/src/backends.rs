@@ -148,6 +148,10 @@ impl Backend for LlamaBackend {
         true
     }
 
+    fn applies_adapters(&self) -> bool {
+        true
+    }
+
     fn with_gguf_vocab(
         &self,
         gguf: &Path,

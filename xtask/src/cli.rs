@@ -30,11 +30,6 @@ pub enum Command {
     Eval {
         #[command(flatten)]
         args: eval::EvalArgs,
-        /// A LoRA GGUF (`adapter.gguf` of a `train --adapter lora` run) that llama.cpp applies to
-        /// `--model`, then a base GGUF; outputs record the adapter as the model and the base's
-        /// identity with the backend's.
-        #[arg(long)]
-        adapter: Option<std::path::PathBuf>,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -89,30 +84,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Convert(args) => crate::convert::run(&args),
         Command::Prompt(args) => crate::prompt::run(&args),
         Command::Grade(args) => grade_file::run(&args),
-        Command::Eval {
-            args,
-            adapter: None,
-            backend,
-        } => eval::run(&args, backend.build()?.as_ref()).map(|_| ()),
-        Command::Eval {
-            args,
-            adapter: Some(adapter),
-            backend,
-        } => {
-            if !args.model.is_file() {
-                anyhow::bail!(
-                    "--adapter needs --model to be the base GGUF file, not {}",
-                    args.model.display()
-                );
-            }
-            let inner = backend.build()?;
-            let adapted = em_pipeline::AdaptedBackend::new(inner.as_ref(), &args.model)?;
-            let args = eval::EvalArgs {
-                model: adapter,
-                ..args
-            };
-            eval::run(&args, &adapted).map(|_| ())
-        }
+        Command::Eval { args, backend } => eval::run(&args, backend.build()?.as_ref()).map(|_| ()),
         Command::Merge { base, adapter, out } => {
             let a = em_convert::lora::read_peft_dir(&adapter)?;
             em_convert::lora::merge_into(&base, &a, &out)?;

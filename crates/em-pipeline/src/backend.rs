@@ -31,6 +31,11 @@ pub trait Backend {
         f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
     ) -> Result<()>;
 
+    /// Whether [`Backend::with_adapted_sampler`] works here.
+    fn applies_adapters(&self) -> bool {
+        false
+    }
+
     /// Runs `f` with a sampler drawing from the base GGUF `model` with the LoRA GGUF `adapter`
     /// applied. In-process backends keep the base loaded between calls, so swapping adapters
     /// costs the adapter's bytes, not the model's.
@@ -95,6 +100,10 @@ impl Backend for AdaptedBackend<'_> {
 
     fn samples_local_gguf(&self) -> bool {
         self.inner.samples_local_gguf()
+    }
+
+    fn applies_adapters(&self) -> bool {
+        self.inner.applies_adapters()
     }
 
     fn with_gguf_vocab(

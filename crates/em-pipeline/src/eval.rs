@@ -51,9 +51,19 @@ pub struct EvalArgs {
     pub max_new_tokens: usize,
     #[command(flatten)]
     pub prompt: PromptOptions,
-    /// A baseline model (.gguf or HF directory) for the paired comparison.
+    /// A LoRA GGUF (`adapter.gguf` of a `train --adapter lora` run) that llama.cpp applies to
+    /// `--model`, which must then be the base GGUF; the manifest records the adapter as the model
+    /// and the base with the backend.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// A baseline for the paired comparison: a model (.gguf or HF directory), evaluated here
+    /// without `--adapter`, or a finished eval folder of the same suites and settings, whose
+    /// per-item results are reused (its low-temperature settings are not re-run then).
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// The baseline's own LoRA GGUF, applied to `--baseline` (a base GGUF).
+    #[arg(long, requires = "baseline")]
+    pub baseline_adapter: Option<PathBuf>,
     /// Further temperatures at which to run the baseline (0 = greedy), since plain low-temperature
     /// sampling may beat what EM gains.
     #[arg(long, value_delimiter = ',', default_value = "0,0.1,0.25")]
@@ -165,6 +175,8 @@ pub struct SuiteSummary {
 fn manifest(
     args: &EvalArgs,
     backend: &dyn Backend,
+    model: &Path,
+    baseline: Option<&Baseline>,
     suites: &[(String, PathBuf, Vec<Problem>)],
 ) -> Result<Manifest> {
     let quant = |m: &Path| {
@@ -176,7 +188,7 @@ fn manifest(
     };
     let mut m = Manifest::new(
         "eval",
-        em_store::model_identity(&args.model)?,
+        em_store::model_identity(model)?,
         json!({
             "temperature": args.temperature,
             "n": args.n,
@@ -185,7 +197,10 @@ fn manifest(
             "seed": args.seed,
             "prompt": args.prompt,
             "quant": quant(&args.model),
-            "baseline_quant": args.baseline.as_deref().map(quant),
+            "baseline_quant": match baseline {
+                Some(Baseline::Model { path, .. }) => Some(quant(path)),
+                _ => None,
+            },
             "backend": backend.identity(),
         }),
     );
@@ -200,9 +215,20 @@ fn manifest(
         m.inputs
             .insert(format!("suite:{label}"), em_store::file_identity(path)?);
     }
-    if let Some(b) = &args.baseline {
-        m.inputs
-            .insert("baseline".into(), em_store::model_identity(b)?);
+    match baseline {
+        Some(Baseline::Model { path, adapter }) => {
+            m.inputs
+                .insert("baseline".into(), em_store::model_identity(path)?);
+            if let Some(a) = adapter {
+                m.inputs
+                    .insert("baseline_adapter".into(), em_store::file_identity(a)?);
+            }
+        }
+        Some(Baseline::Folder { manifest, .. }) => {
+            m.inputs.insert("baseline".into(), manifest.model.clone());
+            m.settings["baseline_from"] = json!("eval folder");
+        }
+        None => {}
     }
     m.info = json!({ "tool": crate::TOOL });
     Ok(m)
@@ -210,10 +236,61 @@ fn manifest(
 
 /// Runs the evaluation (see the module documentation); returns the summaries and comparisons.
 pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>, Vec<Comparison>)> {
+    for (flag, adapter, base) in [
+        ("--adapter", &args.adapter, Some(&args.model)),
+        (
+            "--baseline-adapter",
+            &args.baseline_adapter,
+            args.baseline.as_ref(),
+        ),
+    ] {
+        let (Some(adapter), Some(base)) = (adapter, base) else {
+            continue;
+        };
+        if !backend.applies_adapters() {
+            anyhow::bail!(
+                "{}: {flag}: this backend cannot apply a LoRA adapter (use --backend llama)",
+                adapter.display()
+            );
+        }
+        if !base.is_file() {
+            anyhow::bail!(
+                "{flag} {} needs its base to be a GGUF file, not {}",
+                adapter.display(),
+                base.display()
+            );
+        }
+    }
     let suites = load_suites(&args.suites, args.limit)?;
-    manifest(args, backend, &suites)?.claim(&args.out, args.fresh)?;
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(|b| Baseline::resolve(b, args.baseline_adapter.as_deref()))
+        .transpose()?;
+    // Under --adapter the model side samples the base with the adapter applied, and names the
+    // adapter where it would name a model; the baseline side samples without it.
+    let adapted = match &args.adapter {
+        Some(_) => Some(crate::AdaptedBackend::new(backend, &args.model)?),
+        None => None,
+    };
+    let model_backend: &dyn Backend = match &adapted {
+        Some(a) => a,
+        None => backend,
+    };
+    let model_source = args.adapter.as_ref().unwrap_or(&args.model);
+    let ours = manifest(
+        args,
+        model_backend,
+        model_source,
+        baseline.as_ref(),
+        &suites,
+    )?;
+    if let Some(Baseline::Folder { dir, manifest }) = &baseline {
+        check_folder(dir, manifest, &ours)?;
+    }
+    ours.claim(&args.out, args.fresh)?;
     let suites: Vec<(String, Vec<Problem>)> = suites.into_iter().map(|(l, _, p)| (l, p)).collect();
-    let model = crate::sampling_model(backend, &args.model, &args.out, args.quant)?;
+    let model = crate::sampling_model(model_backend, model_source, &args.out, args.quant)?;
     let mut main_setting = Setting {
         label: "model".into(),
         temperature: args.temperature,
@@ -225,55 +302,88 @@ pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>,
     }
     let mut summaries = vec![];
     let mut results: BTreeMap<(String, String), Vec<ItemResult>> = BTreeMap::new();
-    let mut run_one = |source: &Path, gguf: &Path, setting: &Setting| -> Result<()> {
-        for (suite, problems) in &suites {
-            let items = evaluate(
-                backend,
-                source,
-                gguf,
-                problems,
-                setting,
-                &args.decoding(),
-                &args.out.join(format!("{suite}.{}.jsonl", setting.tag())),
-            )?;
-            let summary = summarize(suite, setting, &items);
-            print_summary(&summary);
-            summaries.push(summary);
-            results.insert((suite.clone(), setting.tag()), items);
-        }
-        Ok(())
-    };
-    run_one(&args.model, &model, &main_setting)?;
-
-    let mut comparisons = vec![];
-    if let Some(baseline) = &args.baseline {
-        let base =
-            crate::sampling_model(backend, baseline, &args.out.join("baseline"), args.quant)?;
-        let mut settings = vec![Setting {
-            label: "baseline".into(),
-            ..main_setting.clone()
-        }];
-        for &t in &args.baseline_temperatures {
-            let s = Setting {
-                label: "baseline".into(),
-                temperature: t,
-                n: if t <= 0.0 { 1 } else { args.n },
-                em_inf: None,
-            };
-            if !settings.iter().any(|x| x.tag() == s.tag()) {
-                settings.push(s);
+    let mut run_one =
+        |backend: &dyn Backend, source: &Path, gguf: &Path, setting: &Setting| -> Result<()> {
+            for (suite, problems) in &suites {
+                let items = evaluate(
+                    backend,
+                    source,
+                    gguf,
+                    problems,
+                    setting,
+                    &args.decoding(),
+                    &args.out.join(format!("{suite}.{}.jsonl", setting.tag())),
+                )?;
+                let summary = summarize(suite, setting, &items);
+                print_summary(&summary);
+                summaries.push(summary);
+                results.insert((suite.clone(), setting.tag()), items);
             }
+            Ok(())
+        };
+    // A folder baseline is read before any sampling, so a folder that lacks items stops the run
+    // before it does work.
+    let reused = match &baseline {
+        Some(Baseline::Folder { dir, .. }) => Some(
+            suites
+                .iter()
+                .map(|(suite, problems)| {
+                    Ok((
+                        suite.clone(),
+                        folder_items(dir, suite, &main_setting.tag(), problems)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        _ => None,
+    };
+    run_one(model_backend, model_source, &model, &main_setting)?;
+
+    let baseline_setting = Setting {
+        label: "baseline".into(),
+        ..main_setting.clone()
+    };
+    let settings = match &baseline {
+        None => vec![],
+        Some(Baseline::Folder { dir, .. }) => {
+            for (suite, items) in reused.expect("read for a folder baseline") {
+                let summary = summarize(&suite, &baseline_setting, &items);
+                print_summary(&summary);
+                summaries.push(summary);
+                results.insert((suite, baseline_setting.tag()), items);
+            }
+            println!(
+                "baseline: per-item results reused from {}; its lower temperatures are not run \
+                 (evaluate the base model itself for them)",
+                dir.display()
+            );
+            vec![baseline_setting]
         }
-        if let Some(e) = args.baseline_em_inf {
-            settings.push(Setting {
-                label: "baseline".into(),
-                em_inf: Some(e),
-                ..main_setting.clone()
-            });
+        Some(Baseline::Model { path, adapter }) => {
+            let adapted = match adapter {
+                Some(_) => Some(crate::AdaptedBackend::new(backend, path)?),
+                None => None,
+            };
+            let base_backend: &dyn Backend = match &adapted {
+                Some(a) => a,
+                None => backend,
+            };
+            let source = adapter.as_ref().unwrap_or(path);
+            let base = crate::sampling_model(
+                base_backend,
+                source,
+                &args.out.join("baseline"),
+                args.quant,
+            )?;
+            let settings = baseline_settings(args, &main_setting, baseline_setting);
+            for s in &settings {
+                run_one(base_backend, source, &base, s)?;
+            }
+            settings
         }
-        for s in &settings {
-            run_one(baseline, &base, s)?;
-        }
+    };
+    let mut comparisons = vec![];
+    if !settings.is_empty() {
         for (suite, _) in &suites {
             let tuned = &results[&(suite.clone(), main_setting.tag())];
             let same = &results[&(suite.clone(), settings[0].tag())];
@@ -295,6 +405,146 @@ pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>,
     }
     write_reports(&args.out, &summaries, &comparisons)?;
     Ok((summaries, comparisons))
+}
+
+/// What the model is compared with.
+enum Baseline {
+    /// A model evaluated here, with its own adapter or none.
+    Model {
+        path: PathBuf,
+        adapter: Option<PathBuf>,
+    },
+    /// A finished eval output whose model results are reused.
+    Folder { dir: PathBuf, manifest: Manifest },
+}
+
+impl Baseline {
+    fn resolve(path: &Path, adapter: Option<&Path>) -> Result<Self> {
+        let manifest_path = path.join("manifest.json");
+        if !(path.is_dir() && manifest_path.is_file()) {
+            return Ok(Baseline::Model {
+                path: path.to_path_buf(),
+                adapter: adapter.map(Path::to_path_buf),
+            });
+        }
+        if let Some(a) = adapter {
+            anyhow::bail!(
+                "--baseline-adapter {}: --baseline {} is an eval folder, whose results already \
+                 say what was evaluated",
+                a.display(),
+                path.display()
+            );
+        }
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("{}: cannot read", manifest_path.display()))?;
+        let manifest: Manifest = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a manifest", manifest_path.display()))?;
+        if manifest.kind != "eval" {
+            anyhow::bail!(
+                "{}: holds a {} output; --baseline takes a model or an eval folder",
+                path.display(),
+                manifest.kind
+            );
+        }
+        Ok(Baseline::Folder {
+            dir: path.to_path_buf(),
+            manifest,
+        })
+    }
+}
+
+/// The settings of an eval output that its model results depend on.
+const RESULT_SETTINGS: [&str; 7] = [
+    "temperature",
+    "n",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "prompt",
+    "em_inf",
+];
+
+/// Refuses an eval folder whose model results were not made by the suites and settings of `ours`,
+/// naming what differs.
+fn check_folder(dir: &Path, folder: &Manifest, ours: &Manifest) -> Result<()> {
+    let mut differs = vec![];
+    for key in RESULT_SETTINGS {
+        let (there, now) = (&folder.settings[key], &ours.settings[key]);
+        if there != now {
+            differs.push(format!("{key}: {there} there, {now} now"));
+        }
+    }
+    for (role, id) in ours.inputs.iter().filter(|(r, _)| r.starts_with("suite:")) {
+        match folder.inputs.get(role) {
+            Some(t) if t == id => {}
+            Some(t) => differs.push(format!("{role}: {t} there, {id} now")),
+            None => differs.push(format!("{role}: not evaluated there")),
+        }
+    }
+    if !differs.is_empty() {
+        anyhow::bail!(
+            "{}: cannot serve as the baseline: {}",
+            dir.display(),
+            differs.join("; ")
+        );
+    }
+    Ok(())
+}
+
+/// The folder's model results at `tag` for `problems`, in their order.
+fn folder_items(
+    dir: &Path,
+    suite: &str,
+    tag: &str,
+    problems: &[Problem],
+) -> Result<Vec<ItemResult>> {
+    let path = dir.join(format!("{suite}.{tag}.jsonl"));
+    if !path.is_file() {
+        anyhow::bail!(
+            "{}: missing (the eval there did not finish {suite})",
+            path.display()
+        );
+    }
+    let (_, done) = JsonlStore::<ItemResult>::open(&path)?;
+    let mut by_id: std::collections::HashMap<String, ItemResult> =
+        done.into_iter().map(|i| (i.id.clone(), i)).collect();
+    let items: Vec<ItemResult> = problems
+        .iter()
+        .filter_map(|p| by_id.remove(&p.id))
+        .collect();
+    if items.len() < problems.len() {
+        anyhow::bail!(
+            "{}: holds {} of the {} items asked for (rerun that eval with a larger --limit)",
+            path.display(),
+            items.len(),
+            problems.len()
+        );
+    }
+    Ok(items)
+}
+
+/// The baseline's settings: the model's own, the lower temperatures, and EM-INF when asked.
+fn baseline_settings(args: &EvalArgs, main: &Setting, same: Setting) -> Vec<Setting> {
+    let mut settings = vec![same];
+    for &t in &args.baseline_temperatures {
+        let s = Setting {
+            label: "baseline".into(),
+            temperature: t,
+            n: if t <= 0.0 { 1 } else { args.n },
+            em_inf: None,
+        };
+        if !settings.iter().any(|x| x.tag() == s.tag()) {
+            settings.push(s);
+        }
+    }
+    if let Some(e) = args.baseline_em_inf {
+        settings.push(Setting {
+            label: "baseline".into(),
+            em_inf: Some(e),
+            ..main.clone()
+        });
+    }
+    settings
 }
 
 /// Mean per-item score (accuracy, or avg@n).
