@@ -10,7 +10,17 @@ use crate::backends::BackendArgs;
 
 /// One-shot entropy minimization: fetch, convert, screen, train, evaluate.
 #[derive(Parser, Debug)]
-#[command(name = "cargo xtask", version, about)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    version,
+    about = "One-shot entropy minimization for language models: find the prompt a model is unsure \
+             about (screen), train on its own answers to it (train, full or LoRA, with a \
+             label-free safeguard), and evaluate on math suites next to the base model at low \
+             temperature (eval).",
+    after_help = "Start with `cargo xtask demo` (the whole loop on a bundled model organism, no \
+                  download), or `cargo xtask fetch smollm2-135m` for a real model."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

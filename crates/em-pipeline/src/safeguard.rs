@@ -136,6 +136,21 @@ pub struct Thresholds {
     pub drift: usize,
 }
 
+impl std::fmt::Display for Thresholds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the answered share may fall by {:.3}, mean length rise by {:.1} tokens, repetition \
+             rise by {:.3}, and {} held-out majority answer{} may change",
+            self.answered_drop,
+            self.length_rise,
+            self.repetition_rise,
+            self.drift,
+            if self.drift == 1 { "" } else { "s" }
+        )
+    }
+}
+
 impl Baseline {
     /// `Z` standard errors of each signal (binomial for the answered share, the responses' own
     /// spread for length and repetition), and never less than the two step-0 seeds differ by; the
@@ -284,6 +299,21 @@ pub fn sample_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thresholds_read_as_a_sentence() {
+        let t = Thresholds {
+            answered_drop: 0.09935053686218653,
+            length_rise: 2.370378584915661,
+            repetition_rise: 0.0123,
+            drift: 1,
+        };
+        assert_eq!(
+            t.to_string(),
+            "the answered share may fall by 0.099, mean length rise by 2.4 tokens, repetition \
+             rise by 0.012, and 1 held-out majority answer may change"
+        );
+    }
 
     fn sample(text: &str, n_tokens: usize, finish: FinishReason) -> Sample {
         Sample {

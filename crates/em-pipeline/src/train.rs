@@ -1033,7 +1033,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                 em_store::write_atomic(&baseline_path, serde_json::to_string(&b)? + "\n")?;
                 let verdict = safeguard::judge(&b, &b.round, &[]);
                 eprintln!(
-                    "watch: step-0 reference on {} prompts × {}: answered {:.3}, length {:.1}, repetition {:.3}; thresholds {:?}",
+                    "watch: step-0 reference on {} prompts × {}: answered {:.3}, length {:.1}, repetition {:.3}; alarm past: {}",
                     b.round.majority.len(),
                     args.watch_samples,
                     b.round.answered,
