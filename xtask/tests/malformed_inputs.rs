@@ -229,6 +229,16 @@ fn cases(tmp: &Path) -> Vec<Case> {
         input: "pool JSONL: a malformed line",
         args: v,
     });
+    let mut v = s(&["screen", "--model"]);
+    v.push(fixture().to_string_lossy().into_owned());
+    v.extend(s(&["--quant", "f32", "--pool"]));
+    v.push(t("missing-pool.jsonl"));
+    v.extend(s(&["--out"]));
+    v.push(t("screen-out-2"));
+    cases.push(Case {
+        input: "pool missing (neither a file nor a bundled name)",
+        args: v,
+    });
     for (input, name, template) in [
         (
             "chat template: a value that doubles 40 times",
