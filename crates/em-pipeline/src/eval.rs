@@ -506,12 +506,7 @@ fn folder_items(
         );
     }
     let (_, done) = JsonlStore::<ItemResult>::open(&path)?;
-    let mut by_id: std::collections::HashMap<String, ItemResult> =
-        done.into_iter().map(|i| (i.id.clone(), i)).collect();
-    let items: Vec<ItemResult> = problems
-        .iter()
-        .filter_map(|p| by_id.remove(&p.id))
-        .collect();
+    let items = in_suite_order(problems, done);
     if items.len() < problems.len() {
         anyhow::bail!(
             "{}: holds {} of the {} items asked for (rerun that eval with a larger --limit)",
@@ -788,15 +783,7 @@ pub fn evaluate(
             Ok(())
         })?;
     }
-    let mut by_id: std::collections::HashMap<String, ItemResult> = done
-        .into_iter()
-        .chain(new_items)
-        .map(|i| (i.id.clone(), i))
-        .collect();
-    let items: Vec<ItemResult> = problems
-        .iter()
-        .filter_map(|p| by_id.remove(&p.id))
-        .collect();
+    let items = in_suite_order(problems, done.into_iter().chain(new_items));
     if items.len() < problems.len() {
         anyhow::bail!(
             "{}: {} of {} items were not evaluated (the sampler stopped early)",
@@ -806,6 +793,19 @@ pub fn evaluate(
         );
     }
     Ok(items)
+}
+
+/// The results for `problems`, in their order (one per problem that has one).
+fn in_suite_order(
+    problems: &[Problem],
+    results: impl IntoIterator<Item = ItemResult>,
+) -> Vec<ItemResult> {
+    let mut by_id: std::collections::HashMap<String, ItemResult> =
+        results.into_iter().map(|i| (i.id.clone(), i)).collect();
+    problems
+        .iter()
+        .filter_map(|p| by_id.remove(&p.id))
+        .collect()
 }
 
 fn write_reports(out: &Path, summaries: &[SuiteSummary], comparisons: &[Comparison]) -> Result<()> {
