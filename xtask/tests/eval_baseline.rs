@@ -71,16 +71,9 @@ fn baselines_as_model_folder_and_under_an_adapter() {
             .map(|s| s.to_string())
             .collect();
         v.extend(
-            [
-                "--quant",
-                "f32",
-                "--threads",
-                "1",
-                "--out",
-                out,
-            ]
-            .iter()
-            .map(|s| s.to_string()),
+            ["--quant", "f32", "--threads", "1", "--out", out]
+                .iter()
+                .map(|s| s.to_string()),
         );
         v.extend(extra.iter().map(|s| s.to_string()));
         if !extra.contains(&"--max-new-tokens") {
