@@ -40,7 +40,7 @@ pub enum AnalyzeCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Logit statistics of base and tuned on the same texts (JSONL lines with `prompt` and `response`).
+    /// Logit statistics of base and tuned on the same texts (JSONL lines with `prompt` and `response`, or an eval folder's per-item results).
     Logits {
         #[arg(long)]
         base: PathBuf,
@@ -254,6 +254,8 @@ pub struct LogitShift {
     pub hist_range: (f64, f64),
 }
 
+/// (prompt, response) pairs from JSONL: lines with string `prompt` and `response`, or eval
+/// result lines (`prompt` and `samples[].response`, one pair per sample).
 fn read_pairs(path: &Path, limit: usize) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
@@ -265,17 +267,25 @@ fn read_pairs(path: &Path, limit: usize) -> Result<Vec<(String, String)>> {
     {
         let v: serde_json::Value = serde_json::from_str(line)
             .map_err(|e| anyhow::anyhow!("{}:{}: malformed JSON: {e}", path.display(), i + 1))?;
-        let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
-        let (Some(p), Some(r)) = (get("prompt"), get("response")) else {
+        let text_of = |v: &serde_json::Value, k: &str| v.get(k)?.as_str().map(String::from);
+        let responses: Option<Vec<String>> = match v.get("samples") {
+            Some(samples) => samples
+                .as_array()
+                .and_then(|a| a.iter().map(|s| text_of(s, "response")).collect()),
+            None => text_of(&v, "response").map(|r| vec![r]),
+        };
+        let (Some(prompt), Some(responses)) = (text_of(&v, "prompt"), responses) else {
             bail!(
-                "{}:{}: needs string fields \"prompt\" and \"response\"",
+                "{}:{}: needs string fields \"prompt\" and \"response\" (or an eval result line with \"prompt\" and \"samples\")",
                 path.display(),
                 i + 1
             );
         };
-        pairs.push((p, r));
-        if pairs.len() == limit {
-            break;
+        for response in responses {
+            pairs.push((prompt.clone(), response));
+            if pairs.len() == limit {
+                return Ok(pairs);
+            }
         }
     }
     if pairs.is_empty() {

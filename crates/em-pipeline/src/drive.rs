@@ -2,11 +2,29 @@
 //! (to be graded and stored) as it arrives.
 
 use std::ops::ControlFlow;
+use std::sync::LazyLock;
 
 use em_sampler::{Event, Request, RunStats, Sample, Sampler};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::Result;
+
+/// Every bar of the process, drawn together: a run's step bar stays above the bar of the step's
+/// sampling or update instead of the two overwriting one line.
+static BARS: LazyLock<MultiProgress> = LazyLock::new(MultiProgress::new);
+
+fn bars_hidden() -> bool {
+    std::env::var_os("CI").is_some() || std::env::var_os("EM_NO_PROGRESS").is_some()
+}
+
+fn shown(bar: ProgressBar) -> ProgressBar {
+    if bars_hidden() {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+        bar
+    } else {
+        BARS.add(bar)
+    }
+}
 
 /// A progress bar over `len` units of which `done` are already done; hidden in CI.
 pub fn progress_bar(len: u64, done: u64, unit: &str, prefix: &str) -> ProgressBar {
@@ -19,10 +37,23 @@ pub fn progress_bar(len: u64, done: u64, unit: &str, prefix: &str) -> ProgressBa
         .progress_chars("=> "),
     );
     bar.set_prefix(prefix.to_string());
-    if std::env::var_os("CI").is_some() || std::env::var_os("EM_NO_PROGRESS").is_some() {
-        bar.set_draw_target(ProgressDrawTarget::hidden());
-    }
-    bar
+    shown(bar)
+}
+
+/// The bar over a run's steps (its message the last step's figures); hidden in CI and off a
+/// terminal, where [`say`] prints each step's line instead.
+pub fn steps_bar(len: u64, done: u64) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_position(done);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed} {msg}")
+            .expect("valid template"),
+    );
+    shown(bar)
+}
+
+/// Prints a line to stderr above the bars, which are redrawn below it.
+pub fn say(line: &str) {
+    BARS.suspend(|| eprintln!("{line}"));
 }
 
 /// Samples `requests`, calling `on_done(request, samples)` once per finished request; it returns

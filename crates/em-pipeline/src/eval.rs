@@ -136,6 +136,10 @@ impl Setting {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemResult {
     pub id: String,
+    /// The rendered prompt text the model was given (absent in folders written before it was
+    /// recorded); `analyze logits` reads it with each response.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prompt: String,
     pub gold: Vec<String>,
     pub samples: Vec<SampleResult>,
 }
@@ -225,7 +229,19 @@ fn manifest(
             }
         }
         Some(Baseline::Folder { manifest, .. }) => {
-            m.inputs.insert("baseline".into(), manifest.model.clone());
+            // A folder made under --adapter names the adapter as its model and its base in the
+            // backend's identity: recorded as a baseline model with its adapter.
+            let base = manifest.settings["backend"].get("adapter_base").cloned();
+            match base.and_then(|b| serde_json::from_value::<em_store::Identity>(b).ok()) {
+                Some(base) => {
+                    m.inputs.insert("baseline".into(), base);
+                    m.inputs
+                        .insert("baseline_adapter".into(), manifest.model.clone());
+                }
+                None => {
+                    m.inputs.insert("baseline".into(), manifest.model.clone());
+                }
+            }
             m.settings["baseline_from"] = json!("eval folder");
         }
         None => {}
@@ -347,6 +363,18 @@ pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>,
         None => vec![],
         Some(Baseline::Folder { dir, .. }) => {
             for (suite, items) in reused.expect("read for a folder baseline") {
+                // A copy in this folder, so that it holds every result it summarizes.
+                let mut lines = String::new();
+                for item in &items {
+                    lines += &serde_json::to_string(item)?;
+                    lines.push('\n');
+                }
+                em_store::write_atomic(
+                    &args
+                        .out
+                        .join(format!("{suite}.{}.jsonl", baseline_setting.tag())),
+                    lines,
+                )?;
                 let summary = summarize(&suite, &baseline_setting, &items);
                 print_summary(&summary);
                 summaries.push(summary);
@@ -713,6 +741,7 @@ pub fn evaluate(
     }
     params.em_inf = setting.em_inf;
     let mut requests = Vec::with_capacity(todo.len());
+    let mut prompt_texts = Vec::with_capacity(todo.len());
     // A finished suite loads nothing: the model is read only when items remain.
     if !todo.is_empty() {
         crate::with_vocab(backend, source, &mut |vocab| {
@@ -744,6 +773,7 @@ pub fn evaluate(
                     n_samples: setting.n,
                     params,
                 });
+                prompt_texts.push(prompt.text.clone());
             }
             Ok(())
         })?;
@@ -761,6 +791,7 @@ pub fn evaluate(
                 let problem = todo[request];
                 let item = ItemResult {
                     id: problem.id.clone(),
+                    prompt: prompt_texts[request].clone(),
                     gold: problem.answers.clone(),
                     samples: samples
                         .iter()

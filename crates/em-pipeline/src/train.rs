@@ -932,12 +932,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             .clone())
     };
     let save_every = args.save_every.unwrap_or(args.steps).max(1);
-    let bar = indicatif::ProgressBar::new(args.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.set_position(start as u64);
+    let bar = crate::drive::steps_bar(args.steps as u64, start as u64);
     let watch_params = SamplingParams {
         temperature: args.sample_temperature,
         top_p: args.top_p,
@@ -1032,7 +1027,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                 let b = Baseline { round, replicate };
                 em_store::write_atomic(&baseline_path, serde_json::to_string(&b)? + "\n")?;
                 let verdict = safeguard::judge(&b, &b.round, &[]);
-                eprintln!(
+                crate::drive::say(&format!(
                     "watch: step-0 reference on {} prompts × {}: answered {:.3}, length {:.1}, repetition {:.3}; alarm past: {}",
                     b.round.majority.len(),
                     args.watch_samples,
@@ -1040,7 +1035,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                     b.round.length,
                     b.round.repetition,
                     b.thresholds()
-                );
+                ));
                 baseline = Some(b);
                 Ok(verdict)
             }
@@ -1083,7 +1078,9 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
                     )
                     .map(Some);
                 }
-                (Some(reason), OnAlarm::Warn) => eprintln!("safeguard (warn): {reason}"),
+                (Some(reason), OnAlarm::Warn) => {
+                    crate::drive::say(&format!("safeguard (warn): {reason}"))
+                }
                 (None, OnAlarm::Stop) => last_good = Some((step - 1, snapshot(&params)?)),
                 (None, OnAlarm::Warn) => {}
             }
@@ -1129,7 +1126,22 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
 
         // 3. One update on them.
         let t2 = Instant::now();
-        let stats = trainer.update(&sequences)?;
+        let micro_batches = sequences.len().div_ceil(args.micro_batch.max(1));
+        let passes = crate::drive::progress_bar(
+            2 * micro_batches as u64,
+            0,
+            "passes",
+            &format!("step {step}/{} update", args.steps),
+        );
+        let stats = trainer.update_observed(&sequences, &mut |p| {
+            passes.inc(1);
+            let phase = if p.backward { "backward" } else { "forward" };
+            passes.set_message(format!(
+                "micro-batch {}/{} {phase} done",
+                p.micro_batch, p.micro_batches
+            ));
+        })?;
+        passes.finish_and_clear();
         let t_train = t2.elapsed().as_secs_f64();
         let train_tokens: usize = sequences.iter().map(Sequence::len).sum();
 
@@ -1199,7 +1211,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
             t0.elapsed().as_secs_f64()
         );
         if bar.is_hidden() {
-            eprintln!("{msg}");
+            crate::drive::say(&msg);
         }
         bar.set_message(msg);
         bar.inc(1);

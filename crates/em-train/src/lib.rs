@@ -14,8 +14,8 @@ pub mod pretrain;
 pub mod trainer;
 
 pub use objective::{
-    accumulate_em_gradients, em_loss, entropy, predicting_positions, EmOptions, EmStats, Gradients,
-    Sequence, TrainError,
+    accumulate_em_gradients, accumulate_em_gradients_observed, em_loss, entropy,
+    predicting_positions, EmOptions, EmStats, Gradients, Pass, Sequence, TrainError,
 };
 pub use optim::{AdamW, AdamWConfig, Precision};
 pub use trainer::{ResumeError, TrainConfig, Trainer, UpdateStats};

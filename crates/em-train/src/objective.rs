@@ -435,10 +435,50 @@ pub fn accumulate_em_gradients(
     scale: f64,
     grads: &mut Gradients,
 ) -> Result<EmStats, TrainError> {
+    accumulate_em_gradients_observed(model, sequences, options, scale, grads, &mut |_| {})
+}
+
+/// Which pass of an update has just finished: a micro-batch's forward pass (its entropy is
+/// known) or its backward pass (its gradients are summed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// 1-based index of the micro-batch.
+    pub micro_batch: usize,
+    /// Micro-batches in this update.
+    pub micro_batches: usize,
+    /// `false` after the forward pass, `true` after the backward pass.
+    pub backward: bool,
+}
+
+/// [`accumulate_em_gradients`], calling `on_pass` after each forward and each backward pass, so
+/// a caller can show where a long update is.
+pub fn accumulate_em_gradients_observed(
+    model: &CausalLm,
+    sequences: &[Sequence],
+    options: &EmOptions,
+    scale: f64,
+    grads: &mut Gradients,
+    on_pass: &mut dyn FnMut(Pass),
+) -> Result<EmStats, TrainError> {
     validate(sequences, model.config().vocab_size)?;
     let mut stats = EmStats::default();
-    for batch in sequences.chunks(options.micro_batch.max(1)) {
-        stats.merge(micro_batch(model, batch, options, scale, grads)?);
+    let micro_batches = sequences.len().div_ceil(options.micro_batch.max(1));
+    for (i, batch) in sequences.chunks(options.micro_batch.max(1)).enumerate() {
+        let mut report = |backward| {
+            on_pass(Pass {
+                micro_batch: i + 1,
+                micro_batches,
+                backward,
+            })
+        };
+        stats.merge(micro_batch(
+            model,
+            batch,
+            options,
+            scale,
+            grads,
+            &mut report,
+        )?);
     }
     Ok(stats)
 }
@@ -462,6 +502,7 @@ fn micro_batch(
     options: &EmOptions,
     scale: f64,
     grads: &mut Gradients,
+    report: &mut dyn FnMut(bool),
 ) -> Result<EmStats, TrainError> {
     let device = model
         .parameters()
@@ -472,9 +513,11 @@ fn micro_batch(
         let hidden = ctx(model.hidden_states(&ids), "forward pass")?;
         let selected = ctx(select_predicting(&hidden, batch), "selecting positions")?;
         let (stats, g) = head(model, &selected.detach(), options, scale, grads)?;
+        report(false);
         if let Some(g) = g {
             back_through(&selected, &g, grads, "backward (trunk)")?;
         }
+        report(true);
         return Ok(stats);
     }
 
@@ -496,7 +539,11 @@ fn micro_batch(
     let hidden = ctx(model.final_norm(last.as_tensor()), "final norm")?;
     let selected = ctx(select_predicting(&hidden, batch), "selecting positions")?;
     let (stats, g) = head(model, &selected.detach(), options, scale, grads)?;
-    let Some(g) = g else { return Ok(stats) };
+    report(false);
+    let Some(g) = g else {
+        report(true);
+        return Ok(stats);
+    };
     let mut g = back_through(&selected, &g, grads, "backward (final norm)")?
         .get(last.as_tensor())
         .cloned();
@@ -519,6 +566,7 @@ fn micro_batch(
             back_through(&embedded, &upstream, grads, "backward (embedding)")?;
         }
     }
+    report(true);
     Ok(stats)
 }
 

@@ -6,7 +6,9 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use crate::models::{CausalLm, ModelError};
-use crate::objective::{accumulate_em_gradients, EmOptions, Gradients, Sequence, TrainError};
+use crate::objective::{
+    accumulate_em_gradients_observed, EmOptions, Gradients, Pass, Sequence, TrainError,
+};
 use crate::optim::{AdamW, AdamWConfig};
 
 /// The optimizer state file inside a checkpoint directory: in a subdirectory, so that tools that
@@ -135,14 +137,24 @@ impl Trainer {
     /// One update on `sequences` (all responses of the update): gradient of their token-mean
     /// entropy, clipped, then one AdamW step.
     pub fn update(&mut self, sequences: &[Sequence]) -> Result<UpdateStats, TrainError> {
+        self.update_observed(sequences, &mut |_| {})
+    }
+
+    /// [`Trainer::update`], calling `on_pass` after each micro-batch's forward and backward pass.
+    pub fn update_observed(
+        &mut self,
+        sequences: &[Sequence],
+        on_pass: &mut dyn FnMut(Pass),
+    ) -> Result<UpdateStats, TrainError> {
         let n_tokens: usize = sequences.iter().map(|s| s.response_ids.len()).sum();
         let mut grads = Gradients::new(self.model.parameters());
-        let stats = accumulate_em_gradients(
+        let stats = accumulate_em_gradients_observed(
             &self.model,
             sequences,
             &self.config.em,
             1.0 / n_tokens.max(1) as f64,
             &mut grads,
+            on_pass,
         )?;
         let grad_norm = if self.config.max_grad_norm > 0.0 {
             grads.clip_norm(self.config.max_grad_norm)

@@ -10,8 +10,8 @@ use em_train::lora::{AdapterSource, LoraConfig};
 use em_train::models::{tensor_shapes, Architecture, CausalLm, ModelConfig};
 use em_train::objective::select_predicting;
 use em_train::{
-    accumulate_em_gradients, em_loss, predicting_positions, AdamWConfig, EmOptions, Gradients,
-    Sequence, TrainConfig, Trainer,
+    accumulate_em_gradients, accumulate_em_gradients_observed, em_loss, predicting_positions,
+    AdamWConfig, EmOptions, Gradients, Pass, Sequence, TrainConfig, Trainer,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -136,6 +136,39 @@ fn loss_and_grads(model: &CausalLm, seqs: &[Sequence], opts: &EmOptions) -> (f64
 
 fn loss_only(model: &CausalLm, seqs: &[Sequence], opts: &EmOptions) -> f64 {
     loss_and_grads(model, seqs, opts).0
+}
+
+/// Progress comes as a forward then a backward pass per micro-batch, in order, with or without
+/// recomputation, and observing changes nothing in the result.
+#[test]
+fn an_update_reports_each_forward_and_backward_pass() {
+    let (_, raw) = &tiny_configs()[0];
+    let m = model(raw, DType::F64, 3);
+    let seqs = sequences();
+    for recompute in [true, false] {
+        let opts = options(2, 4, recompute);
+        let mut passes = Vec::new();
+        let mut grads = Gradients::new(m.parameters());
+        let stats =
+            accumulate_em_gradients_observed(&m, &seqs, &opts, 0.25, &mut grads, &mut |p| {
+                passes.push(p)
+            })
+            .unwrap();
+        let pass = |micro_batch, backward| Pass {
+            micro_batch,
+            micro_batches: 2,
+            backward,
+        };
+        assert_eq!(
+            passes,
+            [pass(1, false), pass(1, true), pass(2, false), pass(2, true)],
+            "recompute {recompute}"
+        );
+        let mut plain = Gradients::new(m.parameters());
+        let unobserved = accumulate_em_gradients(&m, &seqs, &opts, 0.25, &mut plain).unwrap();
+        assert_eq!(stats.entropy_sum, unobserved.entropy_sum);
+        assert_eq!(plain.global_norm().unwrap(), grads.global_norm().unwrap());
+    }
 }
 
 #[test]
