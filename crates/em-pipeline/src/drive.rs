@@ -48,7 +48,9 @@ pub fn steps_bar(len: u64, done: u64) -> ProgressBar {
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed} {msg}")
             .expect("valid template"),
     );
-    shown(bar)
+    let bar = shown(bar);
+    bar.tick();
+    bar
 }
 
 /// Prints a line to stderr above the bars, which are redrawn below it.
