@@ -34,6 +34,9 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     for (name, wanted, got) in &report.fallbacks {
         eprintln!("note: {name}: row length does not fit {wanted:?}; stored as {got:?} (llama.cpp's fallback)");
     }
+    for note in &report.notes {
+        eprintln!("note: {note}");
+    }
     for (key, value) in &report.defaults_applied {
         eprintln!("note: config.json has no \"{key}\"; used transformers' class default {value}");
     }

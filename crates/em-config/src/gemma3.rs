@@ -113,6 +113,7 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
         qkv_bias: attention_bias,
         o_bias: attention_bias,
         mlp_bias: false,
+        qk_norm: true,
         rope,
         local_rope,
         layer_windows,

@@ -49,7 +49,9 @@
 
 pub mod gemma3;
 pub mod llama;
+pub mod mistral;
 pub mod qwen2;
+pub mod qwen3;
 mod rope;
 
 use std::path::{Path, PathBuf};
@@ -72,6 +74,10 @@ pub enum Architecture {
     Llama,
     /// Gemma3 text-only (`model_type: "gemma3_text"`).
     Gemma3,
+    /// Qwen3 dense (`model_type: "qwen3"`): q/k RMS norms over each head, no q/k/v bias.
+    Qwen3,
+    /// Mistral (`model_type: "mistral"`): the Llama layout with an optional sliding window.
+    Mistral,
 }
 
 impl Architecture {
@@ -81,6 +87,8 @@ impl Architecture {
             "qwen2" | "Qwen2ForCausalLM" => Some(Self::Qwen2),
             "llama" | "LlamaForCausalLM" => Some(Self::Llama),
             "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => Some(Self::Gemma3),
+            "qwen3" | "Qwen3ForCausalLM" => Some(Self::Qwen3),
+            "mistral" | "MistralForCausalLM" => Some(Self::Mistral),
             _ => None,
         }
     }
@@ -91,6 +99,8 @@ impl Architecture {
             Self::Qwen2 => "qwen2",
             Self::Llama => "llama",
             Self::Gemma3 => "gemma3_text",
+            Self::Qwen3 => "qwen3",
+            Self::Mistral => "mistral",
         }
     }
 
@@ -100,6 +110,8 @@ impl Architecture {
             Self::Qwen2 => "Qwen2ForCausalLM",
             Self::Llama => "LlamaForCausalLM",
             Self::Gemma3 => "Gemma3ForCausalLM",
+            Self::Qwen3 => "Qwen3ForCausalLM",
+            Self::Mistral => "MistralForCausalLM",
         }
     }
 }
@@ -183,7 +195,7 @@ pub enum ConfigError {
     },
     /// `model_type` (or `architectures`) names no supported architecture.
     #[error(
-        "unsupported architecture: {} in {} (supported: qwen2, llama, gemma3_text)",
+        "unsupported architecture: {} in {} (supported: qwen2, qwen3, llama, mistral, gemma3_text; dense models only)",
         describe_model_type(model_type),
         path.display()
     )]
@@ -268,6 +280,9 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections.
     pub mlp_bias: bool,
+    /// RMS norms over `head_dim` on each query and key head before the rotary embedding (Qwen3,
+    /// Gemma3: `self_attn.q_norm`, `self_attn.k_norm`).
+    pub qk_norm: bool,
     /// Rotary embedding of full-attention layers.
     pub rope: RopeParams,
     /// Rotary embedding of sliding-window layers (Gemma3's local base; else the same as `rope`).
@@ -311,6 +326,7 @@ impl PartialEq for ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
+            qk_norm,
             rope,
             local_rope,
             layer_windows,
@@ -337,6 +353,7 @@ impl PartialEq for ModelConfig {
             && *qkv_bias == other.qkv_bias
             && *o_bias == other.o_bias
             && *mlp_bias == other.mlp_bias
+            && *qk_norm == other.qk_norm
             && *rope == other.rope
             && *local_rope == other.local_rope
             && *layer_windows == other.layer_windows
@@ -414,6 +431,8 @@ impl ModelConfig {
             Architecture::Qwen2 => qwen2::resolve(src)?,
             Architecture::Llama => llama::resolve(src)?,
             Architecture::Gemma3 => gemma3::resolve(src)?,
+            Architecture::Qwen3 => qwen3::resolve(src)?,
+            Architecture::Mistral => mistral::resolve(src)?,
         };
         config.validate(origin)?;
         Ok(config)

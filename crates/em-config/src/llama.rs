@@ -52,6 +52,7 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
         qkv_bias: attention_bias,
         o_bias: attention_bias,
         mlp_bias,
+        qk_norm: false,
         local_rope: rope.clone(),
         rope,
         layer_windows: vec![None; req.num_hidden_layers],

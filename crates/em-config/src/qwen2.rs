@@ -86,6 +86,7 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
         qkv_bias: true,
         o_bias: false,
         mlp_bias: false,
+        qk_norm: false,
         local_rope: rope.clone(),
         rope,
         layer_windows,

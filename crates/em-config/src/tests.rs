@@ -437,7 +437,7 @@ fn errors_name_the_file_and_the_fault() {
     let msg = resolve_err(&with(&qwen_math_v4(), json!({"model_type": "mamba"}))).to_string();
     assert_eq!(
         msg,
-        "unsupported architecture: model_type \"mamba\" in test/config.json (supported: qwen2, llama, gemma3_text)"
+        "unsupported architecture: model_type \"mamba\" in test/config.json (supported: qwen2, qwen3, llama, mistral, gemma3_text; dense models only)"
     );
     let msg = resolve_err(&with(
         &qwen_math_v4(),
@@ -485,4 +485,75 @@ fn deserialises_straight_from_json_keeping_the_raw_value() {
     let c: ModelConfig = serde_json::from_value(llama31_v4()).unwrap();
     assert_eq!(c.raw, llama31_v4());
     assert_eq!(c, resolve(&llama31_v5()));
+}
+
+/// Qwen3-0.6B's config.json (transformers 4.51): q/k norms, an explicit head_dim that is not
+/// hidden/heads, no biases, tied head.
+fn qwen3_0_6b() -> Value {
+    json!({
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 1024, "initializer_range": 0.02, "intermediate_size": 3072,
+        "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+        "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-06, "rope_scaling": null, "rope_theta": 1000000,
+        "sliding_window": null, "tie_word_embeddings": true, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": true, "use_sliding_window": false,
+        "vocab_size": 151936
+    })
+}
+
+#[test]
+fn qwen3_reads_its_head_norms_and_head_dim_and_refuses_moe() {
+    let c = resolve(&qwen3_0_6b());
+    assert_eq!(c.architecture, Architecture::Qwen3);
+    assert!(c.qk_norm && !c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
+    assert_eq!((c.head_dim, c.num_key_value_heads), (128, 8));
+    assert_eq!(c.layer_windows, vec![None; 28]);
+    assert!(c.defaults_applied.is_empty(), "{:?}", c.defaults_applied);
+    // Qwen3Config's head_dim default is 128, not hidden / heads.
+    let c = resolve(&without(
+        &with(&qwen3_0_6b(), json!({"hidden_size": 512})),
+        &["head_dim"],
+    ));
+    assert_eq!(c.head_dim, 128);
+    assert_eq!(c.default_applied("head_dim"), Some("128"));
+    let c = resolve(&with(&qwen3_0_6b(), json!({"attention_bias": true})));
+    assert!(c.qkv_bias && c.o_bias);
+    let e = resolve_err(&with(&qwen3_0_6b(), json!({"model_type": "qwen3_moe"})));
+    assert!(
+        e.to_string().contains("\"qwen3_moe\"") && e.to_string().contains("dense models only"),
+        "{e}"
+    );
+}
+
+/// Mistral-7B-v0.1's config.json: a 4096-token sliding window on every layer.
+fn mistral_7b_v01() -> Value {
+    json!({
+        "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+        "tie_word_embeddings": false, "torch_dtype": "bfloat16", "use_cache": true,
+        "vocab_size": 32000
+    })
+}
+
+#[test]
+fn mistral_windows_every_layer_and_records_the_default_window() {
+    let c = resolve(&mistral_7b_v01());
+    assert_eq!(c.architecture, Architecture::Mistral);
+    assert_eq!(c.layer_windows, vec![Some(4096); 32]);
+    assert!(!c.qk_norm && !c.qkv_bias && !c.mlp_bias);
+    assert_eq!(c.head_dim, 128);
+    // v0.2 and later write null: full attention.
+    let c = resolve(&with(&mistral_7b_v01(), json!({"sliding_window": null})));
+    assert_eq!(c.layer_windows, vec![None; 32]);
+    // Absent: MistralConfig's 4096, recorded.
+    let c = resolve(&without(&mistral_7b_v01(), &["sliding_window"]));
+    assert_eq!(c.layer_windows, vec![Some(4096); 32]);
+    assert_eq!(c.default_applied("sliding_window"), Some("4096"));
+    let c = resolve(&without(&mistral_7b_v01(), &["num_key_value_heads"]));
+    assert_eq!(c.default_applied("num_key_value_heads"), Some("8"));
 }

@@ -29,6 +29,9 @@ impl GgufArch for Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Llama => "llama",
             Arch::Gemma3 => "gemma3",
+            Arch::Qwen3 => "qwen3",
+            // llama.cpp converts Mistral models to its llama architecture.
+            Arch::Mistral => "llama",
         }
     }
 
@@ -37,8 +40,9 @@ impl GgufArch for Arch {
             "qwen2" => Arch::Qwen2,
             "llama" => Arch::Llama,
             "gemma3" => Arch::Gemma3,
+            "qwen3" => Arch::Qwen3,
             other => bail!(
-                "{}: unsupported architecture {other:?} (supported: qwen2, llama, gemma3)",
+                "{}: unsupported architecture {other:?} (supported: qwen2, qwen3, llama, gemma3)",
                 path.display()
             ),
         })
@@ -68,12 +72,20 @@ pub struct Hparams {
     pub sliding_layers: Vec<bool>,
     pub rope_local_base_freq: Option<f64>,
     pub rope_linear_factor: Option<f64>,
+    /// llama/mistral: Llama 3's frequency-dependent rope scaling, stored in GGUF as the
+    /// per-frequency divisors of `rope_freqs.weight` (as llama.cpp's converter does).
+    pub rope_llama3: Option<RopeScaling>,
+    /// What the conversion cannot carry exactly, for the user (one line each).
+    pub notes: Vec<String>,
 }
+
+/// The GGUF tensor of Llama 3's rope scaling: one divisor per rotary frequency.
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// The activation llama.cpp hard-codes for each architecture.
 fn llama_cpp_activation(arch: Arch) -> Activation {
     match arch {
-        Arch::Qwen2 | Arch::Llama => Activation::Silu,
+        Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Mistral => Activation::Silu,
         Arch::Gemma3 => Activation::GeluTanh,
     }
 }
@@ -111,12 +123,16 @@ impl Hparams {
                 path.display()
             )
         };
-        let rope_linear_factor = match (&cfg.rope.scaling, arch) {
-            (None, _) => None,
-            (Some(RopeScaling::Linear { factor }), Arch::Gemma3) => Some(*factor),
+        let (rope_linear_factor, rope_llama3) = match (&cfg.rope.scaling, arch) {
+            (None, _) => (None, None),
+            (Some(RopeScaling::Linear { factor }), Arch::Gemma3) => (Some(*factor), None),
+            (Some(s @ RopeScaling::Llama3 { .. }), Arch::Llama | Arch::Mistral) => {
+                (None, Some(s.clone()))
+            }
             (Some(s), _) => return Err(unsupported(format!("rope scaling \"{}\"", s.rope_type()))),
         };
-        if let Some(s) = &cfg.local_rope.scaling {
+        // Only Gemma3 has a separate rope for its sliding-window layers.
+        if let (Some(s), Arch::Gemma3) = (&cfg.local_rope.scaling, arch) {
             return Err(unsupported(format!(
                 "rope scaling \"{}\" of sliding-window layers",
                 s.rope_type()
@@ -128,6 +144,7 @@ impl Hparams {
                 cfg.hidden_act.hf_name()
             )));
         }
+        // llama.cpp's qwen2 loads q/k/v biases; none of these loads an output-projection bias.
         let (qkv, o) = (arch == Arch::Qwen2, false);
         if cfg.qkv_bias != qkv || cfg.o_bias != o || cfg.mlp_bias {
             return Err(unsupported(format!(
@@ -162,6 +179,28 @@ impl Hparams {
                 let layers = cfg.layer_windows.iter().map(Option::is_some).collect();
                 (window, layers, Some(cfg.local_rope.theta))
             }
+            Arch::Mistral => {
+                let window = cfg.layer_windows.first().copied().flatten();
+                let mut notes = vec![];
+                if let Some(w) = window.filter(|&w| w < cfg.max_position_embeddings) {
+                    notes.push(format!(
+                        "{}: llama.cpp runs Mistral as llama, without the sliding window of {w}: \
+                         sequences longer than {w} tokens sample from full attention there \
+                         (training keeps the window)",
+                        path.display()
+                    ));
+                }
+                return Ok(Self::with_arch(
+                    cfg,
+                    arch,
+                    window,
+                    vec![window.is_some(); cfg.num_hidden_layers],
+                    None,
+                    None,
+                    rope_llama3,
+                    notes,
+                ));
+            }
             _ => {
                 if cfg.layer_windows.iter().any(Option::is_some) {
                     return Err(unsupported("sliding-window attention".to_string()));
@@ -169,7 +208,33 @@ impl Hparams {
                 (None, vec![], None)
             }
         };
-        Ok(Self {
+        if cfg.qk_norm != matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
+            return Err(unsupported(format!("q/k norms ({})", cfg.qk_norm)));
+        }
+        Ok(Self::with_arch(
+            cfg,
+            arch,
+            sliding_window,
+            sliding_layers,
+            rope_local_base_freq,
+            rope_linear_factor,
+            rope_llama3,
+            vec![],
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn with_arch(
+        cfg: &ModelConfig,
+        arch: Arch,
+        sliding_window: Option<usize>,
+        sliding_layers: Vec<bool>,
+        rope_local_base_freq: Option<f64>,
+        rope_linear_factor: Option<f64>,
+        rope_llama3: Option<RopeScaling>,
+        notes: Vec<String>,
+    ) -> Self {
+        Self {
             arch,
             vocab_size: cfg.vocab_size,
             hidden_size: cfg.hidden_size,
@@ -186,7 +251,104 @@ impl Hparams {
             sliding_layers,
             rope_local_base_freq,
             rope_linear_factor,
-        })
+            rope_llama3,
+            notes,
+        }
+    }
+
+    /// The divisors llama.cpp applies to each rotary frequency (`rope_freqs.weight`) for Llama 3
+    /// scaling, computed as transformers' `_compute_llama3_parameters` scales `inv_freq`.
+    pub fn rope_freqs(&self) -> Option<Vec<f32>> {
+        let Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) = &self.rope_llama3
+        else {
+            return None;
+        };
+        Some(llama3_divisors(
+            self.rope_theta,
+            self.head_dim,
+            *factor,
+            *low_freq_factor,
+            *high_freq_factor,
+            *original_max_position_embeddings as f64,
+        ))
+    }
+
+    /// Reads Llama 3 scaling back from `rope_freqs.weight`: the factor is the largest divisor;
+    /// Meta's low/high frequency factors (1 and 4) are assumed and the original context length
+    /// solved from a divisor between the two bounds; the result must reproduce every divisor,
+    /// or the file is refused (`path` names it).
+    pub fn set_rope_freqs(&mut self, divisors: &[f32], path: &Path) -> Result<()> {
+        if !matches!(self.arch, Arch::Llama | Arch::Mistral) {
+            bail!(
+                "{}: {ROPE_FREQS} in a {} model (llama.cpp reads it only for llama)",
+                path.display(),
+                self.arch.gguf_name()
+            );
+        }
+        if divisors.len() != self.head_dim / 2 {
+            bail!(
+                "{}: {ROPE_FREQS} has {} values for a head size of {}",
+                path.display(),
+                divisors.len(),
+                self.head_dim
+            );
+        }
+        let (low, high) = (1.0, 4.0);
+        let factor = divisors.iter().fold(1.0f32, |m, &d| m.max(d)) as f64;
+        let inv_freq = |i: usize| {
+            self.rope_theta
+                .powf(-((2 * i) as f64) / self.head_dim as f64)
+        };
+        // A divisor strictly between 1 and the factor sits in the smooth band, where
+        // 1/d = (1 − s)/factor + s and s = (original / wavelength − low) / (high − low).
+        let smooth = divisors
+            .iter()
+            .enumerate()
+            .find(|(_, &d)| (d as f64) > 1.0 + 1e-4 && (d as f64) < factor * (1.0 - 1e-4));
+        let wavelength = |i: usize| 2.0 * std::f64::consts::PI / inv_freq(i);
+        let original = match smooth {
+            Some((i, &d)) => {
+                let s = (1.0 / d as f64 - 1.0 / factor) / (1.0 - 1.0 / factor);
+                (s * (high - low) + low) * wavelength(i)
+            }
+            // No divisor in the band: any original length between the last kept and the first
+            // scaled wavelength gives these divisors; take the one at the band's lower edge.
+            None => {
+                let first_scaled = divisors.iter().position(|&d| d as f64 > 1.0 + 1e-4);
+                match first_scaled {
+                    Some(i) => wavelength(i) * low,
+                    None => bail!(
+                        "{}: {ROPE_FREQS} scales no frequency; it is not Llama 3 scaling",
+                        path.display()
+                    ),
+                }
+            }
+        }
+        .round();
+        let want = llama3_divisors(self.rope_theta, self.head_dim, factor, low, high, original);
+        if let Some((i, (a, b))) = divisors
+            .iter()
+            .zip(&want)
+            .enumerate()
+            .find(|(_, (a, b))| ((**a - **b) / **b).abs() > 1e-4)
+        {
+            bail!(
+                "{}: {ROPE_FREQS}[{i}] is {a}, but Llama 3 scaling (factor {factor}, low/high frequency factors 1/4, original context {original}) gives {b}; other scalings are not supported",
+                path.display()
+            );
+        }
+        self.rope_llama3 = Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: original as usize,
+        });
+        Ok(())
     }
 
     /// `{arch}.*` GGUF metadata as llama.cpp reads it.
@@ -210,8 +372,13 @@ impl Hparams {
             ),
             (k("vocab_size"), u(self.vocab_size)),
         ];
-        if self.arch == Arch::Llama {
+        if matches!(self.arch, Arch::Llama | Arch::Mistral) {
             m.push((k("rope.dimension_count"), u(self.head_dim)));
+        }
+        // llama.cpp's llama reads no window; the key marks the file as Mistral's for the way
+        // back to HF.
+        if let (Arch::Mistral, Some(window)) = (self.arch, self.sliding_window) {
+            m.push((k("attention.sliding_window"), u(window)));
         }
         if self.arch == Arch::Gemma3 {
             if let Some(window) = self.sliding_window {
@@ -243,7 +410,7 @@ impl Hparams {
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
             .with_context(|| format!("{}: missing general.architecture", path.display()))?;
-        let arch = Arch::from_gguf_name(arch_name, path)?;
+        let mut arch = Arch::from_gguf_name(arch_name, path)?;
         let a = arch.gguf_name();
         let num = |key: &str| -> Result<usize> {
             let full = format!("{a}.{key}");
@@ -301,6 +468,11 @@ impl Hparams {
         let head_dim = opt_num("attention.key_length")
             .or(opt_num("rope.dimension_count").filter(|_| arch == Arch::Llama))
             .unwrap_or(hidden_size / num_heads);
+        // Our Mistral files carry their window under llama (llama.cpp ignores it there).
+        let llama_window = opt_num("attention.sliding_window").filter(|_| arch == Arch::Llama);
+        if llama_window.is_some() {
+            arch = Arch::Mistral;
+        }
         let (sliding_window, sliding_layers) = if arch == Arch::Gemma3 {
             let window = opt_num("attention.sliding_window");
             let layers = match md.get(&format!("{a}.attention.sliding_window_pattern")) {
@@ -316,6 +488,8 @@ impl Hparams {
                 }
             };
             (window, layers)
+        } else if let Some(w) = llama_window {
+            (Some(w), vec![true; num_layers])
         } else {
             (None, vec![])
         };
@@ -357,6 +531,8 @@ impl Hparams {
             rope_local_base_freq: (arch == Arch::Gemma3)
                 .then(|| float("rope.freq_base_swa").unwrap_or(10_000.0)),
             rope_linear_factor,
+            rope_llama3: None,
+            notes: vec![],
         })
     }
 
@@ -393,6 +569,24 @@ impl Hparams {
             "rope_scaling": null,
         });
         let o = c.as_object_mut().expect("object");
+        if let Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) = &self.rope_llama3
+        {
+            o.insert(
+                "rope_scaling".into(),
+                json!({
+                    "rope_type": "llama3",
+                    "factor": factor,
+                    "low_freq_factor": low_freq_factor,
+                    "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings,
+                }),
+            );
+        }
         match self.arch {
             Arch::Qwen2 => {
                 o.insert("hidden_act".into(), json!("silu"));
@@ -405,6 +599,17 @@ impl Hparams {
                 o.insert("attention_bias".into(), json!(false));
                 o.insert("mlp_bias".into(), json!(false));
                 o.insert("pretraining_tp".into(), json!(1));
+            }
+            Arch::Qwen3 => {
+                o.insert("hidden_act".into(), json!("silu"));
+                o.insert("attention_bias".into(), json!(false));
+                o.insert("use_sliding_window".into(), json!(false));
+                o.insert("sliding_window".into(), json!(null));
+                o.insert("max_window_layers".into(), json!(self.num_layers));
+            }
+            Arch::Mistral => {
+                o.insert("hidden_act".into(), json!("silu"));
+                o.insert("sliding_window".into(), json!(self.sliding_window));
             }
             Arch::Gemma3 => {
                 o.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
@@ -465,13 +670,14 @@ impl Hparams {
             return None;
         }
         let gemma = self.arch == Arch::Gemma3;
+        let qk_norm = matches!(self.arch, Arch::Gemma3 | Arch::Qwen3);
         let bias_ok = self.arch == Arch::Qwen2;
         Some(match rest {
             "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
             "pre_feedforward_layernorm.weight" | "post_feedforward_layernorm.weight" if gemma => {
                 vec![h]
             }
-            "self_attn.q_norm.weight" | "self_attn.k_norm.weight" if gemma => vec![self.head_dim],
+            "self_attn.q_norm.weight" | "self_attn.k_norm.weight" if qk_norm => vec![self.head_dim],
             "self_attn.q_proj.weight" => vec![q, h],
             "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, h],
             "self_attn.o_proj.weight" => vec![h, q],
@@ -509,7 +715,8 @@ impl Hparams {
                 "self_attn.q_norm.weight",
                 "self_attn.k_norm.weight",
             ]),
-            Arch::Llama => {}
+            Arch::Qwen3 => per_layer.extend(["self_attn.q_norm.weight", "self_attn.k_norm.weight"]),
+            Arch::Llama | Arch::Mistral => {}
         }
         for i in 0..self.num_layers {
             names.extend(per_layer.iter().map(|p| format!("model.layers.{i}.{p}")));
@@ -532,14 +739,15 @@ impl Hparams {
         let (layer, rest) = split_layer(hf)?;
         let (module, suffix) = rest.rsplit_once('.')?;
         let gemma = self.arch == Arch::Gemma3;
+        let qk_norm = matches!(self.arch, Arch::Gemma3 | Arch::Qwen3);
         let g = match module {
             "input_layernorm" => "attn_norm",
             "post_attention_layernorm" if gemma => "post_attention_norm",
             "post_attention_layernorm" => "ffn_norm",
             "pre_feedforward_layernorm" if gemma => "ffn_norm",
             "post_feedforward_layernorm" if gemma => "post_ffw_norm",
-            "self_attn.q_norm" if gemma => "attn_q_norm",
-            "self_attn.k_norm" if gemma => "attn_k_norm",
+            "self_attn.q_norm" if qk_norm => "attn_q_norm",
+            "self_attn.k_norm" if qk_norm => "attn_k_norm",
             "self_attn.q_proj" => "attn_q",
             "self_attn.k_proj" => "attn_k",
             "self_attn.v_proj" => "attn_v",
@@ -565,14 +773,15 @@ impl Hparams {
         let layer: usize = layer.parse().ok()?;
         let (module, suffix) = rest.rsplit_once('.')?;
         let gemma = self.arch == Arch::Gemma3;
+        let qk_norm = matches!(self.arch, Arch::Gemma3 | Arch::Qwen3);
         let h = match module {
             "attn_norm" => "input_layernorm",
             "post_attention_norm" if gemma => "post_attention_layernorm",
             "ffn_norm" if gemma => "pre_feedforward_layernorm",
             "ffn_norm" => "post_attention_layernorm",
             "post_ffw_norm" if gemma => "post_feedforward_layernorm",
-            "attn_q_norm" if gemma => "self_attn.q_norm",
-            "attn_k_norm" if gemma => "self_attn.k_norm",
+            "attn_q_norm" if qk_norm => "self_attn.q_norm",
+            "attn_k_norm" if qk_norm => "self_attn.k_norm",
             "attn_q" => "self_attn.q_proj",
             "attn_k" => "self_attn.k_proj",
             "attn_v" => "self_attn.v_proj",
@@ -597,7 +806,7 @@ impl Hparams {
     /// permutation; else none), on any matrix whose rows are that tensor's rows, such as a LoRA B.
     pub fn hf_to_gguf_rows(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         match self.arch {
-            Arch::Llama if is_q_or_k(hf_name) => {
+            Arch::Llama | Arch::Mistral if is_q_or_k(hf_name) => {
                 let heads = if hf_name.contains("q_proj") {
                     self.num_heads
                 } else {
@@ -612,7 +821,7 @@ impl Hparams {
     /// GGUF values -> HF values for one tensor (f32 in, f32 out), undoing `hf_to_gguf_values`.
     pub fn gguf_to_hf_values(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
         match self.arch {
-            Arch::Llama if is_q_or_k(hf_name) => {
+            Arch::Llama | Arch::Mistral if is_q_or_k(hf_name) => {
                 let heads = if hf_name.contains("q_proj") {
                     self.num_heads
                 } else {
@@ -624,6 +833,34 @@ impl Hparams {
             _ => Ok(t),
         }
     }
+}
+
+/// Llama 3's divisor of each rotary frequency `θ^(−2i/d)`: 1 for wavelengths below
+/// `original / high`, `factor` above `original / low`, and between them the reciprocal of the
+/// smooth interpolation transformers applies.
+fn llama3_divisors(
+    theta: f64,
+    head_dim: usize,
+    factor: f64,
+    low: f64,
+    high: f64,
+    original: f64,
+) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| {
+            let inv_freq = theta.powf(-((2 * i) as f64) / head_dim as f64);
+            let wavelength = 2.0 * std::f64::consts::PI / inv_freq;
+            let divisor = if wavelength < original / high {
+                1.0
+            } else if wavelength > original / low {
+                factor
+            } else {
+                let s = (original / wavelength - low) / (high - low);
+                1.0 / ((1.0 - s) / factor + s)
+            };
+            divisor as f32
+        })
+        .collect()
 }
 
 fn is_q_or_k(hf_name: &str) -> bool {

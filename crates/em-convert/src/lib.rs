@@ -66,6 +66,8 @@ pub struct Report {
     /// (key, value) for every config.json key that was absent and got its transformers class
     /// default (HF -> GGUF only; see [`ModelConfig::defaults_applied`]).
     pub defaults_applied: Vec<(String, String)>,
+    /// What the target format or runtime cannot carry exactly, one line each.
+    pub notes: Vec<String>,
 }
 
 /// Converts in the direction the input implies.
@@ -117,15 +119,18 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, outtype: OutType) -> Result<Report> {
     let staged = Staged::new(out)?;
     let mut writer = GgufWriter::create(staged.path(), &plan.metadata, plan.specs())?;
     for t in &plan.tensors {
-        let values = tensors.load_f32(&t.hf_name)?;
-        report.bytes_in += tensors.n_bytes(&t.hf_name)?;
-        let bytes = plan.encode(t, values).with_context(|| {
-            format!(
-                "{}: tensor {}",
-                tensors.file_of(&t.hf_name).display(),
-                t.hf_name
-            )
-        })?;
+        if t.computed.is_none() {
+            report.bytes_in += tensors.n_bytes(&t.hf_name)?;
+        }
+        let bytes = plan
+            .encode_from(t, &mut |name| tensors.load_f32(name))
+            .with_context(|| {
+                format!(
+                    "{}: tensor {}",
+                    tensors.file_of(&t.hf_name).display(),
+                    t.hf_name
+                )
+            })?;
         report.bytes_out += bytes.len() as u64;
         writer.write_tensor(&bytes)?;
     }
@@ -149,8 +154,11 @@ fn required_config(dir: &Path) -> Result<PathBuf> {
 /// One tensor of a [`GgufPlan`]: its HF name and how the GGUF stores it.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {
+    /// The HF tensor it is written from (for a computed tensor, its GGUF name).
     pub hf_name: String,
     pub spec: TensorSpec,
+    /// Values the plan computes itself rather than reading from the model (`rope_freqs.weight`).
+    pub computed: Option<Vec<f32>>,
 }
 
 /// What a GGUF of an HF model holds: the metadata (hyper-parameters from config.json, the
@@ -254,7 +262,23 @@ impl GgufPlan {
                     shape,
                     dtype: choice.dtype,
                 },
+                computed: None,
             });
+        }
+        if let Some(divisors) = hp.rope_freqs() {
+            // llama.cpp's converter stores it as f32 before the blocks, whatever the file type.
+            tensors.insert(
+                1.min(tensors.len()),
+                PlannedTensor {
+                    hf_name: arch::ROPE_FREQS.into(),
+                    spec: TensorSpec {
+                        name: arch::ROPE_FREQS.into(),
+                        shape: vec![divisors.len()],
+                        dtype: GgmlDType::F32,
+                    },
+                    computed: Some(divisors),
+                },
+            );
         }
 
         let model_name = dir
@@ -291,6 +315,21 @@ impl GgufPlan {
         self.tensors.iter().map(|t| t.spec.clone()).collect()
     }
 
+    /// The bytes the file stores for `t`: its computed values, or its HF values from `load`.
+    pub fn encode_from(
+        &self,
+        t: &PlannedTensor,
+        load: &mut dyn FnMut(&str) -> Result<Tensor>,
+    ) -> Result<Vec<u8>> {
+        match &t.computed {
+            Some(values) => encode(
+                &Tensor::from_slice(values, values.len(), &Device::Cpu)?,
+                t.spec.dtype,
+            ),
+            None => self.encode(t, load(&t.hf_name)?),
+        }
+    }
+
     /// The bytes the file stores for `t`, from its HF values (f32, any device).
     pub fn encode(&self, t: &PlannedTensor, values: Tensor) -> Result<Vec<u8>> {
         let values = values.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
@@ -303,6 +342,7 @@ impl GgufPlan {
             tensors: self.tensors.len(),
             fallbacks: self.fallbacks.clone(),
             defaults_applied: self.defaults_applied.clone(),
+            notes: self.hp.notes.clone(),
             ..Report::default()
         }
     }
@@ -354,7 +394,16 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
     let mut gguf = GgufFile::open(path)?;
     let names = gguf.tensor_names();
     let has_output = names.iter().any(|n| n == "output.weight");
-    let hp = Hparams::from_gguf(gguf.metadata(), has_output, path)?;
+    let mut hp = Hparams::from_gguf(gguf.metadata(), has_output, path)?;
+    if names.iter().any(|n| n == arch::ROPE_FREQS) {
+        let divisors = gguf
+            .tensor(arch::ROPE_FREQS)?
+            .dequantize(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        hp.set_rope_freqs(&divisors, path)?;
+    }
     let (tokenizer_json, tokenizer_config) = tokenizer::gguf_to_hf(gguf.metadata())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let token_id = |key: &str| gguf.metadata().get(key).and_then(|v| v.to_u32().ok());
@@ -365,7 +414,7 @@ pub fn gguf_to_hf(path: &Path, out_dir: &Path, dtype: HfDtype) -> Result<Report>
     );
 
     let mut plan = vec![];
-    for name in &names {
+    for name in names.iter().filter(|n| *n != arch::ROPE_FREQS) {
         let Some(hf_name) = hp.gguf_to_hf_name(name) else {
             bail!(
                 "{}: tensor {name} has no HF equivalent for {} (unsupported)",

@@ -76,7 +76,7 @@ impl GgufRefresh {
         let mut encoded = |plan: &GgufPlan, i: usize| -> Result<(Vec<u8>, u64)> {
             let t = &plan.tensors[i];
             let bytes = plan
-                .encode(t, weights(&t.hf_name)?)
+                .encode_from(t, weights)
                 .with_context(|| format!("{}: tensor {}", self.path.display(), t.hf_name))?;
             let mut h = DefaultHasher::new();
             bytes.hash(&mut h);

@@ -56,7 +56,13 @@ pub fn write_corpus(root: &Path) -> std::io::Result<usize> {
 // config.json
 
 /// The architectures' tiny configs, in the order [`edited_config`]'s first byte picks them.
-const ARCHS: [Arch; 3] = [Arch::Qwen2, Arch::Llama, Arch::Gemma3];
+const ARCHS: [Arch; 5] = [
+    Arch::Qwen2,
+    Arch::Llama,
+    Arch::Gemma3,
+    Arch::Qwen3,
+    Arch::Mistral,
+];
 
 /// A valid config.json of `arch` with tiny sizes (every dimension a multiple of 32, so the
 /// GGUF seeds can quantize it).
@@ -76,6 +82,10 @@ pub fn tiny_config(arch: Arch) -> Json {
             "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 16,
             "sliding_window": 4, "sliding_window_pattern": 2, "rope_local_base_freq": 10000.0,
             "tie_word_embeddings": true}),
+        Arch::Qwen3 => json!({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"],
+            "hidden_act": "silu", "tie_word_embeddings": true, "attention_bias": false}),
+        Arch::Mistral => json!({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+            "hidden_act": "silu", "tie_word_embeddings": false, "sliding_window": 4}),
     };
     for (k, v) in extra.as_object().expect("an object") {
         c[k] = v.clone();

@@ -14,7 +14,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -157,7 +157,9 @@ impl GgufModel {
         })
     }
 
-    /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one sequence).
+    /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one
+    /// sequence), with an f32 KV cache: the reference numerics of the weights, not the f16 cache
+    /// the sampler uses.
     pub fn logits(&self, tokens: &[u32], threads: i32) -> Result<Vec<Vec<f32>>, SamplerError> {
         self.logits_with(tokens, threads, None)
     }
@@ -177,7 +179,9 @@ impl GgufModel {
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx)
             .with_n_threads(threads)
-            .with_n_threads_batch(threads);
+            .with_n_threads_batch(threads)
+            .with_type_k(KvCacheType::F32)
+            .with_type_v(KvCacheType::F32);
         let mut ctx = self
             .model
             .new_context(backend()?, params)

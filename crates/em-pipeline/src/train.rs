@@ -598,6 +598,33 @@ fn write_atomically(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resu
     Ok(staged.commit()?)
 }
 
+/// Mistral's sliding window, which llama.cpp does not apply to the GGUF it samples from: said
+/// once, either as irrelevant to this run (no sequence reaches it) or as where sampling stops
+/// being exactly on-policy.
+fn say_window_note(model: &Path, longest: usize) {
+    let Ok(cfg) = em_train::models::ModelConfig::from_file(&model.join("config.json")) else {
+        return;
+    };
+    let Some(window) = cfg.layer_windows.iter().flatten().min().copied() else {
+        return;
+    };
+    if cfg.architecture != em_train::models::Architecture::Mistral {
+        return;
+    }
+    crate::drive::say(&if longest <= window {
+        format!(
+            "note: the sliding window of {window} is longer than any sequence of this run \
+             ({longest} tokens at most): it changes nothing here"
+        )
+    } else {
+        format!(
+            "note: training keeps the sliding window of {window}, but llama.cpp samples Mistral \
+             without one: tokens beyond position {window} are sampled from full attention \
+             (sequences here reach {longest})"
+        )
+    });
+}
+
 /// The checkpoints in `out` (`checkpoint-{step}` directories), newest first.
 fn checkpoints(out: &Path) -> Vec<(usize, PathBuf)> {
     let mut found: Vec<(usize, PathBuf)> = fs::read_dir(out)
@@ -801,6 +828,7 @@ pub fn run(args: &TrainArgs, backend: &dyn Backend) -> Result<Option<PathBuf>> {
     let problem = load_prompt(&args.prompt, args.prompt_id.as_deref())?;
     let prompt = render_prompt(backend, &args.model, &problem, &args.prompt_options)?;
     let prompt_ids = prompt.ids.clone();
+    say_window_note(&args.model, prompt_ids.len() + args.max_new_tokens);
     let identity = run_identity(args, backend);
     let watch = Watch::load(args, backend)?;
     let mut manifest = Manifest::new("train", em_store::model_identity(&args.model)?, identity);

@@ -1,7 +1,7 @@
 //! `cargo xtask bench em-step`: seconds, peak memory and FLOP/s of one EM update (8 responses ×
 //! 256 tokens) on SmolLM2-135M in f32, next to the same step in PyTorch (the project's
 //! `bench/torch_em_step.py`, embedded in this binary) when PyTorch is installed, and the memory
-//! model projected to Qwen2.5-Math-1.5B and -7B. With `--random-config`, one update of a
+//! model projected to Qwen2.5-Math-1.5B and -7B, Qwen3-1.7B and Llama-3.2-1B. With `--random-config`, one update of a
 //! random-weight model of a published configuration on `--device` (the GPU script's figure).
 
 use std::path::Path;
@@ -85,6 +85,10 @@ pub enum RandomConfig {
     QwenMath1_5b,
     #[value(name = "qwen2.5-math-7b")]
     QwenMath7b,
+    #[value(name = "qwen3-1.7b")]
+    Qwen3_1_7b,
+    #[value(name = "llama-3.2-1b")]
+    Llama3_2_1b,
 }
 
 /// The torch script's default prompt, without the instruction the prompt renderer appends.
@@ -167,11 +171,13 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     let gguf = smollm2_path(&cache_dir());
     let mut rng = StdRng::seed_from_u64(7);
     let (source, cfg, prompt, name) = if let Some(which) = args.random_config {
-        let known = memory::qwen_math_configs();
+        let known = memory::known_configs();
         let (raw, label) = match which {
             RandomConfig::Smollm2 => (smollm2_config(), "SmolLM2-135M"),
             RandomConfig::QwenMath1_5b => (known[0].raw.clone(), known[0].name),
             RandomConfig::QwenMath7b => (known[1].raw.clone(), known[1].name),
+            RandomConfig::Qwen3_1_7b => (known[2].raw.clone(), known[2].name),
+            RandomConfig::Llama3_2_1b => (known[3].raw.clone(), known[3].name),
         };
         let cfg = memory::config(&raw, label)?;
         if let Some(other) = &args.check_against {
@@ -647,7 +653,7 @@ fn cpu_peak_gflops(threads: usize) -> Option<(f64, String)> {
 }
 
 /// Prints the memory model: measured per-layer and LM-head transients, checked against this
-/// run's peaks, then projected to Qwen2.5-Math-1.5B and -7B, for full fine-tuning and for each
+/// run's peaks, then projected to Qwen2.5-Math-1.5B and -7B, Qwen3-1.7B and Llama-3.2-1B, for full fine-tuning and for each
 /// adapter in `trainings`.
 fn memory_model(
     cfg: &em_train::models::ModelConfig,
@@ -700,7 +706,7 @@ fn memory_model(
     println!("\nprojected peak GB of one update at {SEQ} tokens per sequence (static: weights; for full fine-tuning also an f32 master copy for bf16 and f32 gradients and moments; for an adapter the f32 factors, their gradients and moments). Refresh: what the sampler is handed after each update (f16 GGUF of the model, or the f32 LoRA GGUF).");
     println!("| model | training | dtype | trained params | static GB | mb 1 | mb 2 | mb 3 | mb 4 | mb 4 without recompute | refresh MB |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
-    for known in memory::qwen_math_configs() {
+    for known in memory::known_configs() {
         let qcfg = memory::config(&known.raw, known.name)?;
         for training in trainings {
             for dt in [DType::F32, DType::BF16] {

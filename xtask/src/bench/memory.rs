@@ -61,8 +61,9 @@ pub struct KnownConfig {
     pub raw: serde_json::Value,
 }
 
-/// Qwen2.5-Math-1.5B and -7B, from the values of their config.json files.
-pub fn qwen_math_configs() -> Vec<KnownConfig> {
+/// Qwen2.5-Math-1.5B and -7B, Qwen3-1.7B and Llama-3.2-1B, from the values of their config.json
+/// files.
+pub fn known_configs() -> Vec<KnownConfig> {
     vec![
         KnownConfig {
             name: "Qwen2.5-Math-1.5B",
@@ -84,6 +85,31 @@ pub fn qwen_math_configs() -> Vec<KnownConfig> {
                 "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
                 "tie_word_embeddings": false, "use_sliding_window": false, "sliding_window": 4096,
                 "max_window_layers": 28, "hidden_act": "silu"
+            }),
+        },
+        KnownConfig {
+            name: "Qwen3-1.7B",
+            raw: serde_json::json!({
+                "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+                "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+                "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                "head_dim": 128, "max_position_embeddings": 40960, "rope_theta": 1000000,
+                "rms_norm_eps": 1e-6, "tie_word_embeddings": true, "attention_bias": false,
+                "use_sliding_window": false, "sliding_window": null, "max_window_layers": 28,
+                "hidden_act": "silu"
+            }),
+        },
+        KnownConfig {
+            name: "Llama-3.2-1B",
+            raw: serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+                "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                "head_dim": 64, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+                "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                "rms_norm_eps": 1e-5, "tie_word_embeddings": true, "attention_bias": false,
+                "mlp_bias": false, "hidden_act": "silu"
             }),
         },
     ]

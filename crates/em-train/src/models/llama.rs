@@ -1,6 +1,7 @@
 //! Llama 2/3 and SmolLM2 (`LlamaForCausalLM`): pre-norm decoder, SwiGLU MLP, GQA, rotary embedding
-//! with optional "linear" or "llama3" scaling. The decoder here also serves Qwen2. Its
-//! configuration is resolved by [`em_config::llama`].
+//! with optional "linear" or "llama3" scaling, per-layer sliding windows and optional q/k head
+//! norms. The decoder here also serves Qwen2, Qwen3 and Mistral, whose files say how they differ.
+//! Its configuration is resolved by [`em_config::llama`].
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -44,8 +45,8 @@ pub(crate) fn load_attention_and_mlp(
         k_proj: w.linear(&format!("{p}.self_attn.k_proj"), hs, nkv * hd, cfg.qkv_bias)?,
         v_proj: w.linear(&format!("{p}.self_attn.v_proj"), hs, nkv * hd, cfg.qkv_bias)?,
         o_proj: w.linear(&format!("{p}.self_attn.o_proj"), nh * hd, hs, cfg.o_bias)?,
-        q_norm: None,
-        k_norm: None,
+        q_norm: qk_norm(cfg, w, &format!("{p}.self_attn.q_norm"))?,
+        k_norm: qk_norm(cfg, w, &format!("{p}.self_attn.k_norm"))?,
         num_heads: nh,
         num_kv_heads: nkv,
         head_dim: hd,
@@ -60,6 +61,17 @@ pub(crate) fn load_attention_and_mlp(
         act: cfg.hidden_act,
     };
     Ok((attn, mlp))
+}
+
+/// A per-head RMS norm over `head_dim` at `prefix` when `cfg.qk_norm` (Qwen3), else none.
+fn qk_norm(
+    cfg: &ModelConfig,
+    w: &mut Weights,
+    prefix: &str,
+) -> std::result::Result<Option<RmsNorm>, ModelError> {
+    cfg.qk_norm
+        .then(|| w.rms_norm(prefix, cfg.head_dim, cfg.rms_norm_eps))
+        .transpose()
 }
 
 /// The LM head: `lm_head.weight`, or the embedding table when tied.

@@ -1,12 +1,14 @@
-//! Differentiable causal language models loaded from Hugging Face checkpoints: Qwen2, Llama and
-//! Gemma3 (text), one file each, built from the shared layers in [`crate::layers`].
+//! Differentiable causal language models loaded from Hugging Face checkpoints: Qwen2, Qwen3, Llama,
+//! Mistral and Gemma3 (text), one file each, built from the shared layers in [`crate::layers`].
 //!
 //! Every weight is a [`Var`], so a backward pass from the logits reaches all of them. There is no
 //! KV cache: training runs the whole sequence at once.
 
 pub mod gemma3;
 pub mod llama;
+pub mod mistral;
 pub mod qwen2;
+pub mod qwen3;
 mod weights;
 
 use std::collections::HashMap;
@@ -106,6 +108,8 @@ pub fn tensor_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let _ = match config.architecture {
         Architecture::Qwen2 => qwen2::Model::load(config, &mut w).map(|_| ()),
         Architecture::Llama => llama::Model::load(config, &mut w).map(|_| ()),
+        Architecture::Qwen3 => qwen3::Model::load(config, &mut w).map(|_| ()),
+        Architecture::Mistral => mistral::Model::load(config, &mut w).map(|_| ()),
         Architecture::Gemma3 => gemma3::Model::load(config, &mut w).map(|_| ()),
     };
     w.recorded_shapes()
@@ -114,7 +118,7 @@ pub fn tensor_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// A per-architecture model behind one interface.
 #[derive(Debug, Clone)]
 enum Inner {
-    Qwen2(qwen2::Model),
+    /// The Llama-layout decoder: Llama, Qwen2, Qwen3, Mistral.
     Llama(llama::Model),
     Gemma3(gemma3::Model),
 }
@@ -234,8 +238,10 @@ impl CausalLm {
             w = w.with_adapter(c, src);
         }
         let inner = match config.architecture {
-            Architecture::Qwen2 => Inner::Qwen2(qwen2::Model::load(config, &mut w)?),
+            Architecture::Qwen2 => Inner::Llama(qwen2::Model::load(config, &mut w)?),
             Architecture::Llama => Inner::Llama(llama::Model::load(config, &mut w)?),
+            Architecture::Qwen3 => Inner::Llama(qwen3::Model::load(config, &mut w)?),
+            Architecture::Mistral => Inner::Llama(mistral::Model::load(config, &mut w)?),
             Architecture::Gemma3 => Inner::Gemma3(gemma3::Model::load(config, &mut w)?),
         };
         let unused = w.unused_names();
@@ -283,7 +289,7 @@ impl CausalLm {
     /// The scaled input embeddings `[batch, seq, hidden]` the first layer reads.
     pub fn embed(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         match &self.inner {
-            Inner::Qwen2(m) | Inner::Llama(m) => m.embed(input_ids),
+            Inner::Llama(m) => m.embed(input_ids),
             Inner::Gemma3(m) => m.embed(input_ids),
         }
     }
@@ -296,7 +302,7 @@ impl CausalLm {
         device: &Device,
     ) -> candle_core::Result<LayerContext> {
         match &self.inner {
-            Inner::Qwen2(m) | Inner::Llama(m) => m.layer_context(seq_len, dtype, device),
+            Inner::Llama(m) => m.layer_context(seq_len, dtype, device),
             Inner::Gemma3(m) => m.layer_context(seq_len, dtype, device),
         }
     }
@@ -304,7 +310,7 @@ impl CausalLm {
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
         match &self.inner {
-            Inner::Qwen2(m) | Inner::Llama(m) => m.num_layers(),
+            Inner::Llama(m) => m.num_layers(),
             Inner::Gemma3(m) => m.num_layers(),
         }
     }
@@ -312,7 +318,7 @@ impl CausalLm {
     /// Decoder layer `i` (0-based) on `x` `[batch, seq, hidden]`.
     pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> candle_core::Result<Tensor> {
         match &self.inner {
-            Inner::Qwen2(m) | Inner::Llama(m) => m.layer(i, x, ctx),
+            Inner::Llama(m) => m.layer(i, x, ctx),
             Inner::Gemma3(m) => m.layer(i, x, ctx),
         }
     }
@@ -320,7 +326,7 @@ impl CausalLm {
     /// The norm after the last layer.
     pub fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.inner {
-            Inner::Qwen2(m) | Inner::Llama(m) => m.final_norm(x),
+            Inner::Llama(m) => m.final_norm(x),
             Inner::Gemma3(m) => m.final_norm(x),
         }
     }
@@ -328,7 +334,7 @@ impl CausalLm {
     /// The LM head (the embedding table when tied).
     pub fn lm_head(&self) -> &Linear {
         match &self.inner {
-            Inner::Qwen2(m) | Inner::Llama(m) => m.lm_head(),
+            Inner::Llama(m) => m.lm_head(),
             Inner::Gemma3(m) => m.lm_head(),
         }
     }
@@ -354,7 +360,7 @@ impl CausalLm {
     /// `padding_idx`; from `pad_token_id` when loaded), or `None` to train every row.
     pub fn set_padding_idx(&mut self, padding_idx: Option<u32>) {
         match &mut self.inner {
-            Inner::Qwen2(m) | Inner::Llama(m) => m.embed_tokens_mut().set_padding_idx(padding_idx),
+            Inner::Llama(m) => m.embed_tokens_mut().set_padding_idx(padding_idx),
             Inner::Gemma3(m) => m.embed_tokens_mut().set_padding_idx(padding_idx),
         }
     }
