@@ -213,7 +213,51 @@ fn baselines_as_model_folder_and_under_an_adapter() {
     };
     assert_eq!(responses(&base_items), responses(&tuned_baseline));
 
+    // The adapter on the baseline side instead: the base against base + adapter, whose greedy
+    // answers are the adapted model's above.
+    ok(&refs(&eval(
+        &t("base.gguf"),
+        &t("reverse"),
+        &[
+            "--baseline",
+            &t("base.gguf"),
+            "--baseline-adapter",
+            &adapter,
+            "--baseline-temperatures",
+            "0",
+        ],
+    )));
+    let adapted_items =
+        std::fs::read_to_string(tmp.path().join("tuned/sums.model.greedy.jsonl")).unwrap();
+    let reverse_baseline =
+        std::fs::read_to_string(tmp.path().join("reverse/sums.baseline.greedy.jsonl")).unwrap();
+    assert_eq!(responses(&adapted_items), responses(&reverse_baseline));
+    let reverse_model =
+        std::fs::read_to_string(tmp.path().join("reverse/sums.model.greedy.jsonl")).unwrap();
+    assert_eq!(responses(&base_items), responses(&reverse_model));
+
     // --adapter needs a base GGUF file.
     let e = error(&refs(&eval(&fixture, &t("bad"), &["--adapter", &adapter])));
     assert!(e.contains("needs its base to be a GGUF file"), "{e}");
+    // A server backend cannot apply an adapter: one line, before any request is made (nothing
+    // listens on the port).
+    let e = error(&refs(&eval(
+        &t("base.gguf"),
+        &t("server"),
+        &[
+            "--adapter",
+            &adapter,
+            "--backend",
+            "openai",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--served-model",
+            "m",
+        ],
+    )));
+    assert!(e.contains("cannot apply a LoRA adapter"), "{e}");
+    assert!(
+        !tmp.path().join("server").exists(),
+        "no output before the refusal"
+    );
 }

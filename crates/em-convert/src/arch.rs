@@ -1058,6 +1058,43 @@ mod tests {
     }
 
     #[test]
+    fn llama3_rope_scaling_round_trips_through_rope_freqs() {
+        // Llama-3.2-1B's scaling, on a head size whose frequencies fall on both sides of the band
+        // and inside it.
+        let raw = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 128,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3",
+            "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}});
+        let hp = Hparams::from_hf_config(&raw, Path::new("config.json")).unwrap();
+        let divisors = hp.rope_freqs().expect("llama3 scaling gives rope_freqs");
+        assert_eq!(divisors.len(), 32);
+        assert_eq!(divisors[0], 1.0, "the highest frequency is kept");
+        assert_eq!(
+            *divisors.last().unwrap(),
+            32.0,
+            "the lowest is divided by the factor"
+        );
+        assert!(
+            divisors.iter().any(|&d| d > 1.0 && d < 32.0),
+            "{divisors:?}"
+        );
+        let mut back = hp.clone();
+        back.rope_llama3 = None;
+        back.set_rope_freqs(&divisors, Path::new("m.gguf")).unwrap();
+        assert_eq!(back.rope_llama3, hp.rope_llama3);
+        // Divisors no Llama 3 scaling gives are refused, naming the file.
+        let mut bent = divisors.clone();
+        bent[5] *= 1.5;
+        let e = back.set_rope_freqs(&bent, Path::new("m.gguf")).unwrap_err();
+        assert!(
+            e.to_string().starts_with("m.gguf: rope_freqs.weight["),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn what_llama_cpp_cannot_compute_is_refused() {
         let base = json!({"model_type": "llama", "vocab_size": 10, "hidden_size": 8,
             "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -1071,13 +1108,18 @@ mod tests {
             v
         };
         for (raw, expected) in [
+            // Llama 3 scaling travels as rope_freqs.weight, which only llama.cpp's llama reads.
             (
                 with(
-                    json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    json!({"model_type": "qwen2", "rope_scaling": {"rope_type": "llama3",
+                    "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8}}),
                 ),
                 "rope scaling \"llama3\"",
+            ),
+            (
+                with(json!({"model_type": "qwen3", "head_dim": 4, "attention_bias": true})),
+                "biases",
             ),
             (with(json!({"attention_bias": true})), "biases"),
             (with(json!({"hidden_act": "gelu"})), "activation \"gelu\""),
