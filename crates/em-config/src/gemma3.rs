@@ -3,12 +3,83 @@
 //! transformers 5 one `rope_parameters` entry per layer type.
 
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
+use crate::family::{Decoder, Family, GgufLayout, GgufShape, Windows};
 use crate::rope::{resolve_rope, RopeSource};
 use crate::{
-    windows_from_layer_types, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver,
+    windows_from_layer_types, Activation, Architecture, ConfigError, ConfigSource, ModelConfig,
+    Resolver,
 };
+
+/// Gemma3 text in transformers and llama.cpp: sandwich and `1 + w` norms, q/k head norms,
+/// per-layer windows with their own rotary base, linear rope scaling.
+pub const FAMILY: Family = Family {
+    architecture: Architecture::Gemma3,
+    hf_model_type: "gemma3_text",
+    hf_class: "Gemma3ForCausalLM",
+    hf_aliases: &["gemma3"],
+    resolve,
+    decoder: Decoder::Gemma3,
+    gguf: GgufLayout {
+        name: "gemma3",
+        activation: Activation::GeluTanh,
+        qkv_bias: false,
+        qk_norm: true,
+        permute_qk: false,
+        unit_offset_norms: true,
+        sandwich_norms: true,
+        rope_dimension_count: false,
+        rope_scalings: &["linear"],
+        windows: Windows::Pattern,
+        query_pre_attn_scalar: llama_cpp_query_pre_attn_scalar,
+        hf_keys: gemma3_keys,
+    },
+};
+
+/// The `query_pre_attn_scalar` llama.cpp's gemma3 assumes: `head_dim`, except for the 62-layer
+/// 27B model, where it is `hidden_size / num_attention_heads`.
+fn llama_cpp_query_pre_attn_scalar(shape: &GgufShape) -> usize {
+    if shape.num_layers == 62 {
+        shape.hidden_size / shape.num_heads.max(1)
+    } else {
+        shape.head_dim
+    }
+}
+
+fn gemma3_keys(shape: &GgufShape) -> Vec<(&'static str, Value)> {
+    let types: Vec<&str> = shape
+        .sliding_layers
+        .iter()
+        .map(|&s| {
+            if s {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect();
+    let mut keys = vec![
+        ("hidden_activation", json!("gelu_pytorch_tanh")),
+        (
+            "query_pre_attn_scalar",
+            json!(llama_cpp_query_pre_attn_scalar(shape)),
+        ),
+        ("sliding_window", json!(shape.sliding_window)),
+        ("layer_types", json!(types)),
+        ("rope_local_base_freq", json!(shape.rope_local_base_freq)),
+        ("final_logit_softcapping", Value::Null),
+        ("attn_logit_softcapping", Value::Null),
+        ("attention_bias", json!(false)),
+    ];
+    if let Some(factor) = shape.rope_linear_factor {
+        keys.push((
+            "rope_scaling",
+            json!({"rope_type": "linear", "factor": factor}),
+        ));
+    }
+    keys
+}
 
 /// The Gemma3-only keys.
 #[derive(Debug, Deserialize)]

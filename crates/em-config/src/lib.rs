@@ -1,8 +1,10 @@
 //! em-config: the one reading of a Hugging Face `config.json` that every crate uses.
 //!
-//! Architecture invariant: knows JSON and transformers' configuration rules, nothing of tensors,
-//! candle, llama.cpp or GGUF. `em-train` builds its models from a [`ModelConfig`] and `em-convert`
-//! writes GGUF metadata from the same value, so the two cannot disagree about a model.
+//! Architecture invariant: knows JSON and transformers' configuration rules, and describes each
+//! model family once ([`Family`]: its config reader, its decoder, llama.cpp's layout of it as plain
+//! data); nothing of tensors, candle or llama.cpp's code. `em-train` builds its models from a
+//! [`ModelConfig`] and `em-convert` writes GGUF from the same value and the family's layout, so the
+//! two cannot disagree about a model.
 //!
 //! # Both transformers versions
 //!
@@ -47,6 +49,7 @@
 
 #![warn(missing_docs)]
 
+pub mod family;
 pub mod gemma3;
 pub mod llama;
 pub mod mistral;
@@ -59,6 +62,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
+pub use family::{Decoder, Family, GgufLayout, GgufShape, Windows, FAMILIES};
 pub use rope::{parse_scaling, RopeParams, RopeScaling};
 
 /// Most decoder layers a config.json may declare (released models have under 200): per-layer
@@ -81,38 +85,31 @@ pub enum Architecture {
 }
 
 impl Architecture {
+    /// Every architecture (a test checks it against [`FAMILIES`]).
+    pub const ALL: &'static [Architecture] = &[
+        Self::Qwen2,
+        Self::Qwen3,
+        Self::Llama,
+        Self::Mistral,
+        Self::Gemma3,
+    ];
+
     /// Recognises an HF `model_type` or `architectures` entry.
     pub fn from_hf_name(name: &str) -> Option<Self> {
-        match name {
-            "qwen2" | "Qwen2ForCausalLM" => Some(Self::Qwen2),
-            "llama" | "LlamaForCausalLM" => Some(Self::Llama),
-            "gemma3_text" | "gemma3" | "Gemma3ForCausalLM" => Some(Self::Gemma3),
-            "qwen3" | "Qwen3ForCausalLM" => Some(Self::Qwen3),
-            "mistral" | "MistralForCausalLM" => Some(Self::Mistral),
-            _ => None,
-        }
+        FAMILIES
+            .iter()
+            .find(|f| f.hf_model_type == name || f.hf_class == name || f.hf_aliases.contains(&name))
+            .map(|f| f.architecture)
     }
 
     /// The `model_type` transformers writes.
     pub fn hf_model_type(self) -> &'static str {
-        match self {
-            Self::Qwen2 => "qwen2",
-            Self::Llama => "llama",
-            Self::Gemma3 => "gemma3_text",
-            Self::Qwen3 => "qwen3",
-            Self::Mistral => "mistral",
-        }
+        self.family().hf_model_type
     }
 
     /// The causal-LM class transformers writes in `architectures`.
     pub fn hf_class(self) -> &'static str {
-        match self {
-            Self::Qwen2 => "Qwen2ForCausalLM",
-            Self::Llama => "LlamaForCausalLM",
-            Self::Gemma3 => "Gemma3ForCausalLM",
-            Self::Qwen3 => "Qwen3ForCausalLM",
-            Self::Mistral => "MistralForCausalLM",
-        }
+        self.family().hf_class
     }
 }
 
@@ -427,13 +424,7 @@ impl ModelConfig {
                 })
                 .ok_or_else(|| unknown(String::new()))?,
         };
-        let config = match architecture {
-            Architecture::Qwen2 => qwen2::resolve(src)?,
-            Architecture::Llama => llama::resolve(src)?,
-            Architecture::Gemma3 => gemma3::resolve(src)?,
-            Architecture::Qwen3 => qwen3::resolve(src)?,
-            Architecture::Mistral => mistral::resolve(src)?,
-        };
+        let config = (architecture.family().resolve)(src)?;
         config.validate(origin)?;
         Ok(config)
     }

@@ -1,9 +1,44 @@
 //! Llama 2/3 and SmolLM2 (`LlamaForCausalLM`), with the defaults of transformers' `LlamaConfig`.
 
 use serde::Deserialize;
+use serde_json::{json, Value};
 
+use crate::family::{head_dim_scalar, Decoder, Family, GgufLayout, GgufShape, Windows};
 use crate::rope::{resolve_rope, RopeSource};
-use crate::{Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+use crate::{Activation, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+
+/// Llama in transformers and llama.cpp: q/k rows permuted, Llama 3 scaling as `rope_freqs`.
+pub const FAMILY: Family = Family {
+    architecture: Architecture::Llama,
+    hf_model_type: "llama",
+    hf_class: "LlamaForCausalLM",
+    hf_aliases: &[],
+    resolve,
+    decoder: Decoder::Llama,
+    gguf: GgufLayout {
+        name: "llama",
+        activation: Activation::Silu,
+        qkv_bias: false,
+        qk_norm: false,
+        permute_qk: true,
+        unit_offset_norms: false,
+        sandwich_norms: false,
+        rope_dimension_count: true,
+        rope_scalings: &["llama3"],
+        windows: Windows::Refused,
+        query_pre_attn_scalar: head_dim_scalar,
+        hf_keys: llama_keys,
+    },
+};
+
+fn llama_keys(_: &GgufShape) -> Vec<(&'static str, Value)> {
+    vec![
+        ("hidden_act", json!("silu")),
+        ("attention_bias", json!(false)),
+        ("mlp_bias", json!(false)),
+        ("pretraining_tp", json!(1)),
+    ]
+}
 
 /// The Llama-only keys.
 #[derive(Debug, Deserialize)]

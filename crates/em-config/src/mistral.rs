@@ -3,9 +3,43 @@
 //! keys are absent (an explicit null `sliding_window` means full attention).
 
 use serde::Deserialize;
+use serde_json::{json, Value};
 
+use crate::family::{head_dim_scalar, Decoder, Family, GgufLayout, GgufShape, Windows};
 use crate::rope::{resolve_rope, RopeSource};
-use crate::{Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+use crate::{Activation, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+
+/// Mistral in transformers, and as llama.cpp's converter writes it: llama's layout, the window
+/// recorded but not applied by llama.cpp.
+pub const FAMILY: Family = Family {
+    architecture: Architecture::Mistral,
+    hf_model_type: "mistral",
+    hf_class: "MistralForCausalLM",
+    hf_aliases: &[],
+    resolve,
+    decoder: Decoder::Llama,
+    gguf: GgufLayout {
+        name: "llama",
+        activation: Activation::Silu,
+        qkv_bias: false,
+        qk_norm: false,
+        permute_qk: true,
+        unit_offset_norms: false,
+        sandwich_norms: false,
+        rope_dimension_count: true,
+        rope_scalings: &["llama3"],
+        windows: Windows::RecordedOnly,
+        query_pre_attn_scalar: head_dim_scalar,
+        hf_keys: mistral_keys,
+    },
+};
+
+fn mistral_keys(shape: &GgufShape) -> Vec<(&'static str, Value)> {
+    vec![
+        ("hidden_act", json!("silu")),
+        ("sliding_window", json!(shape.sliding_window)),
+    ]
+}
 
 /// `MistralConfig`'s `num_key_value_heads` when the key is absent (null means `num_attention_heads`).
 const DEFAULT_KV_HEADS: usize = 8;

@@ -3,11 +3,48 @@
 //! window on the layers from `max_window_layers` up.
 
 use serde::Deserialize;
+use serde_json::{json, Value};
 
+use crate::family::{head_dim_scalar, Decoder, Family, GgufLayout, GgufShape, Windows};
 use crate::rope::{resolve_rope, RopeSource};
 use crate::{
-    windows_from_layer_types, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver,
+    windows_from_layer_types, Activation, Architecture, ConfigError, ConfigSource, ModelConfig,
+    Resolver,
 };
+
+/// Qwen2 in transformers and llama.cpp: biased q/k/v, no window in llama.cpp.
+pub const FAMILY: Family = Family {
+    architecture: Architecture::Qwen2,
+    hf_model_type: "qwen2",
+    hf_class: "Qwen2ForCausalLM",
+    hf_aliases: &[],
+    resolve,
+    decoder: Decoder::Llama,
+    gguf: GgufLayout {
+        name: "qwen2",
+        activation: Activation::Silu,
+        qkv_bias: true,
+        qk_norm: false,
+        permute_qk: false,
+        unit_offset_norms: false,
+        sandwich_norms: false,
+        rope_dimension_count: false,
+        rope_scalings: &[],
+        windows: Windows::Refused,
+        query_pre_attn_scalar: head_dim_scalar,
+        hf_keys: qwen_keys,
+    },
+};
+
+/// Qwen2's and Qwen3's keys written back from a GGUF: no window.
+pub(crate) fn qwen_keys(shape: &GgufShape) -> Vec<(&'static str, Value)> {
+    vec![
+        ("hidden_act", json!("silu")),
+        ("use_sliding_window", json!(false)),
+        ("sliding_window", Value::Null),
+        ("max_window_layers", json!(shape.num_layers)),
+    ]
+}
 
 /// `Qwen2Config`'s `num_key_value_heads` when the key is absent (null means `num_attention_heads`).
 const DEFAULT_KV_HEADS: usize = 32;

@@ -4,11 +4,45 @@
 //! Qwen2's optional sliding window on the layers from `max_window_layers` up.
 
 use serde::Deserialize;
+use serde_json::{json, Value};
 
+use crate::family::{head_dim_scalar, Decoder, Family, GgufLayout, GgufShape, Windows};
 use crate::rope::{resolve_rope, RopeSource};
 use crate::{
-    windows_from_layer_types, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver,
+    windows_from_layer_types, Activation, Architecture, ConfigError, ConfigSource, ModelConfig,
+    Resolver,
 };
+
+/// Qwen3 in transformers and llama.cpp (`qwen3`): q/k head norms, no biases (llama.cpp loads no
+/// output-projection bias, so `attention_bias` is refused there), no window.
+pub const FAMILY: Family = Family {
+    architecture: Architecture::Qwen3,
+    hf_model_type: "qwen3",
+    hf_class: "Qwen3ForCausalLM",
+    hf_aliases: &[],
+    resolve,
+    decoder: Decoder::Llama,
+    gguf: GgufLayout {
+        name: "qwen3",
+        activation: Activation::Silu,
+        qkv_bias: false,
+        qk_norm: true,
+        permute_qk: false,
+        unit_offset_norms: false,
+        sandwich_norms: false,
+        rope_dimension_count: false,
+        rope_scalings: &[],
+        windows: Windows::Refused,
+        query_pre_attn_scalar: head_dim_scalar,
+        hf_keys: qwen3_keys,
+    },
+};
+
+fn qwen3_keys(shape: &GgufShape) -> Vec<(&'static str, Value)> {
+    let mut keys = crate::qwen2::qwen_keys(shape);
+    keys.push(("attention_bias", json!(false)));
+    keys
+}
 
 /// `Qwen3Config`'s `num_key_value_heads` when the key is absent (null means `num_attention_heads`).
 const DEFAULT_KV_HEADS: usize = 32;

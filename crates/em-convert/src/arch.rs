@@ -7,7 +7,7 @@
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file::Value;
 use candle_core::Tensor;
-use em_config::{Activation, ModelConfig, RopeScaling};
+use em_config::{GgufShape, ModelConfig, RopeScaling, Windows};
 use serde_json::{json, Value as Json};
 use std::collections::HashMap;
 use std::path::Path;
@@ -25,27 +25,22 @@ pub trait GgufArch: Sized {
 
 impl GgufArch for Arch {
     fn gguf_name(self) -> &'static str {
-        match self {
-            Arch::Qwen2 => "qwen2",
-            Arch::Llama => "llama",
-            Arch::Gemma3 => "gemma3",
-            Arch::Qwen3 => "qwen3",
-            // llama.cpp converts Mistral models to its llama architecture.
-            Arch::Mistral => "llama",
-        }
+        self.family().gguf.name
     }
 
+    /// The first family llama.cpp names so (Llama for `llama`; Mistral files are recognised by
+    /// their recorded window in [`Hparams::from_gguf`]).
     fn from_gguf_name(name: &str, path: &Path) -> Result<Self> {
-        Ok(match name {
-            "qwen2" => Arch::Qwen2,
-            "llama" => Arch::Llama,
-            "gemma3" => Arch::Gemma3,
-            "qwen3" => Arch::Qwen3,
-            other => bail!(
-                "{}: unsupported architecture {other:?} (supported: qwen2, qwen3, llama, gemma3)",
-                path.display()
-            ),
-        })
+        if let Some(f) = em_config::FAMILIES.iter().find(|f| f.gguf.name == name) {
+            return Ok(f.architecture);
+        }
+        let mut known: Vec<&str> = em_config::FAMILIES.iter().map(|f| f.gguf.name).collect();
+        known.dedup();
+        bail!(
+            "{}: unsupported architecture {name:?} (supported: {})",
+            path.display(),
+            known.join(", ")
+        )
     }
 }
 
@@ -82,29 +77,6 @@ pub struct Hparams {
 /// The GGUF tensor of Llama 3's rope scaling: one divisor per rotary frequency.
 pub const ROPE_FREQS: &str = "rope_freqs.weight";
 
-/// The activation llama.cpp hard-codes for each architecture.
-fn llama_cpp_activation(arch: Arch) -> Activation {
-    match arch {
-        Arch::Qwen2 | Arch::Qwen3 | Arch::Llama | Arch::Mistral => Activation::Silu,
-        Arch::Gemma3 => Activation::GeluTanh,
-    }
-}
-
-/// The `query_pre_attn_scalar` llama.cpp's gemma3 assumes: `head_dim`, except for the 62-layer
-/// 27B model, where it is `hidden_size / num_attention_heads`.
-fn gemma3_query_pre_attn_scalar(
-    num_layers: usize,
-    hidden: usize,
-    heads: usize,
-    head_dim: usize,
-) -> usize {
-    if num_layers == 62 {
-        hidden / heads.max(1)
-    } else {
-        head_dim
-    }
-}
-
 impl Hparams {
     /// Reads config.json (as JSON already parsed from `path`) through em-config.
     pub fn from_hf_config(config: &Json, path: &Path) -> Result<Self> {
@@ -116,102 +88,77 @@ impl Hparams {
     /// would silently compute differently (`path` names the file).
     pub fn from_model_config(cfg: &ModelConfig, path: &Path) -> Result<Self> {
         let arch = cfg.architecture;
-        let name = arch.gguf_name();
+        let layout = &arch.family().gguf;
+        let name = layout.name;
         let unsupported = |what: String| -> anyhow::Error {
             anyhow::anyhow!(
                 "{}: {what} is not supported for {name} by llama.cpp",
                 path.display()
             )
         };
-        let (rope_linear_factor, rope_llama3) = match (&cfg.rope.scaling, arch) {
-            (None, _) => (None, None),
-            (Some(RopeScaling::Linear { factor }), Arch::Gemma3) => (Some(*factor), None),
-            (Some(s @ RopeScaling::Llama3 { .. }), Arch::Llama | Arch::Mistral) => {
-                (None, Some(s.clone()))
+        let (rope_linear_factor, rope_llama3) = match &cfg.rope.scaling {
+            None => (None, None),
+            Some(s) if !layout.rope_scalings.contains(&s.rope_type()) => {
+                return Err(unsupported(format!("rope scaling \"{}\"", s.rope_type())))
             }
-            (Some(s), _) => return Err(unsupported(format!("rope scaling \"{}\"", s.rope_type()))),
+            Some(RopeScaling::Linear { factor }) => (Some(*factor), None),
+            Some(s @ RopeScaling::Llama3 { .. }) => (None, Some(s.clone())),
         };
-        // Only Gemma3 has a separate rope for its sliding-window layers.
-        if let (Some(s), Arch::Gemma3) = (&cfg.local_rope.scaling, arch) {
-            return Err(unsupported(format!(
-                "rope scaling \"{}\" of sliding-window layers",
-                s.rope_type()
-            )));
-        }
-        if cfg.hidden_act != llama_cpp_activation(arch) {
+        if cfg.hidden_act != layout.activation {
             return Err(unsupported(format!(
                 "activation \"{}\"",
                 cfg.hidden_act.hf_name()
             )));
         }
-        // llama.cpp's qwen2 loads q/k/v biases; none of these loads an output-projection bias.
-        let (qkv, o) = (arch == Arch::Qwen2, false);
-        if cfg.qkv_bias != qkv || cfg.o_bias != o || cfg.mlp_bias {
+        if cfg.qkv_bias != layout.qkv_bias || cfg.o_bias || cfg.mlp_bias {
             return Err(unsupported(format!(
                 "biases (q/k/v {}, o {}, mlp {})",
                 cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias
             )));
         }
+        if cfg.qk_norm != layout.qk_norm {
+            return Err(unsupported(format!("q/k norms ({})", cfg.qk_norm)));
+        }
         if cfg.attn_logit_softcapping.is_some() || cfg.final_logit_softcapping.is_some() {
             return Err(unsupported("logit soft-capping".to_string()));
         }
-        let (sliding_window, sliding_layers, rope_local_base_freq) = match arch {
-            Arch::Gemma3 => {
-                let expected = gemma3_query_pre_attn_scalar(
-                    cfg.num_hidden_layers,
-                    cfg.hidden_size,
-                    cfg.num_attention_heads,
-                    cfg.head_dim,
-                );
-                if cfg.query_pre_attn_scalar != expected as f64 {
+        let mut windows = cfg.layer_windows.iter().flatten();
+        let window = windows.next().copied();
+        if windows.any(|w| Some(*w) != window) {
+            return Err(unsupported(
+                "sliding windows of different sizes".to_string(),
+            ));
+        }
+        let sliding_layers: Vec<bool> = cfg.layer_windows.iter().map(Option::is_some).collect();
+        let mut notes = vec![];
+        let (sliding_window, sliding_layers, rope_local_base_freq) = match layout.windows {
+            Windows::Refused if window.is_some() => {
+                return Err(unsupported("sliding-window attention".to_string()))
+            }
+            Windows::Refused => (None, vec![], None),
+            Windows::Pattern => {
+                if let Some(s) = &cfg.local_rope.scaling {
                     return Err(unsupported(format!(
-                        "query_pre_attn_scalar {} (llama.cpp uses {expected})",
-                        cfg.query_pre_attn_scalar
+                        "rope scaling \"{}\" of sliding-window layers",
+                        s.rope_type()
                     )));
                 }
-                let mut windows = cfg.layer_windows.iter().flatten();
-                let window = windows.next().copied();
-                if windows.any(|w| Some(*w) != window) {
-                    return Err(unsupported(
-                        "sliding windows of different sizes".to_string(),
-                    ));
-                }
-                let layers = cfg.layer_windows.iter().map(Option::is_some).collect();
-                (window, layers, Some(cfg.local_rope.theta))
+                (window, sliding_layers, Some(cfg.local_rope.theta))
             }
-            Arch::Mistral => {
-                let window = cfg.layer_windows.first().copied().flatten();
-                let mut notes = vec![];
+            Windows::RecordedOnly => {
                 if let Some(w) = window.filter(|&w| w < cfg.max_position_embeddings) {
                     notes.push(format!(
-                        "{}: llama.cpp runs Mistral as llama, without the sliding window of {w}: \
+                        "{}: llama.cpp runs {} as {name}, without the sliding window of {w}: \
                          sequences longer than {w} tokens sample from full attention there \
                          (training keeps the window)",
-                        path.display()
+                        path.display(),
+                        arch.hf_class()
                     ));
                 }
-                return Ok(Self::with_arch(
-                    cfg,
-                    arch,
-                    window,
-                    vec![window.is_some(); cfg.num_hidden_layers],
-                    None,
-                    None,
-                    rope_llama3,
-                    notes,
-                ));
-            }
-            _ => {
-                if cfg.layer_windows.iter().any(Option::is_some) {
-                    return Err(unsupported("sliding-window attention".to_string()));
-                }
-                (None, vec![], None)
+                (window, sliding_layers, None)
             }
         };
-        if cfg.qk_norm != matches!(arch, Arch::Qwen3 | Arch::Gemma3) {
-            return Err(unsupported(format!("q/k norms ({})", cfg.qk_norm)));
-        }
-        Ok(Self::with_arch(
+        let hp = Self::with_arch(
             cfg,
             arch,
             sliding_window,
@@ -219,8 +166,35 @@ impl Hparams {
             rope_local_base_freq,
             rope_linear_factor,
             rope_llama3,
-            vec![],
-        ))
+            notes,
+        );
+        let expected = (layout.query_pre_attn_scalar)(&hp.shape());
+        if cfg.query_pre_attn_scalar != expected as f64 {
+            return Err(unsupported(format!(
+                "query_pre_attn_scalar {} (llama.cpp uses {expected})",
+                cfg.query_pre_attn_scalar
+            )));
+        }
+        Ok(hp)
+    }
+
+    /// The shape facts the family rules of em-config read.
+    pub fn shape(&self) -> GgufShape {
+        GgufShape {
+            num_layers: self.num_layers,
+            hidden_size: self.hidden_size,
+            num_heads: self.num_heads,
+            head_dim: self.head_dim,
+            sliding_window: self.sliding_window,
+            sliding_layers: self.sliding_layers.clone(),
+            rope_local_base_freq: self.rope_local_base_freq,
+            rope_linear_factor: self.rope_linear_factor,
+        }
+    }
+
+    /// How llama.cpp holds this family.
+    fn layout(&self) -> &'static em_config::GgufLayout {
+        &self.arch.family().gguf
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -283,7 +257,7 @@ impl Hparams {
     /// solved from a divisor between the two bounds; the result must reproduce every divisor,
     /// or the file is refused (`path` names it).
     pub fn set_rope_freqs(&mut self, divisors: &[f32], path: &Path) -> Result<()> {
-        if !matches!(self.arch, Arch::Llama | Arch::Mistral) {
+        if !self.layout().rope_scalings.contains(&"llama3") {
             bail!(
                 "{}: {ROPE_FREQS} in a {} model (llama.cpp reads it only for llama)",
                 path.display(),
@@ -372,15 +346,16 @@ impl Hparams {
             ),
             (k("vocab_size"), u(self.vocab_size)),
         ];
-        if matches!(self.arch, Arch::Llama | Arch::Mistral) {
+        let layout = self.layout();
+        if layout.rope_dimension_count {
             m.push((k("rope.dimension_count"), u(self.head_dim)));
         }
         // llama.cpp's llama reads no window; the key marks the file as Mistral's for the way
         // back to HF.
-        if let (Arch::Mistral, Some(window)) = (self.arch, self.sliding_window) {
+        if let (Windows::RecordedOnly, Some(window)) = (layout.windows, self.sliding_window) {
             m.push((k("attention.sliding_window"), u(window)));
         }
-        if self.arch == Arch::Gemma3 {
+        if layout.windows == Windows::Pattern {
             if let Some(window) = self.sliding_window {
                 m.push((k("attention.sliding_window"), u(window)));
                 m.push((
@@ -396,10 +371,10 @@ impl Hparams {
             if let Some(base) = self.rope_local_base_freq {
                 m.push((k("rope.freq_base_swa"), Value::F32(base as f32)));
             }
-            if let Some(factor) = self.rope_linear_factor {
-                m.push((k("rope.scaling.type"), Value::String("linear".into())));
-                m.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
-            }
+        }
+        if let Some(factor) = self.rope_linear_factor {
+            m.push((k("rope.scaling.type"), Value::String("linear".into())));
+            m.push((k("rope.scaling.factor"), Value::F32(factor as f32)));
         }
         m
     }
@@ -466,14 +441,22 @@ impl Hparams {
                 })?,
         };
         let head_dim = opt_num("attention.key_length")
-            .or(opt_num("rope.dimension_count").filter(|_| arch == Arch::Llama))
+            .or(opt_num("rope.dimension_count").filter(|_| arch.family().gguf.rope_dimension_count))
             .unwrap_or(hidden_size / num_heads);
-        // Our Mistral files carry their window under llama (llama.cpp ignores it there).
-        let llama_window = opt_num("attention.sliding_window").filter(|_| arch == Arch::Llama);
-        if llama_window.is_some() {
-            arch = Arch::Mistral;
+        // A family written under another's name keeps its window where llama.cpp does not read
+        // it (Mistral under llama): the window says which family the file is.
+        let recorded_window = opt_num("attention.sliding_window").and_then(|w| {
+            em_config::FAMILIES
+                .iter()
+                .find(|f| f.gguf.name == a && f.gguf.windows == Windows::RecordedOnly)
+                .filter(|_| arch.family().gguf.windows == Windows::Refused)
+                .map(|f| (f.architecture, w))
+        });
+        if let Some((family, _)) = recorded_window {
+            arch = family;
         }
-        let (sliding_window, sliding_layers) = if arch == Arch::Gemma3 {
+        let pattern = arch.family().gguf.windows == Windows::Pattern;
+        let (sliding_window, sliding_layers) = if pattern {
             let window = opt_num("attention.sliding_window");
             let layers = match md.get(&format!("{a}.attention.sliding_window_pattern")) {
                 Some(Value::Array(flags)) => flags
@@ -488,7 +471,7 @@ impl Hparams {
                 }
             };
             (window, layers)
-        } else if let Some(w) = llama_window {
+        } else if let Some((_, w)) = recorded_window {
             (Some(w), vec![true; num_layers])
         } else {
             (None, vec![])
@@ -528,8 +511,7 @@ impl Hparams {
             tie_word_embeddings: !has_output,
             sliding_window,
             sliding_layers,
-            rope_local_base_freq: (arch == Arch::Gemma3)
-                .then(|| float("rope.freq_base_swa").unwrap_or(10_000.0)),
+            rope_local_base_freq: pattern.then(|| float("rope.freq_base_swa").unwrap_or(10_000.0)),
             rope_linear_factor,
             rope_llama3: None,
             notes: vec![],
@@ -587,68 +569,8 @@ impl Hparams {
                 }),
             );
         }
-        match self.arch {
-            Arch::Qwen2 => {
-                o.insert("hidden_act".into(), json!("silu"));
-                o.insert("use_sliding_window".into(), json!(false));
-                o.insert("sliding_window".into(), json!(null));
-                o.insert("max_window_layers".into(), json!(self.num_layers));
-            }
-            Arch::Llama => {
-                o.insert("hidden_act".into(), json!("silu"));
-                o.insert("attention_bias".into(), json!(false));
-                o.insert("mlp_bias".into(), json!(false));
-                o.insert("pretraining_tp".into(), json!(1));
-            }
-            Arch::Qwen3 => {
-                o.insert("hidden_act".into(), json!("silu"));
-                o.insert("attention_bias".into(), json!(false));
-                o.insert("use_sliding_window".into(), json!(false));
-                o.insert("sliding_window".into(), json!(null));
-                o.insert("max_window_layers".into(), json!(self.num_layers));
-            }
-            Arch::Mistral => {
-                o.insert("hidden_act".into(), json!("silu"));
-                o.insert("sliding_window".into(), json!(self.sliding_window));
-            }
-            Arch::Gemma3 => {
-                o.insert("hidden_activation".into(), json!("gelu_pytorch_tanh"));
-                o.insert(
-                    "query_pre_attn_scalar".into(),
-                    json!(gemma3_query_pre_attn_scalar(
-                        self.num_layers,
-                        self.hidden_size,
-                        self.num_heads,
-                        self.head_dim
-                    )),
-                );
-                o.insert("sliding_window".into(), json!(self.sliding_window));
-                let types: Vec<&str> = self
-                    .sliding_layers
-                    .iter()
-                    .map(|&s| {
-                        if s {
-                            "sliding_attention"
-                        } else {
-                            "full_attention"
-                        }
-                    })
-                    .collect();
-                o.insert("layer_types".into(), json!(types));
-                o.insert(
-                    "rope_local_base_freq".into(),
-                    json!(self.rope_local_base_freq),
-                );
-                o.insert("final_logit_softcapping".into(), json!(null));
-                o.insert("attn_logit_softcapping".into(), json!(null));
-                o.insert("attention_bias".into(), json!(false));
-                if let Some(factor) = self.rope_linear_factor {
-                    o.insert(
-                        "rope_scaling".into(),
-                        json!({"rope_type": "linear", "factor": factor}),
-                    );
-                }
-            }
+        for (key, value) in (self.layout().hf_keys)(&self.shape()) {
+            o.insert(key.into(), value);
         }
         c
     }
@@ -669,9 +591,8 @@ impl Hparams {
         if layer >= self.num_layers {
             return None;
         }
-        let gemma = self.arch == Arch::Gemma3;
-        let qk_norm = matches!(self.arch, Arch::Gemma3 | Arch::Qwen3);
-        let bias_ok = self.arch == Arch::Qwen2;
+        let layout = self.layout();
+        let (gemma, qk_norm, bias_ok) = (layout.sandwich_norms, layout.qk_norm, layout.qkv_bias);
         Some(match rest {
             "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![h],
             "pre_feedforward_layernorm.weight" | "post_feedforward_layernorm.weight" if gemma => {
@@ -703,20 +624,22 @@ impl Hparams {
             "mlp.up_proj.weight",
             "mlp.down_proj.weight",
         ];
-        match self.arch {
-            Arch::Qwen2 => per_layer.extend([
+        let layout = self.layout();
+        if layout.qkv_bias {
+            per_layer.extend([
                 "self_attn.q_proj.bias",
                 "self_attn.k_proj.bias",
                 "self_attn.v_proj.bias",
-            ]),
-            Arch::Gemma3 => per_layer.extend([
+            ]);
+        }
+        if layout.sandwich_norms {
+            per_layer.extend([
                 "pre_feedforward_layernorm.weight",
                 "post_feedforward_layernorm.weight",
-                "self_attn.q_norm.weight",
-                "self_attn.k_norm.weight",
-            ]),
-            Arch::Qwen3 => per_layer.extend(["self_attn.q_norm.weight", "self_attn.k_norm.weight"]),
-            Arch::Llama | Arch::Mistral => {}
+            ]);
+        }
+        if layout.qk_norm {
+            per_layer.extend(["self_attn.q_norm.weight", "self_attn.k_norm.weight"]);
         }
         for i in 0..self.num_layers {
             names.extend(per_layer.iter().map(|p| format!("model.layers.{i}.{p}")));
@@ -738,8 +661,7 @@ impl Hparams {
         }
         let (layer, rest) = split_layer(hf)?;
         let (module, suffix) = rest.rsplit_once('.')?;
-        let gemma = self.arch == Arch::Gemma3;
-        let qk_norm = matches!(self.arch, Arch::Gemma3 | Arch::Qwen3);
+        let (gemma, qk_norm) = (self.layout().sandwich_norms, self.layout().qk_norm);
         let g = match module {
             "input_layernorm" => "attn_norm",
             "post_attention_layernorm" if gemma => "post_attention_norm",
@@ -772,8 +694,7 @@ impl Hparams {
         let (layer, rest) = rest.split_once('.')?;
         let layer: usize = layer.parse().ok()?;
         let (module, suffix) = rest.rsplit_once('.')?;
-        let gemma = self.arch == Arch::Gemma3;
-        let qk_norm = matches!(self.arch, Arch::Gemma3 | Arch::Qwen3);
+        let (gemma, qk_norm) = (self.layout().sandwich_norms, self.layout().qk_norm);
         let h = match module {
             "attn_norm" => "input_layernorm",
             "post_attention_norm" if gemma => "post_attention_layernorm",
@@ -796,41 +717,39 @@ impl Hparams {
 
     /// HF values -> GGUF values for one tensor (f32 in, f32 out).
     pub fn hf_to_gguf_values(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
-        match self.arch {
-            Arch::Gemma3 if hf_name.ends_with("norm.weight") => t + 1.0,
-            _ => self.hf_to_gguf_rows(hf_name, t),
+        if self.layout().unit_offset_norms && hf_name.ends_with("norm.weight") {
+            return t + 1.0;
         }
+        self.hf_to_gguf_rows(hf_name, t)
     }
 
     /// The reordering of output rows `hf_to_gguf_values` applies to `hf_name` (llama's Q/K rope
     /// permutation; else none), on any matrix whose rows are that tensor's rows, such as a LoRA B.
     pub fn hf_to_gguf_rows(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
-        match self.arch {
-            Arch::Llama | Arch::Mistral if is_q_or_k(hf_name) => {
-                let heads = if hf_name.contains("q_proj") {
-                    self.num_heads
-                } else {
-                    self.num_kv_heads
-                };
-                permute_rope_rows(&t, heads, false)
-            }
-            _ => Ok(t),
+        if !(self.layout().permute_qk && is_q_or_k(hf_name)) {
+            return Ok(t);
         }
+        permute_rope_rows(&t, self.qk_heads(hf_name), false)
     }
 
     /// GGUF values -> HF values for one tensor (f32 in, f32 out), undoing `hf_to_gguf_values`.
     pub fn gguf_to_hf_values(&self, hf_name: &str, t: Tensor) -> candle_core::Result<Tensor> {
-        match self.arch {
-            Arch::Llama | Arch::Mistral if is_q_or_k(hf_name) => {
-                let heads = if hf_name.contains("q_proj") {
-                    self.num_heads
-                } else {
-                    self.num_kv_heads
-                };
-                permute_rope_rows(&t, heads, true)
-            }
-            Arch::Gemma3 if hf_name.ends_with("norm.weight") => t - 1.0,
-            _ => Ok(t),
+        let layout = self.layout();
+        if layout.permute_qk && is_q_or_k(hf_name) {
+            return permute_rope_rows(&t, self.qk_heads(hf_name), true);
+        }
+        if layout.unit_offset_norms && hf_name.ends_with("norm.weight") {
+            return t - 1.0;
+        }
+        Ok(t)
+    }
+
+    /// The heads whose rows `hf_name` (q_proj or k_proj) holds.
+    fn qk_heads(&self, hf_name: &str) -> usize {
+        if hf_name.contains("q_proj") {
+            self.num_heads
+        } else {
+            self.num_kv_heads
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Llama 2/3 and SmolLM2 (`LlamaForCausalLM`): pre-norm decoder, SwiGLU MLP, GQA, rotary embedding
 //! with optional "linear" or "llama3" scaling, per-layer sliding windows and optional q/k head
-//! norms. The decoder here also serves Qwen2, Qwen3 and Mistral, whose files say how they differ.
-//! Its configuration is resolved by [`em_config::llama`].
+//! norms. The decoder here also serves Qwen2, Qwen3 and Mistral: how they differ is configuration,
+//! set by their em-config family files ([`em_config::qwen2`], [`em_config::qwen3`],
+//! [`em_config::mistral`], [`em_config::llama`]).
 
 use candle_core::{DType, Device, Result, Tensor};
 

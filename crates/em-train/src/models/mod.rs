@@ -1,14 +1,13 @@
-//! Differentiable causal language models loaded from Hugging Face checkpoints: Qwen2, Qwen3, Llama,
-//! Mistral and Gemma3 (text), one file each, built from the shared layers in [`crate::layers`].
+//! Differentiable causal language models loaded from Hugging Face checkpoints, one file per decoder
+//! built from the shared layers in [`crate::layers`]: the Llama layout (Llama, Qwen2, Qwen3,
+//! Mistral: what differs between them is configuration, which em-config's family files set) and
+//! Gemma3's. em-config's [`em_config::Family::decoder`] says which a family uses.
 //!
 //! Every weight is a [`Var`], so a backward pass from the logits reaches all of them. There is no
 //! KV cache: training runs the whole sequence at once.
 
 pub mod gemma3;
 pub mod llama;
-pub mod mistral;
-pub mod qwen2;
-pub mod qwen3;
 mod weights;
 
 use std::collections::HashMap;
@@ -20,7 +19,7 @@ use crate::layers::{LayerContext, Linear};
 use crate::lora::{AdapterSource, LoraConfig};
 
 /// The configuration types are em-config's: one reading of config.json for every crate.
-pub use em_config::{Architecture, ConfigError, ConfigSource, ModelConfig};
+pub use em_config::{Architecture, ConfigError, ConfigSource, Decoder, ModelConfig};
 pub use weights::Weights;
 
 /// Errors while reading a configuration or building a model; each names the file or source at fault.
@@ -105,12 +104,9 @@ pub enum ModelError {
 pub fn tensor_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut w = Weights::shape_recorder();
     // The recorder never fails: every shape it is asked for is recorded.
-    let _ = match config.architecture {
-        Architecture::Qwen2 => qwen2::Model::load(config, &mut w).map(|_| ()),
-        Architecture::Llama => llama::Model::load(config, &mut w).map(|_| ()),
-        Architecture::Qwen3 => qwen3::Model::load(config, &mut w).map(|_| ()),
-        Architecture::Mistral => mistral::Model::load(config, &mut w).map(|_| ()),
-        Architecture::Gemma3 => gemma3::Model::load(config, &mut w).map(|_| ()),
+    let _ = match config.architecture.family().decoder {
+        Decoder::Llama => llama::Model::load(config, &mut w).map(|_| ()),
+        Decoder::Gemma3 => gemma3::Model::load(config, &mut w).map(|_| ()),
     };
     w.recorded_shapes()
 }
@@ -237,12 +233,9 @@ impl CausalLm {
         if let Some((c, src)) = adapter {
             w = w.with_adapter(c, src);
         }
-        let inner = match config.architecture {
-            Architecture::Qwen2 => Inner::Llama(qwen2::Model::load(config, &mut w)?),
-            Architecture::Llama => Inner::Llama(llama::Model::load(config, &mut w)?),
-            Architecture::Qwen3 => Inner::Llama(qwen3::Model::load(config, &mut w)?),
-            Architecture::Mistral => Inner::Llama(mistral::Model::load(config, &mut w)?),
-            Architecture::Gemma3 => Inner::Gemma3(gemma3::Model::load(config, &mut w)?),
+        let inner = match config.architecture.family().decoder {
+            Decoder::Llama => Inner::Llama(llama::Model::load(config, &mut w)?),
+            Decoder::Gemma3 => Inner::Gemma3(gemma3::Model::load(config, &mut w)?),
         };
         let unused = w.unused_names();
         if !unused.is_empty() {
