@@ -706,6 +706,86 @@ impl<'a> Resolver<'a> {
     pub fn into_applied(self) -> Vec<(String, String)> {
         self.applied
     }
+
+    /// The one rotary embedding of a Llama-layout family: 4.x `rope_theta` and `rope_scaling`,
+    /// or 5.x `rope_parameters`.
+    pub fn global_rope(&self) -> Result<RopeParams, ConfigError> {
+        rope::resolve_rope(
+            self.src,
+            rope::RopeSource {
+                theta_key: "rope_theta",
+                theta: self.common.rope_theta,
+                scaling: self.common.rope_scaling.as_ref(),
+                params_key: "rope_parameters",
+                params: self.common.rope_parameters.as_ref(),
+            },
+        )
+    }
+
+    /// `num_key_value_heads`: absent, the class default `absent` (recorded); null, `heads`.
+    pub fn kv_heads(&mut self, heads: usize, absent: usize) -> usize {
+        let default = if self.src.has("num_key_value_heads") {
+            heads
+        } else {
+            absent
+        };
+        self.or_default(
+            "num_key_value_heads",
+            self.common.num_key_value_heads,
+            default,
+        )
+    }
+
+    /// The configuration of a Llama-layout decoder from what its family decided: the same rotary
+    /// embedding on every layer, attention scaled by `head_dim`, no soft-capping.
+    pub fn llama_layout(self, req: &Required, parts: LlamaLayout) -> ModelConfig {
+        let dtype = self.dtype();
+        let pad_token_id = self.pad_token_id();
+        let raw = self.src.raw.clone();
+        ModelConfig {
+            architecture: parts.architecture,
+            vocab_size: req.vocab_size,
+            hidden_size: req.hidden_size,
+            intermediate_size: req.intermediate_size,
+            num_hidden_layers: req.num_hidden_layers,
+            num_attention_heads: req.num_attention_heads,
+            num_key_value_heads: parts.num_key_value_heads,
+            head_dim: parts.head_dim,
+            hidden_act: parts.hidden_act,
+            rms_norm_eps: req.rms_norm_eps,
+            tie_word_embeddings: parts.tie_word_embeddings,
+            qkv_bias: parts.qkv_bias,
+            o_bias: parts.o_bias,
+            mlp_bias: parts.mlp_bias,
+            qk_norm: parts.qk_norm,
+            local_rope: parts.rope.clone(),
+            rope: parts.rope,
+            layer_windows: parts.layer_windows,
+            query_pre_attn_scalar: parts.head_dim as f64,
+            attn_logit_softcapping: None,
+            final_logit_softcapping: None,
+            max_position_embeddings: req.max_position_embeddings,
+            dtype,
+            pad_token_id,
+            defaults_applied: self.applied,
+            raw,
+        }
+    }
+}
+
+/// What a Llama-layout family decides for [`Resolver::llama_layout`].
+pub(crate) struct LlamaLayout {
+    pub architecture: Architecture,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub hidden_act: Activation,
+    pub tie_word_embeddings: bool,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    pub qk_norm: bool,
+    pub rope: RopeParams,
+    pub layer_windows: Vec<Option<usize>>,
 }
 
 /// Per-layer windows from `layer_types` ("full_attention" / "sliding_attention").

@@ -4,8 +4,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::family::{head_dim_scalar, Decoder, Family, GgufLayout, GgufShape, Windows};
-use crate::rope::{resolve_rope, RopeSource};
-use crate::{Activation, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+use crate::{
+    Activation, Architecture, ConfigError, ConfigSource, LlamaLayout, ModelConfig, Resolver,
+};
 
 /// Llama in transformers and llama.cpp: q/k rows permuted, Llama 3 scaling as `rope_freqs`.
 pub const FAMILY: Family = Family {
@@ -53,51 +54,28 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
     let mut r = Resolver::new(src)?;
     let k: LlamaKeys = src.section()?;
     let req = r.required_common()?;
-    let rope = resolve_rope(
-        src,
-        RopeSource {
-            theta_key: "rope_theta",
-            theta: r.common.rope_theta,
-            scaling: r.common.rope_scaling.as_ref(),
-            params_key: "rope_parameters",
-            params: r.common.rope_parameters.as_ref(),
-        },
-    )?;
-    let heads = req.num_attention_heads;
-    let num_key_value_heads =
-        r.or_default("num_key_value_heads", r.common.num_key_value_heads, heads);
+    let rope = r.global_rope()?;
+    let num_key_value_heads = r.kv_heads(req.num_attention_heads, req.num_attention_heads);
     let head_dim = r.head_dim_or_split(&req);
     let hidden_act = r.activation("hidden_act", k.hidden_act, "silu")?;
     let tie_word_embeddings =
         r.or_default("tie_word_embeddings", r.common.tie_word_embeddings, false);
     let attention_bias = r.or_default("attention_bias", k.attention_bias, false);
     let mlp_bias = r.or_default("mlp_bias", k.mlp_bias, false);
-    Ok(ModelConfig {
-        architecture: Architecture::Llama,
-        vocab_size: req.vocab_size,
-        hidden_size: req.hidden_size,
-        intermediate_size: req.intermediate_size,
-        num_hidden_layers: req.num_hidden_layers,
-        num_attention_heads: heads,
-        num_key_value_heads,
-        head_dim,
-        hidden_act,
-        rms_norm_eps: req.rms_norm_eps,
-        tie_word_embeddings,
-        qkv_bias: attention_bias,
-        o_bias: attention_bias,
-        mlp_bias,
-        qk_norm: false,
-        local_rope: rope.clone(),
-        rope,
-        layer_windows: vec![None; req.num_hidden_layers],
-        query_pre_attn_scalar: head_dim as f64,
-        attn_logit_softcapping: None,
-        final_logit_softcapping: None,
-        max_position_embeddings: req.max_position_embeddings,
-        dtype: r.dtype(),
-        pad_token_id: r.pad_token_id(),
-        defaults_applied: r.into_applied(),
-        raw: src.raw.clone(),
-    })
+    Ok(r.llama_layout(
+        &req,
+        LlamaLayout {
+            architecture: Architecture::Llama,
+            num_key_value_heads,
+            head_dim,
+            hidden_act,
+            tie_word_embeddings,
+            qkv_bias: attention_bias,
+            o_bias: attention_bias,
+            mlp_bias,
+            qk_norm: false,
+            rope,
+            layer_windows: vec![None; req.num_hidden_layers],
+        },
+    ))
 }

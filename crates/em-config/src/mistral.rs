@@ -6,8 +6,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::family::{head_dim_scalar, Decoder, Family, GgufLayout, GgufShape, Windows};
-use crate::rope::{resolve_rope, RopeSource};
-use crate::{Activation, Architecture, ConfigError, ConfigSource, ModelConfig, Resolver};
+use crate::{
+    Activation, Architecture, ConfigError, ConfigSource, LlamaLayout, ModelConfig, Resolver,
+};
 
 /// Mistral in transformers, and as llama.cpp's converter writes it: llama's layout, the window
 /// recorded but not applied by llama.cpp.
@@ -58,27 +59,8 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
     let mut r = Resolver::new(src)?;
     let k: MistralKeys = src.section()?;
     let req = r.required_common()?;
-    let rope = resolve_rope(
-        src,
-        RopeSource {
-            theta_key: "rope_theta",
-            theta: r.common.rope_theta,
-            scaling: r.common.rope_scaling.as_ref(),
-            params_key: "rope_parameters",
-            params: r.common.rope_parameters.as_ref(),
-        },
-    )?;
-    let heads = req.num_attention_heads;
-    let kv_default = if src.has("num_key_value_heads") {
-        heads
-    } else {
-        DEFAULT_KV_HEADS
-    };
-    let num_key_value_heads = r.or_default(
-        "num_key_value_heads",
-        r.common.num_key_value_heads,
-        kv_default,
-    );
+    let rope = r.global_rope()?;
+    let num_key_value_heads = r.kv_heads(req.num_attention_heads, DEFAULT_KV_HEADS);
     let head_dim = r.head_dim_or_split(&req);
     let hidden_act = r.activation("hidden_act", k.hidden_act, "silu")?;
     let tie_word_embeddings =
@@ -88,32 +70,20 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
         (None, true) => None,
         (None, false) => Some(r.or_default("sliding_window", None, DEFAULT_WINDOW)),
     };
-    Ok(ModelConfig {
-        architecture: Architecture::Mistral,
-        vocab_size: req.vocab_size,
-        hidden_size: req.hidden_size,
-        intermediate_size: req.intermediate_size,
-        num_hidden_layers: req.num_hidden_layers,
-        num_attention_heads: heads,
-        num_key_value_heads,
-        head_dim,
-        hidden_act,
-        rms_norm_eps: req.rms_norm_eps,
-        tie_word_embeddings,
-        qkv_bias: false,
-        o_bias: false,
-        mlp_bias: false,
-        qk_norm: false,
-        local_rope: rope.clone(),
-        rope,
-        layer_windows: vec![window; req.num_hidden_layers],
-        query_pre_attn_scalar: head_dim as f64,
-        attn_logit_softcapping: None,
-        final_logit_softcapping: None,
-        max_position_embeddings: req.max_position_embeddings,
-        dtype: r.dtype(),
-        pad_token_id: r.pad_token_id(),
-        defaults_applied: r.into_applied(),
-        raw: src.raw.clone(),
-    })
+    Ok(r.llama_layout(
+        &req,
+        LlamaLayout {
+            architecture: Architecture::Mistral,
+            num_key_value_heads,
+            head_dim,
+            hidden_act,
+            tie_word_embeddings,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            rope,
+            layer_windows: vec![window; req.num_hidden_layers],
+        },
+    ))
 }

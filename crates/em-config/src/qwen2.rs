@@ -6,10 +6,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::family::{head_dim_scalar, Decoder, Family, GgufLayout, GgufShape, Windows};
-use crate::rope::{resolve_rope, RopeSource};
 use crate::{
-    windows_from_layer_types, Activation, Architecture, ConfigError, ConfigSource, ModelConfig,
-    Resolver,
+    windows_from_layer_types, Activation, Architecture, ConfigError, ConfigSource, LlamaLayout,
+    ModelConfig, Required, Resolver,
 };
 
 /// Qwen2 in transformers and llama.cpp: biased q/k/v, no window in llama.cpp.
@@ -53,9 +52,8 @@ const DEFAULT_KV_HEADS: usize = 32;
 #[derive(Debug, Deserialize)]
 struct Qwen2Keys {
     hidden_act: Option<String>,
-    use_sliding_window: Option<bool>,
-    sliding_window: Option<usize>,
-    max_window_layers: Option<usize>,
+    #[serde(flatten)]
+    window: QwenWindowKeys,
 }
 
 /// Resolves a Qwen2 config.json.
@@ -63,34 +61,48 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
     let mut r = Resolver::new(src)?;
     let k: Qwen2Keys = src.section()?;
     let req = r.required_common()?;
-    let rope = resolve_rope(
-        src,
-        RopeSource {
-            theta_key: "rope_theta",
-            theta: r.common.rope_theta,
-            scaling: r.common.rope_scaling.as_ref(),
-            params_key: "rope_parameters",
-            params: r.common.rope_parameters.as_ref(),
-        },
-    )?;
-    let heads = req.num_attention_heads;
-    let kv_default = if src.has("num_key_value_heads") {
-        heads
-    } else {
-        DEFAULT_KV_HEADS
-    };
-    let num_key_value_heads = r.or_default(
-        "num_key_value_heads",
-        r.common.num_key_value_heads,
-        kv_default,
-    );
+    let rope = r.global_rope()?;
+    let num_key_value_heads = r.kv_heads(req.num_attention_heads, DEFAULT_KV_HEADS);
     let head_dim = r.head_dim_or_split(&req);
     let hidden_act = r.activation("hidden_act", k.hidden_act, "silu")?;
     let tie_word_embeddings =
         r.or_default("tie_word_embeddings", r.common.tie_word_embeddings, false);
+    let layer_windows = qwen_windows(&mut r, &req, k.window)?;
+    Ok(r.llama_layout(
+        &req,
+        LlamaLayout {
+            architecture: Architecture::Qwen2,
+            num_key_value_heads,
+            head_dim,
+            hidden_act,
+            tie_word_embeddings,
+            qkv_bias: true,
+            o_bias: false,
+            mlp_bias: false,
+            qk_norm: false,
+            rope,
+            layer_windows,
+        },
+    ))
+}
+
+/// The window keys Qwen2 and Qwen3 share.
+#[derive(Debug, Deserialize)]
+pub(crate) struct QwenWindowKeys {
+    use_sliding_window: Option<bool>,
+    sliding_window: Option<usize>,
+    max_window_layers: Option<usize>,
+}
+
+/// Qwen's per-layer windows: `layer_types` when given; else, with `use_sliding_window`, the window
+/// (4096 when absent; an explicit null means none) on the layers from `max_window_layers` (28) up.
+pub(crate) fn qwen_windows(
+    r: &mut Resolver,
+    req: &Required,
+    k: QwenWindowKeys,
+) -> Result<Vec<Option<usize>>, ConfigError> {
     let window = if r.or_default("use_sliding_window", k.use_sliding_window, false) {
-        // Qwen2Config's sliding_window default; an explicit null stays "no window".
-        match (k.sliding_window, src.has("sliding_window")) {
+        match (k.sliding_window, r.src.has("sliding_window")) {
             (Some(w), _) => Some(w),
             (None, true) => None,
             (None, false) => Some(r.or_default("sliding_window", None, 4096)),
@@ -98,8 +110,8 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
     } else {
         None
     };
-    let layer_windows = match (&r.common.layer_types, window) {
-        (Some(types), _) => windows_from_layer_types(src, types, window)?,
+    Ok(match (&r.common.layer_types, window) {
+        (Some(types), _) => windows_from_layer_types(r.src, types, window)?,
         (None, None) => vec![None; req.num_hidden_layers],
         (None, Some(w)) => {
             let full = r.or_default("max_window_layers", k.max_window_layers, 28);
@@ -107,33 +119,5 @@ pub fn resolve(src: &ConfigSource) -> Result<ModelConfig, ConfigError> {
                 .map(|i| (i >= full).then_some(w))
                 .collect()
         }
-    };
-    Ok(ModelConfig {
-        architecture: Architecture::Qwen2,
-        vocab_size: req.vocab_size,
-        hidden_size: req.hidden_size,
-        intermediate_size: req.intermediate_size,
-        num_hidden_layers: req.num_hidden_layers,
-        num_attention_heads: heads,
-        num_key_value_heads,
-        head_dim,
-        hidden_act,
-        rms_norm_eps: req.rms_norm_eps,
-        tie_word_embeddings,
-        qkv_bias: true,
-        o_bias: false,
-        mlp_bias: false,
-        qk_norm: false,
-        local_rope: rope.clone(),
-        rope,
-        layer_windows,
-        query_pre_attn_scalar: head_dim as f64,
-        attn_logit_softcapping: None,
-        final_logit_softcapping: None,
-        max_position_embeddings: req.max_position_embeddings,
-        dtype: r.dtype(),
-        pad_token_id: r.pad_token_id(),
-        defaults_applied: r.into_applied(),
-        raw: src.raw.clone(),
     })
 }

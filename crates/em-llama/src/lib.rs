@@ -158,8 +158,8 @@ impl GgufModel {
     }
 
     /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one
-    /// sequence), with an f32 KV cache: the reference numerics of the weights, not the f16 cache
-    /// the sampler uses.
+    /// sequence), in f32 throughout: an f32 KV cache and no flash attention (whose path casts
+    /// f32 keys and values to f16) — the reference numerics of the weights, not the sampler's.
     pub fn logits(&self, tokens: &[u32], threads: i32) -> Result<Vec<Vec<f32>>, SamplerError> {
         self.logits_with(tokens, threads, None)
     }
@@ -181,7 +181,9 @@ impl GgufModel {
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
             .with_type_k(KvCacheType::F32)
-            .with_type_v(KvCacheType::F32);
+            .with_type_v(KvCacheType::F32)
+            // LLAMA_FLASH_ATTN_TYPE_DISABLED (llama-cpp-2 does not re-export the constant).
+            .with_flash_attention_policy(0);
         let mut ctx = self
             .model
             .new_context(backend()?, params)
