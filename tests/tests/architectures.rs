@@ -37,7 +37,7 @@ const CASES: &[&str] = &[
     "mistral",
 ];
 const TAU: f64 = 0.7;
-/// llama.cpp on an f32 GGUF, in f32 throughout (`GgufModel::logits`): about 1e-6 of the logit
+/// llama.cpp on an f32 GGUF, in f32 throughout (`GgufModel::reference_logits`): about 1e-6 of the logit
 /// scale from transformers here, 1.3e-4 for Gemma-3 (ggml's GELU table).
 const LLAMA_CPP_TOL: f32 = 1e-3;
 
@@ -284,7 +284,7 @@ fn every_architecture_matches_transformers_through_training_conversion_and_peft(
             want.len()
         };
         let weights = em_llama::GgufModel::load(&gguf).unwrap();
-        let llama = weights.logits(&logits_ids(), 2).unwrap();
+        let llama = weights.reference_logits(&logits_ids(), 2).unwrap();
         let d = rel_diff(&llama, &want, compared);
         eprintln!("{case}: llama.cpp vs transformers over {compared} positions: {d:.2e}");
         assert!(d < LLAMA_CPP_TOL, "{case}: llama.cpp logits differ by {d}");

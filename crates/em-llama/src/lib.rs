@@ -158,8 +158,8 @@ impl GgufModel {
     }
 
     /// The logits llama.cpp computes at every position of `tokens` (one forward pass, one
-    /// sequence), in f32 throughout: an f32 KV cache and no flash attention (whose path casts
-    /// f32 keys and values to f16) — the reference numerics of the weights, not the sampler's.
+    /// sequence), with the context settings the sampler uses (f16 KV cache, flash attention
+    /// where llama.cpp picks it).
     pub fn logits(&self, tokens: &[u32], threads: i32) -> Result<Vec<Vec<f32>>, SamplerError> {
         self.logits_with(tokens, threads, None)
     }
@@ -171,19 +171,43 @@ impl GgufModel {
         threads: i32,
         adapter: Option<&mut Adapter>,
     ) -> Result<Vec<Vec<f32>>, SamplerError> {
+        self.forward(tokens, threads, adapter, false)
+    }
+
+    /// The logits of the weights in f32 throughout: an f32 KV cache and no flash attention
+    /// (llama.cpp's flash-attention path casts f32 keys and values to f16, 5e-4 of the logit
+    /// scale). For numerics checks against other implementations.
+    pub fn reference_logits(
+        &self,
+        tokens: &[u32],
+        threads: i32,
+    ) -> Result<Vec<Vec<f32>>, SamplerError> {
+        self.forward(tokens, threads, None, true)
+    }
+
+    fn forward(
+        &self,
+        tokens: &[u32],
+        threads: i32,
+        adapter: Option<&mut Adapter>,
+        f32_attention: bool,
+    ) -> Result<Vec<Vec<f32>>, SamplerError> {
         let n = tokens.len();
         let run_err = |message: String| SamplerError::backend(self.path.display(), message);
         let n_ctx = (n.max(1) as u32).next_multiple_of(256);
-        let params = LlamaContextParams::default()
+        let mut params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
             .with_n_batch(n_ctx)
             .with_n_ubatch(n_ctx)
             .with_n_threads(threads)
-            .with_n_threads_batch(threads)
-            .with_type_k(KvCacheType::F32)
-            .with_type_v(KvCacheType::F32)
-            // LLAMA_FLASH_ATTN_TYPE_DISABLED (llama-cpp-2 does not re-export the constant).
-            .with_flash_attention_policy(0);
+            .with_n_threads_batch(threads);
+        if f32_attention {
+            params = params
+                .with_type_k(KvCacheType::F32)
+                .with_type_v(KvCacheType::F32)
+                // LLAMA_FLASH_ATTN_TYPE_DISABLED (llama-cpp-2 does not re-export the constant).
+                .with_flash_attention_policy(0);
+        }
         let mut ctx = self
             .model
             .new_context(backend()?, params)
