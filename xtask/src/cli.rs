@@ -140,6 +140,20 @@ mod tests {
     }
 
     #[test]
+    fn bench_em_step_takes_the_adapter_flag() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from(["x", "bench", "em-step", "--adapter", "lora"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let super::Command::Bench(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            args.em_step.adapter.kind,
+            Some(em_pipeline::train::AdapterKind::Lora)
+        );
+    }
+
+    #[test]
     fn library_reference_settings_are_the_command_line_defaults() {
         use clap::Parser;
         let cli = super::Cli::parse_from(["x", "train", "--model", "m", "--prompt", "p"]);

@@ -172,7 +172,8 @@ pub struct TrainArgs {
 pub struct AdapterArgs {
     /// Train a low-rank adapter on a frozen base (`demo` and `bench em-step`: next to full
     /// fine-tuning).
-    #[arg(long = "adapter", value_enum)]
+    // Its own id: the field name `kind` would be shared with `bench`'s positional <KIND>.
+    #[arg(id = "adapter", long = "adapter", value_enum)]
     pub kind: Option<AdapterKind>,
     /// LoRA rank `r` (PEFT's default).
     #[arg(long, default_value_t = 8)]
