@@ -5,6 +5,8 @@
 #![warn(missing_docs)]
 
 pub mod accumulate;
+mod adapter;
+mod grads;
 pub mod layers;
 pub mod lora;
 pub mod models;

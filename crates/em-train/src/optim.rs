@@ -6,7 +6,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::objective::{accumulate_dtype, ctx, Gradients, TrainError};
+use crate::grads::{accumulate_dtype, ctx, pieces, Gradients, TrainError};
 
 /// AdamW hyper-parameters (PyTorch's defaults except the learning rate).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -227,17 +227,6 @@ struct Coefficients {
     eps: f64,
 }
 
-/// Elements updated at once. AdamW runs in pieces of this size, written back in place, so that
-/// its temporaries are a few MB rather than several copies of the largest tensor (the embedding:
-/// 0.6 GB in f32 for a 151,936-token vocabulary at 1,024 wide, 2.2 GB at 3,584). The arithmetic
-/// is elementwise, so the result does not depend on it.
-const PIECE: usize = 1 << 20;
-
-/// `(start, len)` of each piece of `n` elements.
-pub(crate) fn pieces(n: usize) -> impl Iterator<Item = (usize, usize)> {
-    (0..n).step_by(PIECE).map(move |s| (s, PIECE.min(n - s)))
-}
-
 /// Updates one parameter on its device, piece by piece in place; returns its state.
 fn update(
     var: &candle_core::Var,
@@ -301,6 +290,7 @@ fn update(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grads::PIECE;
     use candle_core::Var;
 
     fn grads_for(var: &Var, g: &[f64]) -> Gradients {

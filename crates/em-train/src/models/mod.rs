@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::adapter::{AdapterSource, LoraConfig};
 use crate::layers::{LayerContext, Linear};
-use crate::lora::{AdapterSource, LoraConfig};
 
 /// The configuration types are em-config's: one reading of config.json for every crate.
 pub use em_config::{Architecture, ConfigError, ConfigSource, Decoder, ModelConfig};

@@ -7,9 +7,11 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 
 use super::ModelError;
+use crate::adapter::{factor_dtype, peft_names, AdapterSource, LoraConfig};
 use crate::layers::{Linear, Lora, RmsNorm};
-use crate::lora::{AdapterSource, LoraConfig};
 use em_config::json_error;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Hands out named weights, checking shapes: as trainable [`Var`]s, remembered as parameters, or
 /// (under a LoRA adapter) as frozen constants, the adapter's factors being the parameters.
@@ -143,9 +145,17 @@ impl Weights {
         if self.tensors.is_none() || !config.targets_module(prefix) {
             return Ok(None);
         }
-        let (a, b) = source.factors(config, prefix, in_dim, out_dim, self.dtype, &self.device)?;
+        let (a, b) = adapter_factors(
+            source,
+            config,
+            prefix,
+            in_dim,
+            out_dim,
+            self.dtype,
+            &self.device,
+        )?;
         let scale = config.scale();
-        let (a_name, b_name) = crate::lora::peft_names(prefix);
+        let (a_name, b_name) = peft_names(prefix);
         self.parameters.push((a_name, a.clone()));
         self.parameters.push((b_name, b.clone()));
         Ok(Some(Lora { a, b, scale }))
@@ -266,4 +276,155 @@ pub(crate) fn load_hf_tensors(
         tensors.extend(shard);
     }
     Ok(tensors)
+}
+
+/// The factors `(A [rank, in], B [out, rank])` of the layer at `prefix`, from `adapter`.
+fn adapter_factors(
+    adapter: &mut AdapterSource,
+    config: &LoraConfig,
+    prefix: &str,
+    in_dim: usize,
+    out_dim: usize,
+    model_dtype: DType,
+    device: &Device,
+) -> Result<(Var, Var), ModelError> {
+    let dtype = factor_dtype(model_dtype);
+    let r = config.rank;
+    let candle_err = |source| ModelError::Candle {
+        context: format!("building the adapter of \"{prefix}\""),
+        source,
+    };
+    match adapter {
+        AdapterSource::Init { seed } => {
+            let mut rng = StdRng::seed_from_u64(*seed ^ fnv1a(prefix));
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let a: Vec<f64> = (0..r * in_dim)
+                .map(|_| rng.gen_range(-bound..bound))
+                .collect();
+            let a = Tensor::from_vec(a, (r, in_dim), device)
+                .and_then(|t| t.to_dtype(dtype))
+                .and_then(|t| Var::from_tensor(&t))
+                .map_err(candle_err)?;
+            let b = Var::zeros((out_dim, r), dtype, device).map_err(candle_err)?;
+            Ok((a, b))
+        }
+        AdapterSource::Tensors { tensors, origin } => {
+            let (a_name, b_name) = peft_names(prefix);
+            let mut take = |name: &str, shape: [usize; 2]| -> Result<Var, ModelError> {
+                let t = tensors
+                    .remove(name)
+                    .ok_or_else(|| ModelError::MissingTensor {
+                        name: name.to_string(),
+                        source_name: origin.clone(),
+                    })?;
+                if t.dims() != shape {
+                    return Err(ModelError::WrongShape {
+                        name: name.to_string(),
+                        source_name: origin.clone(),
+                        got: t.dims().to_vec(),
+                        expected: shape.to_vec(),
+                    });
+                }
+                t.to_dtype(dtype)
+                    .and_then(|t| t.to_device(device))
+                    .and_then(|t| Var::from_tensor(&t))
+                    .map_err(candle_err)
+            };
+            Ok((take(&a_name, [r, in_dim])?, take(&b_name, [out_dim, r])?))
+        }
+    }
+}
+
+/// 64-bit FNV-1a of `s`: a stable per-layer seed that does not depend on load order.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_starts_as_peft_draws_it_and_b_at_zero() {
+        let mut src = AdapterSource::Init { seed: 7 };
+        let c = LoraConfig::default();
+        let (a, b) = adapter_factors(
+            &mut src,
+            &c,
+            "model.layers.0.mlp.up_proj",
+            64,
+            32,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let a = a
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let bound = 1.0f32 / 8.0;
+        assert!(a.iter().all(|v| v.abs() < bound));
+        // Spread over the interval: the sample's variance near bound²/3.
+        let var = a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / a.len() as f64;
+        assert!(
+            (var / (bound as f64).powi(2) * 3.0 - 1.0).abs() < 0.15,
+            "{var}"
+        );
+        assert_eq!(b.as_tensor().dims(), &[32, 8]);
+        assert_eq!(
+            b.as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        // The same seed and layer give the same draw, another layer another.
+        let again = adapter_factors(
+            &mut AdapterSource::Init { seed: 7 },
+            &c,
+            "model.layers.0.mlp.up_proj",
+            64,
+            32,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .0;
+        assert_eq!(
+            again
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            a
+        );
+        let other = adapter_factors(
+            &mut AdapterSource::Init { seed: 7 },
+            &c,
+            "model.layers.1.mlp.up_proj",
+            64,
+            32,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .0;
+        assert_ne!(
+            other
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            a
+        );
+    }
 }
