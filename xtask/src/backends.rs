@@ -237,10 +237,8 @@ fn gguf_vocab(gguf: &Path, f: &mut dyn FnMut(&dyn Vocab) -> Result<()>) -> Resul
     f(&load_gguf(gguf, 0)?)
 }
 
-/// Loads a GGUF into llama.cpp after checking its header with em-convert's bounded reader:
-/// llama.cpp refuses a malformed file too, but says only "null result".
+/// Loads a GGUF into llama.cpp; em-llama checks its header first (em-convert's bounded reader).
 fn load_gguf(gguf: &Path, gpu_layers: u32) -> Result<GgufModel> {
-    em_convert::gguf::GgufFile::open(gguf)?;
     Ok(GgufModel::load_with_gpu_layers(gguf, gpu_layers)?)
 }
 

@@ -56,34 +56,6 @@ pub enum DataError {
     },
 }
 
-/// Content of the last `\boxed{…}` or `\fbox{…}` of `text`, with brace matching.
-pub fn last_boxed(text: &str) -> Option<&str> {
-    let b = text.rfind("\\boxed");
-    let f = text.rfind("\\fbox");
-    let (pos, len) = match (b, f) {
-        (Some(b), Some(f)) if f > b => (f, 5),
-        (Some(b), _) => (b, 6),
-        (None, Some(f)) => (f, 5),
-        (None, None) => return None,
-    };
-    let rest = text[pos + len..].trim_start();
-    let inner = rest.strip_prefix('{')?;
-    let mut depth = 1usize;
-    for (i, c) in inner.char_indices() {
-        match c {
-            '{' => depth += 1,
-            '}' => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(&inner[..i]);
-                }
-            }
-            _ => {}
-        }
-    }
-    None
-}
-
 /// Suite name from a path: the file stem, or the folder for `…/gsm8k/test.jsonl`.
 fn suite_name(path: &Path) -> String {
     let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("data");
@@ -272,10 +244,9 @@ fn problem_from(
         }
         a
     } else if let Some(sol) = str_field(m, &["solution"]) {
-        // MATH, Minerva: last \boxed{} of the solution
-        vec![last_boxed(sol)
-            .ok_or_else(|| err("no `answer` and no \\boxed{} in `solution`".into()))?
-            .to_string()]
+        // MATH, Minerva: last \boxed{} of the solution, by the rule responses are graded with
+        vec![em_grade::last_boxed(sol)
+            .ok_or_else(|| err("no `answer` and no \\boxed{} in `solution`".into()))?]
     } else if allow_empty {
         vec![]
     } else {
@@ -372,10 +343,10 @@ mod tests {
     #[test]
     fn formats() {
         assert_eq!(
-            last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c"),
+            em_grade::last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c").as_deref(),
             Some("\\frac{1}{2}")
         );
-        assert_eq!(last_boxed("\\boxed{1"), None);
+        assert_eq!(em_grade::last_boxed("\\boxed{1"), None);
         let p = write(
             "mixed.jsonl",
             concat!(
@@ -406,6 +377,56 @@ mod tests {
         assert_eq!(ps[3].id, "mixed-7");
         assert_eq!(ps[4].problem, "B. Q?");
         assert_eq!(ps[0].source, "mixed");
+    }
+
+    /// A gold answer stored in a solution is read by em-grade's `last_boxed`, the rule responses
+    /// are extracted by.
+    #[test]
+    fn solution_golds_use_the_grader_rule() {
+        let sols = [
+            "x \\boxed{\\frac{1}{2}}",
+            "so $\\boxed{\\frac{\\sqrt{3}}{2}}$.",
+            "\\boxed{1} then \\fbox{2}",
+            "so $\\boxed 5$",
+            "The cost is $\\boxed{\\$18.90}$.",
+        ];
+        let text: String = sols
+            .iter()
+            .map(|s| serde_json::json!({"problem": "p", "solution": s}).to_string() + "\n")
+            .collect();
+        let ps = parse_suite(&text, Path::new("sols.jsonl")).unwrap();
+        for (p, s) in ps.iter().zip(sols) {
+            assert_eq!(
+                Some(p.answers[0].clone()),
+                em_grade::last_boxed(s).map(|b| b.trim().to_string()),
+                "{s}"
+            );
+        }
+        let golds: Vec<&str> = ps.iter().map(|p| p.answers[0].as_str()).collect();
+        assert_eq!(
+            golds,
+            ["\\frac{1}{2}", "\\frac{\\sqrt{3}}{2}", "2", "5", "\\$18.90"]
+        );
+        let e = parse_suite(
+            r#"{"problem": "p", "solution": "no box"}"#,
+            Path::new("nobox.jsonl"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("nobox.jsonl:1") && e.contains("no \\boxed{}"),
+            "{e}"
+        );
+        for (sol, why) in [
+            ("\\boxed{}", "empty gold answer"),
+            ("\\boxed{1", "no \\boxed{}"),
+        ] {
+            let line = serde_json::json!({"problem": "p", "solution": sol}).to_string();
+            let e = parse_suite(&line, Path::new("bad.jsonl"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{sol}: {e}");
+        }
     }
 
     #[test]

@@ -196,4 +196,73 @@ mod tests {
         assert_eq!(ex("no digits here"), None);
         assert_eq!(ex("\\boxed{}"), None);
     }
+
+    /// `last_boxed` is the one rule for both sides: em-data takes gold answers stored in
+    /// solutions with it, and `extract_answer` takes responses' boxes with it. These are the cases
+    /// of both former call sites (em-data's gold answers, em-grade's responses).
+    #[test]
+    fn last_boxed_is_the_rule_for_golds_and_responses() {
+        let lb = |s: &str| last_boxed(s);
+        // Gold answers as MATH and Minerva solutions hold them (em-data's former cases).
+        assert_eq!(
+            lb("a \\boxed{1} b \\boxed{\\frac{1}{2}} c").as_deref(),
+            Some("\\frac{1}{2}")
+        );
+        assert_eq!(lb("\\boxed{1"), None);
+        assert_eq!(
+            lb("x \\boxed{\\frac{1}{2}}").as_deref(),
+            Some("\\frac{1}{2}")
+        );
+        assert_eq!(
+            lb("so $x = \\boxed{\\frac{\\sqrt{3}}{2}}$.").as_deref(),
+            Some("\\frac{\\sqrt{3}}{2}")
+        );
+        assert_eq!(
+            lb("The cost is $\\boxed{\\$18.90}$.").as_deref(),
+            Some("\\$18.90")
+        );
+        assert_eq!(
+            lb("The answer is $\\boxed{\\text{(C)}}$.").as_deref(),
+            Some("\\text{(C)}")
+        );
+        assert_eq!(lb("Thus \\boxed {7} apples.").as_deref(), Some("7"));
+        assert_eq!(lb("\\fbox{7}").as_deref(), Some("7"));
+        assert_eq!(lb("\\boxed{1} then \\fbox{2}").as_deref(), Some("2"));
+        assert_eq!(lb("\\fbox{1} then \\boxed{2}").as_deref(), Some("2"));
+        assert_eq!(lb("no box here"), None);
+        // Response forms (the cases `extract_answer` is tested with above).
+        assert_eq!(
+            lb("a \\boxed{1} then \\boxed{\\frac{1}{2}}.").as_deref(),
+            Some("\\frac{1}{2}")
+        );
+        assert_eq!(lb("\\boxed{\\boxed{5}}").as_deref(), Some("5"));
+        assert_eq!(lb("so \\boxed{5"), None);
+        assert_eq!(lb("$\\boxed 5$").as_deref(), Some("5"));
+        assert_eq!(lb("\\boxed 5\nmore").as_deref(), Some("5"));
+        assert_eq!(
+            lb("So $x = \\boxed{\\dfrac{1}{2}}$.").as_deref(),
+            Some("\\dfrac{1}{2}")
+        );
+        // An empty box is an empty answer: `extract_answer` gives none, em-data refuses the gold.
+        assert_eq!(lb("\\boxed{}").as_deref(), Some(""));
+        // The toolkit's rule, kept for both sides: the word `boxed` counts without its backslash
+        // (so prose after the box wins; MATH test item 4060 says "we have not boxed the correct
+        // answer"), and a box whose brace is on the next line is not braced.
+        assert_eq!(
+            lb("so \\boxed{12}. We have not boxed it").as_deref(),
+            Some("it")
+        );
+        assert_eq!(lb("boxed{3}").as_deref(), Some("3"));
+        assert_eq!(lb("\\boxed\n{5}"), None);
+        // What `extract_answer` reports from a box is what `last_boxed` reads, tidied.
+        for s in [
+            "a \\boxed{1} then \\boxed{\\frac{1}{2}}.",
+            "\\fbox{7}",
+            "$\\boxed 5$",
+            "\\boxed{ 42 }",
+            "x \\boxed{\\frac{1}{2}}",
+        ] {
+            assert_eq!(extract_answer(s), lb(s).map(|b| tidy(&b)), "{s}");
+        }
+    }
 }

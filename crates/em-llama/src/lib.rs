@@ -1,7 +1,9 @@
 //! Sampling and scoring with GGUF models through llama.cpp, in-process.
 //!
 //! Architecture invariant: this crate knows llama.cpp and nothing of candle, training, data or
-//! grading; callers hand it a GGUF path and token ids or text. [`Engine`] implements
+//! grading; callers hand it a GGUF path and token ids or text. Every GGUF it loads (model or
+//! adapter) first passes em-convert's bounded header reader, the one GGUF header check of the
+//! project (em-convert brings candle in as a library; no candle type is used here). [`Engine`] implements
 //! [`em_sampler::Sampler`] (many prompts × many answers at once, continuous batching, shared
 //! prompt prefixes) and [`GgufModel`] implements [`em_sampler::Vocab`].
 
@@ -65,7 +67,8 @@ impl GgufModel {
     }
 
     /// Loads `path` with `gpu_layers` of its layers on the GPU (0: CPU only; more than the model
-    /// has: all). A build without the `cuda` feature refuses any offload.
+    /// has: all). A build without the `cuda` feature refuses any offload. The header is checked
+    /// first ([`check_header`]), so a malformed file is one line naming it.
     pub fn load_with_gpu_layers(path: &Path, gpu_layers: u32) -> Result<Self, SamplerError> {
         if !path.is_file() {
             return Err(SamplerError::backend(path.display(), "no such file"));
@@ -76,6 +79,7 @@ impl GgufModel {
                 "--gpu-layers needs a build with the `cuda` feature (docs/cuda.md)",
             ));
         }
+        check_header(path)?;
         let params = LlamaModelParams::default().with_n_gpu_layers(gpu_layers);
         let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|e| {
             SamplerError::backend(
@@ -142,6 +146,7 @@ impl GgufModel {
         if !path.is_file() {
             return Err(SamplerError::backend(path.display(), "no such file"));
         }
+        check_header(path)?;
         let inner = self.model.lora_adapter_init(path).map_err(|e| {
             SamplerError::backend(
                 path.display(),
@@ -228,6 +233,26 @@ impl GgufModel {
     }
 }
 
+/// Checks the header of the GGUF at `path` with em-convert's bounded reader (every count, length,
+/// offset and alignment against the bytes there, before anything is allocated) before llama.cpp
+/// reads the file: llama.cpp refuses a malformed file too, but says only "null result", and may
+/// first allocate what a hostile header claims. The error is one line naming the file. The reader
+/// accepts the ggml types candle reads, so a GGUF in another llama.cpp type (the IQ quants) is
+/// refused.
+pub fn check_header(path: &Path) -> Result<(), SamplerError> {
+    em_convert::gguf::GgufFile::open(path)
+        .map(drop)
+        .map_err(|e| {
+            let text = em_convert::gguf::one_line(&format!("{e:#}"));
+            let at = path.display().to_string();
+            let message = text
+                .strip_prefix(&at)
+                .and_then(|rest| rest.strip_prefix(": "))
+                .unwrap_or(&text);
+            SamplerError::backend(at.clone(), message)
+        })
+}
+
 /// A LoRA adapter loaded next to a [`GgufModel`]'s weights.
 pub struct Adapter {
     inner: LlamaLoraAdapter,
@@ -298,5 +323,72 @@ impl em_sampler::Vocab for GgufModel {
 
     fn origin(&self) -> String {
         self.path.display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 header by hand: `n_tensors` claimed, no metadata, padded to 32 bytes.
+    fn header(n_tensors: u64) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(n_tensors.to_le_bytes());
+        b.extend(0u64.to_le_bytes());
+        b.resize(32, 0);
+        b
+    }
+
+    fn write(name: &str, bytes: &[u8]) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("em-llama-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    /// The error of loading `path`, checked to be one line naming the file once, at its start.
+    fn load_error(path: &Path) -> String {
+        let e = GgufModel::load_with_gpu_layers(path, 0)
+            .err()
+            .expect("a malformed GGUF loads")
+            .to_string();
+        let at = format!("{}: ", path.display());
+        assert!(e.starts_with(&at), "{e}");
+        assert_eq!(e.matches(&at).count(), 1, "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        e
+    }
+
+    #[test]
+    fn every_load_checks_the_header_first() {
+        let p = write("not-gguf.gguf", b"PK\x03\x04 a zip file, not a model");
+        let e = load_error(&p);
+        assert!(
+            e.ends_with(": not a GGUF file (it starts with \"PK\\x03\\x04\", not \"GGUF\")"),
+            "{e}"
+        );
+        // What em-convert's reader says, word for word, with the file named once.
+        let p = write("many-tensors.gguf", &header(1_000_000_000_000));
+        let e = load_error(&p);
+        assert_eq!(
+            e,
+            format!(
+                "{}: the header claims 1000000000000 tensors and 0 metadata entries, which need \
+                 at least 32000000000000 bytes; the file has 8 left",
+                p.display()
+            )
+        );
+        assert_eq!(e, check_header(&p).unwrap_err().to_string());
+        let p = write("short.gguf", b"GGU");
+        assert!(load_error(&p).contains("the magic"));
+        // A header that passes reaches llama.cpp (which wants an architecture).
+        let p = write("empty.gguf", &header(0));
+        check_header(&p).unwrap();
+        assert!(load_error(&p).contains("llama.cpp could not load the model"));
+        // No file: said before anything is read.
+        let e = load_error(Path::new("/nonexistent/m.gguf"));
+        assert!(e.ends_with("no such file"), "{e}");
     }
 }
