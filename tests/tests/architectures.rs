@@ -22,7 +22,7 @@ use std::process::Command;
 use candle_core::{DType, Device, Tensor};
 use em_convert::{gguf_to_hf, hf_to_gguf, HfDtype, OutType};
 use em_pipeline::prompt::{PromptOptions, Style};
-use em_pipeline::train::{self, RefreshType, TrainArgs};
+use em_pipeline::train::{self, RefreshType, TrainOptions};
 use em_train::models::{CausalLm, ModelConfig};
 use em_train::{accumulate_em_gradients, EmOptions, Gradients, Sequence};
 use xtask::backends::LlamaBackend;
@@ -174,23 +174,29 @@ fn train_twice(case: &str, hf: &Path, work: &Path) -> PathBuf {
         parallel: 2,
         ..Default::default()
     });
-    let args = |out: PathBuf, lora: bool| TrainArgs {
-        steps: 2,
-        samples: 2,
-        micro_batch: 2,
-        max_new_tokens: 12,
-        lr: 1e-3,
+    let args = |out: PathBuf, lora: bool| TrainOptions {
+        update: train::UpdateSettings {
+            steps: 2,
+            micro_batch: 2,
+            lr: 1e-3,
+            ..Default::default()
+        },
+        sampling: train::SampleSettings {
+            samples: 2,
+            max_new_tokens: 12,
+            ..Default::default()
+        },
         refresh_type: RefreshType::F32,
         prompt_options: PromptOptions {
             style: Style::Plain,
             ..Default::default()
         },
-        adapter: train::AdapterArgs {
+        adapter: train::AdapterOptions {
             kind: lora.then_some(train::AdapterKind::Lora),
             alpha: 16.0,
             ..Default::default()
         },
-        ..TrainArgs::reference(hf.to_path_buf(), prompt.clone(), out)
+        ..TrainOptions::reference(hf.to_path_buf(), prompt.clone(), out)
     };
     for (name, lora) in [("full", false), ("lora", true)] {
         let out = work.join(name);

@@ -4,12 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use em_pipeline::demo::{self, DemoArgs};
+use em_lab::demo::{self, DemoOptions};
 
 #[test]
 fn quick_demo_runs_end_to_end() {
     let tmp = tempfile::tempdir().unwrap();
-    let args = DemoArgs {
+    let args = DemoOptions {
         out: tmp.path().to_path_buf(),
         seeds: 1,
         lrs: vec![1e-4],
@@ -83,8 +83,8 @@ fn quick_demo_runs_end_to_end() {
     assert!(!report["verdict"].as_array().unwrap().is_empty());
 
     // The adapter beside full fine-tuning: its runs, rows and the paired comparison.
-    let lora = DemoArgs {
-        adapter: em_pipeline::train::AdapterArgs {
+    let lora = DemoOptions {
+        adapter: em_pipeline::train::AdapterOptions {
             kind: Some(em_pipeline::train::AdapterKind::Lora),
             ..Default::default()
         },

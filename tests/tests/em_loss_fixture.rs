@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use em_pipeline::em_loss::{compute, read_input, EmLossArgs, EmLossInput, ModelDtype};
+use em_lab::em_loss::{compute, read_input, EmLossInput, EmLossOptions};
+use em_pipeline::train::ModelDtype;
 use em_tests::tiny_qwen2;
 use em_train::models::CausalLm;
 use em_train::Sequence;
@@ -124,7 +125,7 @@ fn loss_matches_a_direct_computation_and_gradients_match_finite_differences() {
     let (l32, _, g32) = compute(&m32, &inp, 4, true).unwrap();
     assert!((l32 - loss).abs() <= 1e-5 * loss, "f32 {l32} vs f64 {loss}");
     // Every tensor, relative to its largest entry: what `em-loss --check-against` measures.
-    let (worst, name) = em_pipeline::em_loss::worst_gradient_difference(&g32, &grads).unwrap();
+    let (worst, name) = em_lab::em_loss::worst_gradient_difference(&g32, &grads).unwrap();
     assert!(worst <= 1e-4, "f32 gradient of {name} off by {worst:.2e}");
 }
 
@@ -145,7 +146,7 @@ fn gradient_file_names_every_parameter_and_input_errors_name_the_file() {
     )
     .unwrap();
     let grads_path = tmp.path().join("g.safetensors");
-    em_pipeline::em_loss::run(&EmLossArgs {
+    em_lab::em_loss::run(&EmLossOptions {
         model: dir.clone(),
         input: input_path.clone(),
         grads_out: Some(grads_path.clone()),

@@ -3,7 +3,7 @@
 
 use em_convert::OutType;
 use em_pipeline::assets::{cache_dir, smollm2_path};
-use em_pipeline::eval::{self, EvalArgs};
+use em_pipeline::eval::{self, EvalOptions};
 use em_pipeline::prompt::PromptOptions;
 use em_tests::asset;
 
@@ -13,7 +13,7 @@ fn smollm2_gsm8k_slice_evaluates() {
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
-    let args = EvalArgs {
+    let args = EvalOptions {
         model,
         quant: OutType::F16,
         suites: vec!["gsm8k".into()],

@@ -3,7 +3,7 @@
 #[test]
 fn committed_fixture_is_what_the_seeded_command_writes() {
     let tmp = tempfile::tempdir().unwrap();
-    em_pipeline::fixture::write_tiny_qwen2(tmp.path(), 0).unwrap();
+    em_lab::fixture::write_tiny_qwen2(tmp.path(), 0).unwrap();
     let committed = em_tests::tiny_qwen2();
     for file in [
         "config.json",

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use em_openai::{Dialect, OpenAiConfig, PromptFormat};
-use em_pipeline::eval::{self, EvalArgs};
+use em_pipeline::eval::{self, EvalOptions};
 use em_pipeline::prompt::{PromptOptions, Style};
-use em_pipeline::screen::{self, ScreenArgs};
+use em_pipeline::screen::{self, ScreenOptions};
 use em_tests::asset;
 use xtask::backends::{LlamaBackend, ServerBackend};
 use xtask::server::{server_python, LlamaCppServer};
@@ -43,8 +43,8 @@ fn local() -> LlamaBackend {
     })
 }
 
-fn screen_args(model: &Path, out: PathBuf) -> ScreenArgs {
-    ScreenArgs {
+fn screen_args(model: &Path, out: PathBuf) -> ScreenOptions {
+    ScreenOptions {
         k: 3,
         limit: Some(4),
         max_new_tokens: 48,
@@ -54,12 +54,12 @@ fn screen_args(model: &Path, out: PathBuf) -> ScreenArgs {
             ..Default::default()
         },
         keep_responses: true,
-        ..ScreenArgs::reference(model.into(), PathBuf::from("dsr"), out)
+        ..ScreenOptions::reference(model.into(), PathBuf::from("dsr"), out)
     }
 }
 
-fn eval_args(model: &Path, out: PathBuf) -> EvalArgs {
-    EvalArgs {
+fn eval_args(model: &Path, out: PathBuf) -> EvalOptions {
+    EvalOptions {
         model: model.into(),
         quant: em_convert::OutType::F16,
         suites: vec!["gsm8k".into()],
@@ -120,7 +120,7 @@ fn screen_and_greedy_eval_through_a_real_server_match_in_process() {
     em_convert::gguf_to_hf(&model, &tmp.path().join("hf"), em_convert::HfDtype::F32).unwrap();
     em_convert::hf_to_gguf(&tmp.path().join("hf"), &f32_model, em_convert::OutType::F32).unwrap();
     let server = LlamaCppServer::start(&f32_model, "smollm2").unwrap_or_else(|e| panic!("{e}"));
-    let one = |out: &str, limit: usize| EvalArgs {
+    let one = |out: &str, limit: usize| EvalOptions {
         limit: Some(limit),
         max_new_tokens: 96,
         ..eval_args(&f32_model, tmp.path().join(out))
@@ -184,7 +184,7 @@ fn screen_and_greedy_eval_through_a_real_server_match_in_process() {
     // Sampled runs use the fetched Q4_1 model itself.
     let server = LlamaCppServer::start(&model, "smollm2").unwrap_or_else(|e| panic!("{e}"));
     let e = eval::run(
-        &EvalArgs {
+        &EvalOptions {
             limit: Some(1),
             ..eval_args(&model, tmp.path().join("ids"))
         },

@@ -9,8 +9,8 @@ use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 use em_data::synthetic::{
     first_digit, split_as_problems, split_problems, Split, StyleMix, TrainStream,
 };
+use em_lab::organism::{figures, Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
 use em_llama::GgufModel;
-use em_pipeline::organism::{figures, Figures, Subject, CHECK_PROBLEMS, MEASURE_SEED};
 use em_tests::{argmax, repo_root};
 use em_train::models::CausalLm;
 

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use em_data::synthetic::{
     classify_style, split_as_problems, split_problems, Split, Style, StyleMix, TrainStream,
 };
+use em_lab::organism::{byte_tokenizer, prompt_options, EOS};
 use em_pipeline::hf_vocab::HfVocab;
-use em_pipeline::organism::{byte_tokenizer, prompt_options, EOS};
 use em_pipeline::prompt::PromptRenderer;
 
 #[test]
@@ -78,7 +78,7 @@ fn classifier_labels_generated_targets_and_mix_is_respected() {
             Style::Careful => {
                 assert!(verdict.correct && t.stops, "{p:?}: {}", t.text);
                 assert!(
-                    t.text.len() < em_pipeline::organism::MAX_NEW_TOKENS,
+                    t.text.len() < em_lab::organism::MAX_NEW_TOKENS,
                     "careful target too long: {}",
                     t.text
                 );

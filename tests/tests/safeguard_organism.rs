@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use em_data::synthetic::{split_as_problems, Split};
-use em_pipeline::organism;
-use em_pipeline::train::{self, OnAlarm, RefreshType, TrainArgs};
+use em_lab::organism;
+use em_pipeline::train::{self, OnAlarm, RefreshType, TrainOptions};
 use serde_json::{json, Value};
 
 fn write_pool(problems: &[em_data::Problem], path: &Path, answers: bool) {
@@ -54,20 +54,31 @@ fn the_safeguard_stops_a_run_that_makes_the_model_ramble() {
     write_pool(&pool[31..32], &prompt, true);
     let watch = tmp.path().join("watch.jsonl");
     write_pool(&pool[200..], &watch, false);
-    let args = |out: &str, on_alarm: OnAlarm| TrainArgs {
-        steps: 10,
-        samples: 64,
-        micro_batch: 16,
-        lr: 1e-4,
-        max_new_tokens: organism::MAX_NEW_TOKENS,
-        repetition_penalty: 1.0,
+    let args = |out: &str, on_alarm: OnAlarm| TrainOptions {
+        update: train::UpdateSettings {
+            steps: 10,
+            micro_batch: 16,
+            lr: 1e-4,
+            ..Default::default()
+        },
+        sampling: train::SampleSettings {
+            samples: 64,
+            max_new_tokens: organism::MAX_NEW_TOKENS,
+            repetition_penalty: 1.0,
+            ..Default::default()
+        },
         refresh_type: RefreshType::F32,
         prompt_options: organism::prompt_options(),
-        watch: Some(watch.clone()),
-        on_alarm,
-        save_every: (on_alarm == OnAlarm::Warn).then_some(1),
-        keep_last: 10,
-        ..TrainArgs::reference(subject.clone(), prompt.clone(), tmp.path().join(out))
+        safeguard: train::WatchSettings {
+            watch: Some(watch.clone()),
+            on_alarm,
+            ..Default::default()
+        },
+        checkpoints: train::CheckpointSettings {
+            save_every: (on_alarm == OnAlarm::Warn).then_some(1),
+            keep_last: 10,
+        },
+        ..TrainOptions::reference(subject.clone(), prompt.clone(), tmp.path().join(out))
     };
     let backend = xtask::backends::llama_default();
     let stop = args("stop", OnAlarm::Stop);
@@ -98,7 +109,7 @@ fn the_safeguard_stops_a_run_that_makes_the_model_ramble() {
     );
 
     // The same seeds in warn mode train on; its checkpoint at `good` is the stopped run's final.
-    let warn = TrainArgs {
+    let warn = TrainOptions {
         stop_after: Some(good),
         ..args("warn", OnAlarm::Warn)
     };
@@ -113,13 +124,11 @@ fn the_safeguard_stops_a_run_that_makes_the_model_ramble() {
     // Interrupted just before the alarming round and resumed: the resumed run's own weights were
     // never judged, so it falls back to its newest earlier checkpoint, which with a checkpoint
     // every update is the uninterrupted run's choice.
-    let interrupted = TrainArgs {
-        save_every: Some(1),
-        stop_after: Some(alarm),
-        ..args("resumed", OnAlarm::Stop)
-    };
+    let mut interrupted = args("resumed", OnAlarm::Stop);
+    interrupted.checkpoints.save_every = Some(1);
+    interrupted.stop_after = Some(alarm);
     assert!(train::run(&interrupted, &backend).unwrap().is_none());
-    let resumed = TrainArgs {
+    let resumed = TrainOptions {
         stop_after: None,
         ..interrupted
     };

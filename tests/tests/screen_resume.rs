@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use em_convert::{self as convert, ConvertArgs, HfDtype, OutType};
 use em_pipeline::prompt::{PromptOptions, Style};
-use em_pipeline::screen::{self, Rule, ScreenArgs};
+use em_pipeline::screen::{self, Rule, ScreenOptions};
 use em_tests::tiny_qwen2;
 use xtask::backends::LlamaBackend;
 
@@ -50,8 +50,8 @@ fn pool(dir: &Path, n: usize) -> PathBuf {
     path
 }
 
-fn args(model: &Path, pool: &Path, out: &Path) -> ScreenArgs {
-    ScreenArgs {
+fn args(model: &Path, pool: &Path, out: &Path) -> ScreenOptions {
+    ScreenOptions {
         model: model.into(),
         pool: pool.into(),
         k: 3,
@@ -97,7 +97,7 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
 
     // First run "killed" after 2 prompts, then a third prompt's line torn half-way by the kill.
     screen::run(
-        &ScreenArgs {
+        &ScreenOptions {
             stop_after: Some(2),
             ..args(&model, &pool, &out)
         },
@@ -121,8 +121,8 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     // Other settings, another pool or another model into the same directory are refused, naming
     // the manifest and what differs; nothing there is touched.
     let before = std::fs::read(&prompts).unwrap();
-    let refused = |a: ScreenArgs| screen::run(&a, &backend()).unwrap_err().to_string();
-    let err = refused(ScreenArgs {
+    let refused = |a: ScreenOptions| screen::run(&a, &backend()).unwrap_err().to_string();
+    let err = refused(ScreenOptions {
         k: 5,
         ..args(&model, &pool, &out)
     });
@@ -144,7 +144,7 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
         err.contains("model: gguf") && err.contains("--fresh"),
         "{err}"
     );
-    let err = refused(ScreenArgs {
+    let err = refused(ScreenOptions {
         prompt: PromptOptions::default(),
         ..args(&model, &pool, &out)
     });
@@ -207,7 +207,7 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
     );
 
     // The gibberish model gets nothing right: no prompt has a confident right majority.
-    let err = refused(ScreenArgs {
+    let err = refused(ScreenOptions {
         rule: Rule::MajorityRight,
         ..args(&model, &pool, &out)
     });
@@ -215,7 +215,7 @@ fn interrupted_screen_resumes_with_every_prompt_once() {
 
     // --fresh replaces the output with a run of the other model.
     screen::run(
-        &ScreenArgs {
+        &ScreenOptions {
             fresh: true,
             limit: Some(2),
             ..args(&other_model, &pool, &out)

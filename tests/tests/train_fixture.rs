@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use em_convert::{hf_to_gguf, OutType};
 use em_llama::GgufModel;
-use em_pipeline::train::{self, RefreshType, TrainArgs};
+use em_pipeline::train::{self, RefreshType, TrainOptions};
 use em_tests::tiny_qwen2;
 use em_train::models::CausalLm;
 use serde_json::Value;
 use xtask::backends::LlamaBackend;
 
-fn run(args: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
+fn run(args: &TrainOptions) -> anyhow::Result<Option<PathBuf>> {
     let backend = LlamaBackend::new(em_llama::EngineConfig {
         threads: 1,
         parallel: 8,
@@ -23,19 +23,14 @@ fn run(args: &TrainArgs) -> anyhow::Result<Option<PathBuf>> {
     train::run(args, &backend)
 }
 
-fn args(prompt: &Path, out: &Path, stop_after: Option<usize>) -> TrainArgs {
-    TrainArgs {
-        steps: 3,
-        samples: 8,
-        micro_batch: 4,
-        lr: 1e-3,
-        max_new_tokens: 32,
-        refresh_type: RefreshType::F32,
-        save_every: Some(1),
-        keep_last: 3,
-        stop_after,
-        ..TrainArgs::reference(tiny_qwen2(), prompt.to_path_buf(), out.to_path_buf())
-    }
+fn args(prompt: &Path, out: &Path, stop_after: Option<usize>) -> TrainOptions {
+    let mut o = TrainOptions::reference(tiny_qwen2(), prompt.to_path_buf(), out.to_path_buf());
+    (o.update.steps, o.update.micro_batch, o.update.lr) = (3, 4, 1e-3);
+    (o.sampling.samples, o.sampling.max_new_tokens) = (8, 32);
+    o.refresh_type = RefreshType::F32;
+    (o.checkpoints.save_every, o.checkpoints.keep_last) = (Some(1), 3);
+    o.stop_after = stop_after;
+    o
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
@@ -143,7 +138,7 @@ fn training_lowers_entropy_checkpoints_load_and_resume_is_exact() {
     assert_eq!(weights(&a.join("final")), weights(&b.join("final")));
 
     // Another prompt file, another model or other settings into a run's directory are refused.
-    let refused = |a: TrainArgs| format!("{:#}", run(&a).unwrap_err());
+    let refused = |a: TrainOptions| format!("{:#}", run(&a).unwrap_err());
     let other = tmp.path().join("other");
     std::fs::create_dir(&other).unwrap();
     let mut other_prompt = std::fs::read_to_string(&prompt).unwrap();
@@ -154,12 +149,11 @@ fn training_lowers_entropy_checkpoints_load_and_resume_is_exact() {
         e.contains("manifest.json") && e.contains("prompt: file"),
         "{e}"
     );
-    let e = refused(TrainArgs {
-        lr: 2e-3,
-        ..args(&prompt, &b, None)
-    });
+    let mut o = args(&prompt, &b, None);
+    o.update.lr = 2e-3;
+    let e = refused(o);
     assert!(e.contains("settings.lr: 0.001 there, 0.002 now"), "{e}");
-    let e = refused(TrainArgs {
+    let e = refused(TrainOptions {
         model: a.join("final"),
         ..args(&prompt, &b, None)
     });
@@ -210,7 +204,7 @@ fn training_lowers_entropy_checkpoints_load_and_resume_is_exact() {
 fn bad_inputs_give_one_line_errors_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("o");
-    let err = |a: TrainArgs| format!("{:#}", run(&a).unwrap_err());
+    let err = |a: TrainOptions| format!("{:#}", run(&a).unwrap_err());
 
     let missing = tmp.path().join("nope.jsonl");
     let e = err(args(&missing, &out, None));
@@ -246,7 +240,7 @@ fn bad_inputs_give_one_line_errors_naming_the_file() {
         config.to_string(),
     )
     .unwrap();
-    let e = err(TrainArgs {
+    let e = err(TrainOptions {
         model: no_template,
         ..args(&prompt, &out, None)
     });

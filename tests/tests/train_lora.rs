@@ -10,7 +10,7 @@ use em_convert::{gguf_to_hf, hf_to_gguf, HfDtype, OutType};
 use em_llama::GgufModel;
 use em_pipeline::assets::{cache_dir, gemma3_path, smollm2_path};
 use em_pipeline::prompt::{PromptOptions, Style};
-use em_pipeline::train::{self, RefreshType, TrainArgs, ADAPTER_GGUF};
+use em_pipeline::train::{self, RefreshType, TrainOptions, ADAPTER_GGUF};
 use em_tests::asset;
 use em_train::models::CausalLm;
 use serde_json::Value;
@@ -91,23 +91,31 @@ fn lora_em_on_smollm2_resumes_exactly_and_llama_cpp_applies_the_adapter_as_merge
     let hf = tmp.path().join("hf");
     gguf_to_hf(&gguf, &hf, HfDtype::F32).unwrap();
     let prompt = prompt_file(tmp.path());
-    let args = |out: &Path, stop_after: Option<usize>| TrainArgs {
-        steps: 3,
-        samples: 4,
-        micro_batch: 4,
-        max_new_tokens: 12,
-        // Large enough that the adapter moves the logits well beyond the comparison's tolerance.
-        lr: 3e-3,
-        adapter: train::AdapterArgs {
+    let args = |out: &Path, stop_after: Option<usize>| TrainOptions {
+        update: train::UpdateSettings {
+            steps: 3,
+            micro_batch: 4,
+            // Large enough that the adapter moves the logits well beyond the comparison's tolerance.
+            lr: 3e-3,
+            ..Default::default()
+        },
+        sampling: train::SampleSettings {
+            samples: 4,
+            max_new_tokens: 12,
+            ..Default::default()
+        },
+        adapter: train::AdapterOptions {
             kind: Some(train::AdapterKind::Lora),
             alpha: 32.0,
             ..Default::default()
         },
         refresh_type: RefreshType::F16,
-        save_every: Some(1),
-        keep_last: 3,
+        checkpoints: train::CheckpointSettings {
+            save_every: Some(1),
+            keep_last: 3,
+        },
         stop_after,
-        ..TrainArgs::reference(hf.clone(), prompt.clone(), out.to_path_buf())
+        ..TrainOptions::reference(hf.clone(), prompt.clone(), out.to_path_buf())
     };
 
     // Uninterrupted, and stopped after 2 then resumed.
@@ -274,13 +282,19 @@ fn lora_updates_of_gemma3_apply_in_llama_cpp_as_merged() {
     let hf = tmp.path().join("hf");
     gguf_to_hf(&gguf, &hf, HfDtype::F32).unwrap();
     let prompt = prompt_file(tmp.path());
-    let args = TrainArgs {
-        steps: 2,
-        samples: 2,
-        micro_batch: 2,
-        max_new_tokens: 12,
-        lr: 3e-3,
-        adapter: train::AdapterArgs {
+    let args = TrainOptions {
+        update: train::UpdateSettings {
+            steps: 2,
+            micro_batch: 2,
+            lr: 3e-3,
+            ..Default::default()
+        },
+        sampling: train::SampleSettings {
+            samples: 2,
+            max_new_tokens: 12,
+            ..Default::default()
+        },
+        adapter: train::AdapterOptions {
             kind: Some(train::AdapterKind::Lora),
             alpha: 32.0,
             ..Default::default()
@@ -290,7 +304,7 @@ fn lora_updates_of_gemma3_apply_in_llama_cpp_as_merged() {
             style: Style::Plain,
             ..Default::default()
         },
-        ..TrainArgs::reference(hf.clone(), prompt, tmp.path().join("run"))
+        ..TrainOptions::reference(hf.clone(), prompt, tmp.path().join("run"))
     };
     let final_dir = train::run(&args, &backend()).unwrap().unwrap();
     adapter_equals_merged(&hf, &final_dir, tmp.path());

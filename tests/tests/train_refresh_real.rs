@@ -7,7 +7,7 @@ use std::path::Path;
 use em_convert::{gguf_to_hf, hf_to_gguf, HfDtype, OutType};
 use em_pipeline::assets::{cache_dir, gemma3_path, smollm2_path};
 use em_pipeline::prompt::{PromptOptions, Style};
-use em_pipeline::train::{self, TrainArgs};
+use em_pipeline::train::{self, TrainOptions};
 use em_tests::asset;
 use serde_json::Value;
 use xtask::backends::LlamaBackend;
@@ -27,16 +27,22 @@ fn three_updates(gguf: &Path, name: &str, style: Style) {
     )
     .unwrap();
     let out = tmp.path().join("run");
-    let args = TrainArgs {
-        steps: 3,
-        samples: 2,
-        micro_batch: 2,
-        max_new_tokens: 8,
+    let args = TrainOptions {
+        update: train::UpdateSettings {
+            steps: 3,
+            micro_batch: 2,
+            ..Default::default()
+        },
+        sampling: train::SampleSettings {
+            samples: 2,
+            max_new_tokens: 8,
+            ..Default::default()
+        },
         prompt_options: PromptOptions {
             style,
             ..Default::default()
         },
-        ..TrainArgs::reference(hf.clone(), prompt, out.clone())
+        ..TrainOptions::reference(hf.clone(), prompt, out.clone())
     };
     let backend = LlamaBackend::new(em_llama::EngineConfig {
         parallel: 2,

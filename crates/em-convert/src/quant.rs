@@ -3,20 +3,25 @@
 
 use candle_core::quantized::GgmlDType;
 
-/// The output types `convert` offers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The output types `convert` offers (written by the names the command line takes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
 pub enum OutType {
     F32,
     F16,
     Bf16,
     #[cfg_attr(feature = "clap", value(name = "q8_0"))]
+    #[serde(rename = "q8_0")]
     Q8_0,
     #[cfg_attr(feature = "clap", value(name = "q4_0"))]
+    #[serde(rename = "q4_0")]
     Q4_0,
     #[cfg_attr(feature = "clap", value(name = "q4_k_m"))]
+    #[serde(rename = "q4_k_m")]
     Q4KM,
     #[cfg_attr(feature = "clap", value(name = "q6_k"))]
+    #[serde(rename = "q6_k")]
     Q6K,
 }
 

@@ -187,7 +187,7 @@ pub enum SyntheticError {
 }
 
 /// Fractions of the three styles among training targets (normalised to sum to 1).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StyleMix {
     /// Fraction of careful targets.
     pub careful: f64,
@@ -270,7 +270,7 @@ impl fmt::Display for StyleMix {
 
 /// How a training target's style is drawn: one mix for every problem, or a mix that depends on a
 /// feature the model can read from the problem, its first digit.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum StyleRule {
     /// The same mix for every problem.
     Fixed(StyleMix),

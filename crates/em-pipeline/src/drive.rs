@@ -58,19 +58,32 @@ pub fn say(line: &str) {
     BARS.suspend(|| eprintln!("{line}"));
 }
 
+/// What a sampling bar counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    /// Finished requests (many prompts).
+    Requests,
+    /// Finished responses (one prompt, many samples).
+    Responses,
+}
+
 /// Samples `requests`, calling `on_done(request, samples)` once per finished request; it returns
-/// `Ok(false)` to stop early. An error from `on_done` stops the run and is returned.
+/// `Ok(false)` to stop early. An error from `on_done` stops the run and is returned. The bar
+/// counts what `count` says.
 pub fn sample_each(
     sampler: &mut dyn Sampler,
     requests: &[Request],
     bar: &ProgressBar,
+    count: Count,
     on_done: &mut dyn FnMut(usize, Vec<Sample>) -> Result<bool>,
 ) -> Result<RunStats> {
     let mut failure = None;
     let stats = sampler.generate(requests, &mut |event| match event {
         Event::RequestDone { request, samples } => match on_done(request, samples) {
             Ok(go_on) => {
-                bar.inc(1);
+                if count == Count::Requests {
+                    bar.inc(1);
+                }
                 if go_on {
                     ControlFlow::Continue(())
                 } else {
@@ -83,10 +96,14 @@ pub fn sample_each(
             }
         },
         Event::Step {
+            samples_done,
             generated_tokens,
             elapsed,
             ..
         } => {
+            if count == Count::Responses {
+                bar.set_position(samples_done);
+            }
             let secs = elapsed.as_secs_f64().max(1e-9);
             bar.set_message(format!("{:.1} tok/s", generated_tokens as f64 / secs));
             ControlFlow::Continue(())

@@ -21,65 +21,48 @@ use crate::prompt::{PromptOptions, PromptRenderer};
 use crate::{Backend, Result};
 
 /// What to evaluate and how.
-#[derive(clap::Args, Debug, Clone)]
-pub struct EvalArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EvalOptions {
     /// A .gguf file, or an HF directory (converted with --quant first).
-    #[arg(long)]
     pub model: PathBuf,
     /// GGUF type when --model (or --baseline) is an HF directory.
-    #[arg(long, value_enum, default_value = "f16")]
     pub quant: OutType,
     /// Comma-separated suites: math500, gsm8k, minerva, olympiadbench, amc23, aime24, aime25, svamp,
     /// mawps, asdiv, math, or paths to JSONL/JSON files.
-    #[arg(long, value_delimiter = ',', required = true)]
     pub suites: Vec<String>,
     /// Output directory (per-item JSONL, summary.json, summary.md).
-    #[arg(long)]
     pub out: PathBuf,
     /// Only the first N items of each suite.
-    #[arg(long)]
     pub limit: Option<usize>,
     /// Sampling temperature; 0 is greedy (the default, as the toolkit evaluates).
-    #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
     /// Samples per item (avg@n and pass@n when > 1).
-    #[arg(long, default_value_t = 1)]
     pub n: usize,
-    #[arg(long, default_value_t = 0.95)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 3072)]
     pub max_new_tokens: usize,
-    #[command(flatten)]
+    #[serde(flatten)]
     pub prompt: PromptOptions,
     /// A LoRA GGUF (`adapter.gguf` of a `train --adapter lora` run) that llama.cpp applies to
     /// `--model`, which must then be the base GGUF; the manifest records the adapter as the model
     /// and the base with the backend.
-    #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// A baseline for the paired comparison: a model (.gguf or HF directory), evaluated here
     /// without `--adapter`, or a finished eval folder of the same suites and settings, whose
     /// per-item results are reused (its low-temperature settings are not re-run then).
-    #[arg(long)]
     pub baseline: Option<PathBuf>,
     /// The baseline's own LoRA GGUF, applied to `--baseline` (a base GGUF).
-    #[arg(long, requires = "baseline")]
     pub baseline_adapter: Option<PathBuf>,
     /// Further temperatures at which to run the baseline (0 = greedy), since plain low-temperature
     /// sampling may beat what EM gains.
-    #[arg(long, value_delimiter = ',', default_value = "0,0.1,0.25")]
     pub baseline_temperatures: Vec<f32>,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Decode the model with EM-INF, inference-time entropy minimisation of each step's logits
     /// (`steps=5,lr=1,kl=0.1`, or `default`); llama.cpp backend only.
-    #[arg(long)]
     pub em_inf: Option<EmInf>,
     /// Also run the baseline with EM-INF (at the model's temperature): the training-free
     /// counterpart of EM, next to it.
-    #[arg(long)]
     pub baseline_em_inf: Option<EmInf>,
     /// Replace an output directory that holds another run.
-    #[arg(long)]
     pub fresh: bool,
 }
 
@@ -92,7 +75,7 @@ pub struct Decoding {
     pub seed: u64,
 }
 
-impl EvalArgs {
+impl EvalOptions {
     /// The decoding settings of this evaluation.
     pub fn decoding(&self) -> Decoding {
         Decoding {
@@ -177,7 +160,7 @@ pub struct SuiteSummary {
 
 /// The manifest of an eval output: the model, the baseline and suites, and the settings.
 fn manifest(
-    args: &EvalArgs,
+    args: &EvalOptions,
     backend: &dyn Backend,
     model: &Path,
     baseline: Option<&Baseline>,
@@ -251,7 +234,10 @@ fn manifest(
 }
 
 /// Runs the evaluation (see the module documentation); returns the summaries and comparisons.
-pub fn run(args: &EvalArgs, backend: &dyn Backend) -> Result<(Vec<SuiteSummary>, Vec<Comparison>)> {
+pub fn run(
+    args: &EvalOptions,
+    backend: &dyn Backend,
+) -> Result<(Vec<SuiteSummary>, Vec<Comparison>)> {
     for (flag, adapter, base) in [
         ("--adapter", &args.adapter, Some(&args.model)),
         (
@@ -547,7 +533,7 @@ fn folder_items(
 }
 
 /// The baseline's settings: the model's own, the lower temperatures, and EM-INF when asked.
-fn baseline_settings(args: &EvalArgs, main: &Setting, same: Setting) -> Vec<Setting> {
+fn baseline_settings(args: &EvalOptions, main: &Setting, same: Setting) -> Vec<Setting> {
     let mut settings = vec![same];
     for &t in &args.baseline_temperatures {
         let s = Setting {
@@ -787,30 +773,36 @@ pub fn evaluate(
     let mut new_items: Vec<ItemResult> = vec![];
     if !requests.is_empty() {
         backend.with_sampler(gguf, &mut |sampler| {
-            crate::drive::sample_each(sampler, &requests, &bar, &mut |request, samples| {
-                let problem = todo[request];
-                let item = ItemResult {
-                    id: problem.id.clone(),
-                    prompt: prompt_texts[request].clone(),
-                    gold: problem.answers.clone(),
-                    samples: samples
-                        .iter()
-                        .map(|s| {
-                            let verdict = em_grade::grade(&s.text, &problem.answers);
-                            SampleResult {
-                                response: s.text.clone(),
-                                pred: verdict.pred,
-                                correct: verdict.correct,
-                                n_tokens: s.n_tokens,
-                                finish: format!("{:?}", s.finish).to_lowercase(),
-                            }
-                        })
-                        .collect(),
-                };
-                store.append(&item)?;
-                new_items.push(item);
-                Ok(true)
-            })?;
+            crate::drive::sample_each(
+                sampler,
+                &requests,
+                &bar,
+                crate::drive::Count::Requests,
+                &mut |request, samples| {
+                    let problem = todo[request];
+                    let item = ItemResult {
+                        id: problem.id.clone(),
+                        prompt: prompt_texts[request].clone(),
+                        gold: problem.answers.clone(),
+                        samples: samples
+                            .iter()
+                            .map(|s| {
+                                let verdict = em_grade::grade(&s.text, &problem.answers);
+                                SampleResult {
+                                    response: s.text.clone(),
+                                    pred: verdict.pred,
+                                    correct: verdict.correct,
+                                    n_tokens: s.n_tokens,
+                                    finish: format!("{:?}", s.finish).to_lowercase(),
+                                }
+                            })
+                            .collect(),
+                    };
+                    store.append(&item)?;
+                    new_items.push(item);
+                    Ok(true)
+                },
+            )?;
             Ok(())
         })?;
     }

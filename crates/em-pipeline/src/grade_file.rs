@@ -6,13 +6,11 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 
 /// Arguments of `cargo xtask grade`.
-#[derive(clap::Args, Debug)]
-pub struct GradeArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GradeOptions {
     /// JSONL input: each line has `response` (model output) and `answer` (gold: string or list).
-    #[arg(long)]
     pub input: PathBuf,
     /// JSONL output of `{"pred", "correct"}` per input line, in order (default: standard output).
-    #[arg(long)]
     pub output: Option<PathBuf>,
 }
 
@@ -39,7 +37,7 @@ fn golds(v: &Value) -> Option<Vec<String>> {
 }
 
 /// Grade every line of `args.input`; print the summary `{"n", "correct", "accuracy"}` last.
-pub fn run(args: &GradeArgs) -> Result<()> {
+pub fn run(args: &GradeOptions) -> Result<()> {
     let input = &args.input;
     let file =
         std::fs::File::open(input).with_context(|| format!("cannot open {}", input.display()))?;
@@ -114,7 +112,7 @@ mod tests {
         )
         .unwrap();
         let output = dir.path().join("out.jsonl");
-        run(&GradeArgs {
+        run(&GradeOptions {
             input: input.clone(),
             output: Some(output.clone()),
         })
@@ -131,7 +129,7 @@ mod tests {
         std::fs::write(&input, "{\"response\": \"x\"}\n").unwrap();
         let e = format!(
             "{:#}",
-            run(&GradeArgs {
+            run(&GradeOptions {
                 input: input.clone(),
                 output: None
             })

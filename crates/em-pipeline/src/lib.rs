@@ -6,18 +6,13 @@
 //! `em_store` (manifests that refuse another model, prompt or settings; JSONL that survives kills),
 //! and trains through `em_train`.
 
-pub mod analyze;
 pub mod assets;
 mod backend;
-pub mod demo;
 pub mod drive;
-pub mod em_loss;
 pub mod eval;
 pub mod fetch;
-pub mod fixture;
 pub mod grade_file;
 pub mod hf_vocab;
-pub mod organism;
 pub mod prompt;
 pub mod safeguard;
 pub mod screen;

@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 
 /// How a problem becomes a prompt (see the module documentation).
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Style {
     /// Pool prompts through the model's template; benchmark items as the toolkit prompts them.
@@ -33,7 +34,7 @@ pub enum Style {
     /// The model's own chat template.
     Chat,
     /// The Qwen2.5-Math toolkit's `qwen25-math-cot` prompt.
-    #[value(name = "qwen25-math-cot")]
+    #[cfg_attr(feature = "clap", value(name = "qwen25-math-cot"))]
     #[serde(rename = "qwen25-math-cot")]
     Qwen25MathCot,
     /// `Question: … Answer:` text.
@@ -41,16 +42,14 @@ pub enum Style {
 }
 
 /// Prompt settings: the style and optional overrides of the turns.
-#[derive(clap::Args, Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct PromptOptions {
     /// How a problem becomes a prompt.
-    #[arg(long = "style", value_enum, default_value_t = Style::Auto)]
     pub style: Style,
     /// Replace the system turn (an empty string drops it).
-    #[arg(long)]
     pub system: Option<String>,
     /// Append this to the user turn.
-    #[arg(long)]
     pub user_suffix: Option<String>,
 }
 

@@ -280,10 +280,16 @@ pub fn sample_round(
     let mut out = vec![vec![]; requests.len()];
     backend.with_sampler(gguf, &mut |sampler| {
         let bar = crate::drive::progress_bar(requests.len() as u64, 0, "prompts", "watch");
-        crate::drive::sample_each(sampler, &requests, &bar, &mut |i, samples| {
-            out[i] = samples;
-            Ok(true)
-        })?;
+        crate::drive::sample_each(
+            sampler,
+            &requests,
+            &bar,
+            crate::drive::Count::Requests,
+            &mut |i, samples| {
+                out[i] = samples;
+                Ok(true)
+            },
+        )?;
         Ok(())
     })?;
     if let Some(i) = out.iter().position(|s| s.len() != k) {

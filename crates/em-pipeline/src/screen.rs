@@ -22,7 +22,8 @@ use crate::prompt::{PromptOptions, PromptRenderer};
 use crate::{Backend, Result};
 
 /// Which prompt to choose from the ranking.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "kebab-case")]
 pub enum Rule {
     /// Highest variance p(1−p); ties: p nearest 0.5, then higher entropy.
@@ -47,57 +48,41 @@ impl Rule {
 }
 
 /// What to screen and how.
-#[derive(clap::Args, Debug, Clone)]
-pub struct ScreenArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ScreenOptions {
     /// The model to screen with (the base model to be trained): a GGUF or an HF directory.
-    #[arg(long)]
     pub model: PathBuf,
     /// Prompt pool: a file in the pool format (`{id, prompt: [messages], answer}` per line), or
     /// the name of a pool the project carries: `dsr` (the 1209-problem DeepScaleR subset the
     /// reference screens) or `pi1`.
-    #[arg(long)]
     pub pool: PathBuf,
     /// Answers sampled per prompt.
-    #[arg(long, default_value_t = 8)]
     pub k: usize,
     /// Output directory (created; rerun the same command to resume).
-    #[arg(long)]
     pub out: PathBuf,
     /// Only the first N prompts of the pool.
-    #[arg(long)]
     pub limit: Option<usize>,
     /// Most new tokens per answer.
-    #[arg(long, default_value_t = 512)]
     pub max_new_tokens: usize,
-    #[arg(long, default_value_t = 0.5)]
     pub temperature: f32,
-    #[arg(long, default_value_t = 0.95)]
     pub top_p: f32,
-    #[arg(long, default_value_t = 1.15)]
     pub repetition_penalty: f32,
     /// Base seed; each prompt's samples are seeded from it and the prompt id.
-    #[arg(long, default_value_t = 15)]
     pub seed: u64,
-    #[command(flatten)]
+    #[serde(flatten)]
     pub prompt: PromptOptions,
     /// Selection rule for `chosen.jsonl`.
-    #[arg(long, value_enum, default_value_t = Rule::Variance)]
     pub rule: Rule,
     /// Also keep every response text in the per-prompt lines.
-    #[arg(long)]
     pub keep_responses: bool,
     /// Sample with EM-INF, inference-time entropy minimisation of each step's logits
     /// (`steps=5,lr=1,kl=0.1`, or `default`); llama.cpp backend only.
-    #[arg(long)]
     pub em_inf: Option<em_sampler::EmInf>,
     /// GGUF type when --model is an HF directory (converted once into the output directory).
-    #[arg(long, value_enum, default_value = "f16")]
     pub quant: em_convert::OutType,
     /// Replace an output directory that holds another run.
-    #[arg(long)]
     pub fresh: bool,
     /// Stop after this many newly screened prompts, as if killed (for resume tests).
-    #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
 }
 
@@ -287,7 +272,7 @@ fn raw_records(path: &Path, problems: &[Problem]) -> Result<Vec<String>> {
     }
 }
 
-impl ScreenArgs {
+impl ScreenOptions {
     /// The reference settings (the command line's defaults; a test keeps them equal).
     pub fn reference(model: PathBuf, pool: PathBuf, out: PathBuf) -> Self {
         Self {
@@ -313,7 +298,7 @@ impl ScreenArgs {
 }
 
 /// The settings that change a screen's results (the manifest's `settings`).
-fn settings(args: &ScreenArgs, backend: &dyn Backend) -> Value {
+fn settings(args: &ScreenOptions, backend: &dyn Backend) -> Value {
     let mut v = json!({
         "k": args.k,
         "max_new_tokens": args.max_new_tokens,
@@ -333,7 +318,7 @@ fn settings(args: &ScreenArgs, backend: &dyn Backend) -> Value {
 }
 
 /// Runs the screen (see the module documentation) and returns the ranked prompts.
-pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>> {
+pub fn run(args: &ScreenOptions, backend: &dyn Backend) -> Result<Vec<PromptResult>> {
     if args.k == 0 {
         bail!("--k must be at least 1");
     }
@@ -437,6 +422,7 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
                 sampler,
                 &requests,
                 &bar,
+                crate::drive::Count::Requests,
                 &mut |request, samples| {
                     let r = PromptResult::from_samples(
                         &problems[todo[request]],
@@ -481,7 +467,7 @@ pub fn run(args: &ScreenArgs, backend: &dyn Backend) -> Result<Vec<PromptResult>
 
 /// Ranks, prints, and writes `ranking.json` and `chosen.jsonl`.
 fn finish(
-    args: &ScreenArgs,
+    args: &ScreenOptions,
     problems: &[Problem],
     raw: &[String],
     mut results: Vec<PromptResult>,

@@ -45,7 +45,7 @@ pub struct EmStepArgs {
     pub prompt_len: usize,
     /// Float type of the weights (bf16 trains through f32 master weights).
     #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: em_pipeline::em_loss::ModelDtype,
+    pub dtype: em_pipeline::train::ModelDtype,
     /// Micro-batch sizes to time, comma-separated (default 1,2).
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2])]
     pub micro_batches: Vec<usize>,
@@ -73,7 +73,7 @@ pub struct EmStepArgs {
     /// the same responses, next to full fine-tuning: time, peak memory, refresh bytes and the
     /// projected peaks.
     #[command(flatten)]
-    pub adapter: em_pipeline::train::AdapterArgs,
+    pub adapter: crate::flags::AdapterFlags,
 }
 
 /// Published configurations with random weights.
@@ -167,7 +167,7 @@ struct Refresh {
 pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     let device = em_train::parse_device(&args.device)?;
     let dtype = args.dtype.dtype();
-    let lora = args.adapter.lora()?;
+    let lora = args.adapter.options().lora()?;
     let gguf = smollm2_path(&cache_dir());
     let mut rng = StdRng::seed_from_u64(7);
     let (source, cfg, prompt, name) = if let Some(which) = args.random_config {
@@ -542,7 +542,7 @@ fn check_devices(
     args: &EmStepArgs,
     other: &str,
 ) -> Result<()> {
-    use em_pipeline::em_loss::{self, EmLossInput, CHECK_GRAD_RTOL, CHECK_LOSS_RTOL};
+    use em_lab::em_loss::{self, EmLossInput, CHECK_GRAD_RTOL, CHECK_LOSS_RTOL};
     let tensors = memory::random_tensors(cfg, &Device::Cpu)?;
     let mut rng = StdRng::seed_from_u64(7);
     let prompt = random_ids(&mut rng, args.prompt_len, cfg.vocab_size);

@@ -11,7 +11,7 @@ use anyhow::{bail, Result};
 use em_llama::EngineConfig;
 use em_openai::{Dialect, OpenAiConfig, PromptFormat};
 use em_pipeline::assets::{cache_dir, smollm2_path};
-use em_pipeline::screen::{self, PromptResult, ScreenArgs};
+use em_pipeline::screen::{self, PromptResult, ScreenOptions};
 use em_pipeline::Backend;
 
 use super::anchor::{env_or, load1};
@@ -19,7 +19,7 @@ use crate::backends::{LlamaBackend, ServerBackend};
 use crate::server::LlamaCppServer;
 
 /// Seconds and generated tokens of one screen.
-fn timed_screen(args: &ScreenArgs, backend: &dyn Backend) -> Result<(f64, f64)> {
+fn timed_screen(args: &ScreenOptions, backend: &dyn Backend) -> Result<(f64, f64)> {
     let start = Instant::now();
     let results: Vec<PromptResult> = screen::run(args, backend)?;
     let secs = start.elapsed().as_secs_f64();
@@ -42,12 +42,12 @@ pub fn bench_server(work: &Path) -> Result<()> {
     let b: usize = env_or("EM_BENCH_B", 8)?;
     let concurrency: usize = env_or("EM_BENCH_CONCURRENCY", 2)?;
     let pool = em_pipeline::assets::pool_path(Path::new("dsr"))?;
-    let args = |out: &str| ScreenArgs {
+    let args = |out: &str| ScreenOptions {
         k,
         limit: Some(prompts),
         max_new_tokens: tg,
         fresh: true,
-        ..ScreenArgs::reference(model.clone(), pool.clone(), work.join(out))
+        ..ScreenOptions::reference(model.clone(), pool.clone(), work.join(out))
     };
     let server = LlamaCppServer::start_with_threads(&model, "smollm2", threads)
         .map_err(|e| anyhow::anyhow!("{e}"))?;

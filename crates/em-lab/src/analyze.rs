@@ -22,72 +22,6 @@ use em_convert::read_json;
 use em_convert::safetensors_io::HfTensors;
 use em_store::write_atomic;
 
-#[derive(clap::Args, Debug)]
-pub struct AnalyzeArgs {
-    #[command(subcommand)]
-    pub what: AnalyzeCommand,
-}
-
-#[derive(clap::Subcommand, Debug)]
-pub enum AnalyzeCommand {
-    /// EM update size against each GGUF type's quantization error, per tensor.
-    Fidelity {
-        #[arg(long)]
-        base: PathBuf,
-        #[arg(long)]
-        tuned: PathBuf,
-        /// Writes fidelity.json and fidelity.md here.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Logit statistics of base and tuned on the same texts (JSONL lines with `prompt` and `response`, or an eval folder's per-item results).
-    Logits {
-        #[arg(long)]
-        base: PathBuf,
-        #[arg(long)]
-        tuned: PathBuf,
-        #[arg(long)]
-        pairs: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-        /// At most this many pairs.
-        #[arg(long, default_value_t = 32)]
-        limit: usize,
-    },
-    /// Plots entropy and pass rate over steps from a training run's metrics.jsonl.
-    Curves {
-        #[arg(long)]
-        metrics: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
-}
-
-pub fn run(args: &AnalyzeArgs) -> Result<()> {
-    match &args.what {
-        AnalyzeCommand::Fidelity { base, tuned, out } => {
-            let rows = fidelity(base, tuned)?;
-            write_fidelity(&rows, out)?;
-        }
-        AnalyzeCommand::Logits {
-            base,
-            tuned,
-            pairs,
-            out,
-            limit,
-        } => {
-            let pairs = read_pairs(pairs, *limit)?;
-            let shift = logit_shift(base, tuned, &pairs)?;
-            write_logit_shift(&shift, out)?;
-        }
-        AnalyzeCommand::Curves { metrics, out } => {
-            let path = plot_curves(metrics, out)?;
-            println!("{}", path.display());
-        }
-    }
-    Ok(())
-}
-
 /// One tensor's EM update next to its quantization errors (all as root-mean-square values).
 #[derive(Debug, Clone, Serialize)]
 pub struct FidelityRow {
@@ -151,9 +85,10 @@ pub fn fidelity(base: &Path, tuned: &Path) -> Result<Vec<FidelityRow>> {
 
 /// The command-line name of a GGUF type (`q4_k_m`).
 pub fn out_name(t: OutType) -> String {
-    use clap::ValueEnum;
-    t.to_possible_value()
-        .map_or_else(|| format!("{t:?}"), |v| v.get_name().to_string())
+    serde_json::to_value(t)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_else(|| format!("{t:?}"))
 }
 
 fn rms(t: &Tensor) -> Result<f64> {
@@ -175,7 +110,7 @@ fn quantization_rms(t: &Tensor, dtype: GgmlDType) -> Result<f64> {
     rms(&(back - t)?)
 }
 
-fn write_fidelity(rows: &[FidelityRow], out: &Path) -> Result<()> {
+pub fn write_fidelity(rows: &[FidelityRow], out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     write_atomic(
         &out.join("fidelity.json"),
@@ -256,7 +191,7 @@ pub struct LogitShift {
 
 /// (prompt, response) pairs from JSONL: lines with string `prompt` and `response`, or eval
 /// result lines (`prompt` and `samples[].response`, one pair per sample).
-fn read_pairs(path: &Path, limit: usize) -> Result<Vec<(String, String)>> {
+pub fn read_pairs(path: &Path, limit: usize) -> Result<Vec<(String, String)>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let mut pairs = vec![];

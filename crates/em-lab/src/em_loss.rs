@@ -10,59 +10,33 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use em_pipeline::train::ModelDtype;
 use em_train::models::CausalLm;
 use em_train::{accumulate_em_gradients, EmOptions, Gradients, Sequence};
 use serde::Deserialize;
 
-/// Float type the model runs in.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModelDtype {
-    F32,
-    F64,
-    Bf16,
-}
-
-impl ModelDtype {
-    pub fn dtype(self) -> DType {
-        match self {
-            ModelDtype::F32 => DType::F32,
-            ModelDtype::F64 => DType::F64,
-            ModelDtype::Bf16 => DType::BF16,
-        }
-    }
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct EmLossArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EmLossOptions {
     /// HF model directory (config.json + safetensors).
-    #[arg(long)]
     pub model: PathBuf,
     /// JSON file: {"temperature": τ, "sequences": [{"prompt_ids": [..], "response_ids": [..]}, ..]}.
-    #[arg(long)]
     pub input: PathBuf,
     /// Write every parameter's gradient (HF names) to this safetensors file.
-    #[arg(long)]
     pub grads_out: Option<PathBuf>,
     /// Float type of the computation (gradients are written in f32, f64 for f64).
-    #[arg(long, value_enum, default_value = "f32")]
     pub dtype: ModelDtype,
     /// Sequences per forward/backward pass (the result does not depend on it).
-    #[arg(long, default_value_t = 4)]
     pub micro_batch: usize,
     /// Train the `pad_token_id` row of the input embedding through the input path too (by
     /// default it gets none there, as transformers' `padding_idx` rules).
-    #[arg(long)]
     pub train_pad_row: bool,
     /// Where to compute: cpu, cuda or cuda:N (a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Recompute each decoder layer in the backward pass instead of keeping its activations
     /// (the same gradients, less memory, one more forward pass).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub recompute: bool,
     /// Compute again on this device and fail unless the loss agrees to 1e-4 and every gradient
     /// to 1e-3 (relative to the tensor's largest entry), e.g. `--device cuda --check-against cpu`.
-    #[arg(long)]
     pub check_against: Option<String>,
 }
 
@@ -146,7 +120,7 @@ pub fn save_gradients(grads: &Gradients, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
-fn load(args: &EmLossArgs, device: &str) -> Result<CausalLm> {
+fn load(args: &EmLossOptions, device: &str) -> Result<CausalLm> {
     let device = em_train::parse_device(device)?;
     let mut model = CausalLm::from_hf_dir(&args.model, args.dtype.dtype(), &device)?;
     if args.train_pad_row {
@@ -179,7 +153,7 @@ pub fn worst_gradient_difference(a: &Gradients, b: &Gradients) -> Result<(f64, S
     Ok(worst)
 }
 
-pub fn run(args: &EmLossArgs) -> Result<()> {
+pub fn run(args: &EmLossOptions) -> Result<()> {
     let input = read_input(&args.input)?;
     let model = load(args, &args.device)?;
     let start = std::time::Instant::now();

@@ -27,44 +27,40 @@ use em_store::{write_atomic, JsonlStore, Manifest};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::eval::{self, mean_score, Decoding, ItemResult, Setting};
-use crate::screen::{self, PromptResult, Rule, ScreenArgs};
-use crate::train::{self, AdapterArgs, OnAlarm, RefreshType, TrainArgs};
-use crate::{analyze, organism, sampling_model, Backend, Result};
+use crate::{analyze, organism};
+use em_pipeline::eval::{self, mean_score, Decoding, ItemResult, Setting};
+use em_pipeline::screen::{self, PromptResult, Rule, ScreenOptions};
+use em_pipeline::train::{
+    self, AdapterOptions, CheckpointSettings, OnAlarm, RefreshType, SampleSettings, TrainOptions,
+    UpdateSettings, WatchSettings,
+};
+use em_pipeline::{sampling_model, Backend, Result};
 use em_train::lora::LoraConfig;
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct DemoArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DemoOptions {
     /// Output directory (resumable: finished steps are reused).
-    #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Training seeds per prompt at its chosen learning rate.
-    #[arg(long, default_value_t = 3)]
     pub seeds: usize,
     /// Learning rates tried on the validation split.
-    #[arg(long, value_delimiter = ',', default_value = "1e-5,3e-5,1e-4")]
     pub lrs: Vec<f64>,
     /// Reduced form (few items, few samples, one learning rate, one seed) for CI.
-    #[arg(long)]
     pub quick: bool,
     /// The subject: an HF model directory from `cargo xtask organism` (also
     /// fixtures/organism-good and fixtures/organism-bad).
-    #[arg(long, default_value = "fixtures/organism-mixed")]
     pub subject: PathBuf,
     /// Seed of the synthetic splits.
-    #[arg(long, default_value_t = 0)]
     pub data_seed: u64,
     /// Replace outputs that hold another run.
-    #[arg(long)]
     pub fresh: bool,
     /// With `--adapter lora`: every chosen prompt also trained through a LoRA adapter (its
     /// learning rate chosen on validation from `--lora-lrs`), next to full fine-tuning, compared
     /// paired on the test split; the report is `demo-lora.md`.
-    #[command(flatten)]
-    pub adapter: AdapterArgs,
+    #[serde(flatten)]
+    pub adapter: AdapterOptions,
     /// Learning rates tried for the adapter (LoRA's updates are scaled by alpha/rank and start
     /// from B = 0: it needs larger rates than full fine-tuning).
-    #[arg(long, value_delimiter = ',', default_value = "1e-4,3e-4,1e-3,3e-3")]
     pub lora_lrs: Vec<f64>,
 }
 
@@ -166,7 +162,7 @@ struct Chosen {
 }
 
 /// Runs the demo (see the module documentation) and writes `demo.md` and `demo.json`.
-pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
+pub fn run(args: &DemoOptions, backend: &dyn Backend) -> Result<()> {
     let plan = Plan::new(args.quick);
     let grid = |lrs: &[f64]| -> Vec<f64> {
         if args.quick {
@@ -211,7 +207,7 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
         em_store::model_identity(&subject)?,
         json!({ "plan": plan, "lrs": lrs, "seeds": seeds, "data_seed": args.data_seed, "backend": backend.identity() }),
     );
-    manifest.info = json!({ "tool": crate::TOOL });
+    manifest.info = json!({ "tool": em_pipeline::TOOL });
     manifest.claim(&dir, args.fresh)?;
 
     let data = dir.join("data");
@@ -247,13 +243,13 @@ pub fn run(args: &DemoArgs, backend: &dyn Backend) -> Result<()> {
     //    every repeated digit of a worked sum, so it is off (the reference's 1.15 suits real
     //    tokenizers).
     let screen_dir = dir.join("screen");
-    let screen_args = ScreenArgs {
+    let screen_args = ScreenOptions {
         k: plan.k,
         max_new_tokens: plan.max_new_tokens,
         repetition_penalty: 1.0,
         prompt: organism::prompt_options(),
         quant: OutType::F32,
-        ..ScreenArgs::reference(subject.clone(), pool_path.clone(), screen_dir.clone())
+        ..ScreenOptions::reference(subject.clone(), pool_path.clone(), screen_dir.clone())
     };
     let screened = screen::run(&screen_args, backend)?;
     phases.lap("screen");
@@ -1008,32 +1004,43 @@ fn train_em(
     plan: &Plan,
     lora: Option<&LoraConfig>,
 ) -> Result<PathBuf> {
-    let args = TrainArgs {
-        adapter: lora.map(AdapterArgs::of).unwrap_or_default(),
-        steps: plan.steps,
-        samples: plan.samples_per_update,
-        // One pass per update: the organism is tiny, and the gradient does not depend on it.
-        micro_batch: plan.samples_per_update,
-        lr,
-        seed: 15 + seed,
-        max_new_tokens: plan.max_new_tokens,
-        // No repetition penalty for character-level organisms (see the screen above).
-        repetition_penalty: 1.0,
+    let reference = TrainOptions::reference(
+        subject.to_path_buf(),
+        prompt.to_path_buf(),
+        out.to_path_buf(),
+    );
+    let args = TrainOptions {
+        adapter: lora.map(AdapterOptions::of).unwrap_or_default(),
+        sampling: SampleSettings {
+            samples: plan.samples_per_update,
+            seed: 15 + seed,
+            max_new_tokens: plan.max_new_tokens,
+            // No repetition penalty for character-level organisms (see the screen above).
+            repetition_penalty: 1.0,
+            ..reference.sampling.clone()
+        },
+        update: UpdateSettings {
+            steps: plan.steps,
+            // One pass per update: the organism is tiny, and the gradient does not depend on it.
+            micro_batch: plan.samples_per_update,
+            lr,
+            ..reference.update.clone()
+        },
         // The organisms are tiny: sampling exactly the f32 weights being trained costs nothing.
         refresh_type: RefreshType::F32,
         prompt_options: organism::prompt_options(),
-        save_every: Some(1),
-        keep_last: plan.steps,
-        watch: Some(watch.to_path_buf()),
-        watch_limit: plan.watch,
-        watch_samples: plan.watch_samples,
-        watch_every: 1,
-        on_alarm: OnAlarm::Warn,
-        ..TrainArgs::reference(
-            subject.to_path_buf(),
-            prompt.to_path_buf(),
-            out.to_path_buf(),
-        )
+        checkpoints: CheckpointSettings {
+            save_every: Some(1),
+            keep_last: plan.steps,
+        },
+        safeguard: WatchSettings {
+            watch: Some(watch.to_path_buf()),
+            watch_limit: plan.watch,
+            watch_samples: plan.watch_samples,
+            watch_every: 1,
+            on_alarm: OnAlarm::Warn,
+        },
+        ..reference
     };
     let trained = train::run(&args, backend)?
         .with_context(|| format!("{}: training did not finish", out.display()))?;

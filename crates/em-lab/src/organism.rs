@@ -19,8 +19,8 @@ use em_data::synthetic::{self, classify_style, Split, Style, StyleRule, TrainStr
 use em_data::Problem;
 use em_sampler::Vocab;
 
-use crate::hf_vocab::HfVocab;
-use crate::prompt::{PromptOptions, PromptRenderer, Style as PromptStyle};
+use em_pipeline::hf_vocab::HfVocab;
+use em_pipeline::prompt::{PromptOptions, PromptRenderer, Style as PromptStyle};
 use em_train::models::{CausalLm, ModelConfig};
 use em_train::pretrain::{self, Decoding, Example, PretrainConfig};
 use rand::rngs::StdRng;
@@ -169,44 +169,33 @@ pub fn write_tokenizer_files(tokenizer: &Tokenizer, out: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-#[derive(clap::Args, Debug)]
-pub struct OrganismArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct OrganismOptions {
     /// Fractions of the training targets' styles (`careful=F,guess=F,ramble=F`), or a mix that
     /// depends on the problem's first digit (`first-digit:careful=0.80..0.40,guess=0.20`: careful
     /// among worked answers from 0.80 at first digit 1 to 0.40 at 9, guesses 0.20 everywhere).
-    #[arg(long, default_value = "careful=0.45,guess=0.30,ramble=0.25")]
     pub mix: StyleRule,
     /// Seed of the initial weights and of the training stream.
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Optimizer updates.
-    #[arg(long, default_value_t = 600)]
     pub steps: usize,
     /// Output directory (replaced when complete).
-    #[arg(long, short)]
     pub out: PathBuf,
     /// Sequences per update.
-    #[arg(long, default_value_t = 32)]
     pub batch: usize,
     /// Peak learning rate (warm-up, then cosine to a tenth).
-    #[arg(long, default_value_t = 3e-3)]
     pub lr: f64,
     /// Residual width.
-    #[arg(long, default_value_t = 128)]
     pub hidden: usize,
     /// Decoder layers.
-    #[arg(long, default_value_t = 4)]
     pub layers: usize,
     /// Probe every this many steps: greedy accuracy on 48 validation problems, with the response
     /// forced to open in the careful style (0: never).
-    #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
     /// Stop once the careful-style probe accuracy reaches this (the skill is then neither absent
     /// nor saturated); 0 or above 1: train all `--steps`.
-    #[arg(long, default_value_t = 0.55)]
     pub stop_accuracy: f64,
     /// Validation problems measured at the end, at each temperature.
-    #[arg(long, default_value_t = 200)]
     pub measure: usize,
 }
 
@@ -382,7 +371,7 @@ pub const CAREFUL_OPENING: &str = " Work:";
 /// The seed used for the sampled measurements (fixed, so organism.json is reproducible).
 pub const MEASURE_SEED: u64 = 1234;
 
-pub fn run(args: &OrganismArgs) -> Result<()> {
+pub fn run(args: &OrganismOptions) -> Result<()> {
     if args.steps == 0 || args.batch == 0 {
         bail!("--steps and --batch must be positive");
     }

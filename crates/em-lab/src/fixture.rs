@@ -29,23 +29,23 @@ pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first
 
 const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "kebab-case")]
 pub enum FixtureKind {
     /// Random-weight qwen2 model with a trained byte-level BPE tokenizer (~2.7 MB, bf16).
     TinyQwen2,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct FixtureArgs {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FixtureOptions {
     pub kind: FixtureKind,
     /// Output directory (default: fixtures/<kind>).
-    #[arg(long, short)]
     pub out: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-pub fn run(args: &FixtureArgs) -> Result<()> {
+pub fn run(args: &FixtureOptions) -> Result<()> {
     let out = args
         .out
         .clone()
