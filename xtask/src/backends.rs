@@ -182,8 +182,9 @@ impl Backend for LlamaBackend {
             Some((path, s, model)) if path == gguf && s == stamp => model,
             _ => load_gguf(gguf, self.gpu_layers)?,
         };
-        let result = em_convert::gguf::GgufFile::open(adapter)
-            .and_then(|_| model.load_adapter(adapter).map_err(anyhow::Error::from))
+        let result = model
+            .load_adapter(adapter)
+            .map_err(anyhow::Error::from)
             .and_then(|a| {
                 let mut engine = Engine::with_adapter(&model, a, self.config.clone());
                 f(&mut engine)

@@ -11,10 +11,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use em_data::Problem;
+use em_pipeline::train::{train_config, UpdateSettings};
 use em_pipeline::train::{AdapterRefresh, Publish};
 use em_train::lora::{AdapterSource, LoraConfig};
 use em_train::models::CausalLm;
-use em_train::{accumulate_em_gradients, AdamW, AdamWConfig, EmOptions, Gradients, Sequence};
+use em_train::{EmOptions, Sequence, Trainer};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -291,17 +292,18 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         memory::trim();
         let rss_before = memory::rss_mb();
         let model = source.load(dtype, &device, training.as_ref())?;
-        let mut optimizer = AdamW::new(AdamWConfig::default());
+        let vocab = model.config().vocab_size;
+        // The update `train` takes: its trainer, with the run's reference settings.
+        let reference = em_pipeline::train::UpdateSettings::default();
+        let mut trainer = Trainer::new(model, train_config(&reference, vocab));
         for &(micro_batch, recompute) in &settings {
-            let (secs, peak_mb) = time_setting(
-                &model,
-                &mut optimizer,
-                &sequences,
+            let update = UpdateSettings {
                 micro_batch,
                 recompute,
-                args.steps,
-                &device,
-            )?;
+                ..reference.clone()
+            };
+            trainer.config = train_config(&update, vocab);
+            let (secs, peak_mb) = time_setting(&mut trainer, &sequences, args.steps, &device)?;
             println!(
                 "  {}: {secs:.2} s, peak RSS {peak_mb:.0} MB (RSS before loading {rss_before:.0} MB)",
                 training_label(training.as_ref())
@@ -316,7 +318,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
             });
         }
         if let Source::Hf(hf) = &source {
-            refreshes.push(measure_refresh(&model, hf, work)?);
+            refreshes.push(measure_refresh(&trainer.model, hf, work)?);
         }
     }
 
@@ -379,49 +381,36 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median seconds and peak RSS (MB) of updates of `model` at one setting, after a warm-up.
+/// Median seconds and peak RSS (MB) of the trainer's updates at its setting, after a warm-up;
+/// each update's forward+backward time is read when its last backward pass reports.
 fn time_setting(
-    model: &CausalLm,
-    optimizer: &mut AdamW,
+    trainer: &mut Trainer,
     sequences: &[Sequence],
-    micro_batch: usize,
-    recompute: bool,
     steps: usize,
     device: &Device,
 ) -> Result<(f64, f64)> {
-    let vocab = model.config().vocab_size;
-    let n_tokens: usize = sequences.iter().map(|s| s.response_ids.len()).sum();
-    let options = EmOptions {
-        recompute,
-        ..EmOptions::new(0.5, micro_batch, vocab)
-    };
+    let (micro_batch, recompute) = (trainer.config.em.micro_batch, trainer.config.em.recompute);
     let mut times = Vec::new();
     // Each setting's own peak: the high-water mark is reset to the current RSS first.
     memory::reset_peak_rss();
     for i in 0..=steps.max(1) {
         let start = Instant::now();
-        let mut grads = Gradients::new(model.parameters());
-        let stats = accumulate_em_gradients(
-            model,
-            sequences,
-            &options,
-            1.0 / n_tokens as f64,
-            &mut grads,
-        )?;
-        device.synchronize()?;
-        let t_grad = start.elapsed().as_secs_f64();
-        let norm = grads.clip_norm(1.0).context("clipping")?;
-        optimizer.step(&grads)?;
-        drop(grads);
+        let mut t_grad = 0.0;
+        let stats = trainer.update_observed(sequences, &mut |p| {
+            if p.backward && p.micro_batch == p.micro_batches {
+                t_grad = start.elapsed().as_secs_f64();
+            }
+        })?;
         device.synchronize()?;
         let total = start.elapsed().as_secs_f64();
         println!(
-            "  {} micro-batch {micro_batch}{} step {i}{}: {total:.2} s (forward+backward {t_grad:.2}, clip+AdamW {:.2}), entropy {:.4}, grad norm {norm:.3}",
-            training_label(model.adapter()),
+            "  {} micro-batch {micro_batch}{} step {i}{}: {total:.2} s (forward+backward {t_grad:.2}, clip+AdamW {:.2}), entropy {:.4}, grad norm {:.3}",
+            training_label(trainer.model.adapter()),
             if recompute { ", recompute" } else { "" },
             if i == 0 { " (warm-up)" } else { "" },
             total - t_grad,
-            stats.entropy_sum / stats.n_tokens as f64,
+            stats.loss,
+            stats.grad_norm,
         );
         if i > 0 {
             times.push(total);
