@@ -19,6 +19,9 @@
 
 use em_data::{ChatMessage, ChatTemplate, Problem, QWEN_MATH_COT_SYSTEM, STEP_BY_STEP};
 use em_sampler::{Prompt, Vocab};
+use std::path::Path;
+
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -213,6 +216,17 @@ impl<'v> PromptRenderer<'v> {
             )));
         }
         Ok(RenderedPrompt { text, ids })
+    }
+
+    /// Every problem of the file `source`, rendered; an error names the file and the problem.
+    pub fn render_all(&self, problems: &[Problem], source: &Path) -> Result<Vec<RenderedPrompt>> {
+        problems
+            .iter()
+            .map(|p| {
+                self.render(p)
+                    .with_context(|| format!("{}: prompt {}", source.display(), p.id))
+            })
+            .collect()
     }
 }
 

@@ -90,14 +90,7 @@ fn render(
     crate::with_vocab(backend, &args.model, &mut |vocab| {
         let renderer = PromptRenderer::new(vocab, &args.prompt)?;
         style = renderer.description.clone();
-        rendered = problems
-            .iter()
-            .map(|p| {
-                renderer
-                    .render(p)
-                    .with_context(|| format!("{}: prompt {}", path.display(), p.id))
-            })
-            .collect::<Result<_>>()?;
+        rendered = renderer.render_all(problems, path)?;
         Ok(())
     })?;
     Ok((rendered, style))

@@ -12,7 +12,8 @@ use em_store::JsonlStore;
 use em_train::Trainer;
 use serde_json::{json, Value};
 
-use super::options::{OnAlarm, SampleSettings, WatchSettings};
+use super::options::{OnAlarm, SampleSettings, TrainOptions, WatchSettings};
+use super::publish::Publisher;
 use super::step_seed;
 use super::store::write_final;
 use crate::prompt::{PromptOptions, PromptRenderer, RenderedPrompt};
@@ -46,14 +47,7 @@ pub fn watched_prompts(
     let mut prompts = vec![];
     crate::with_vocab(backend, model_dir, &mut |vocab| {
         let renderer = PromptRenderer::new(vocab, prompt_options)?;
-        prompts = problems
-            .iter()
-            .map(|p| {
-                renderer
-                    .render(p)
-                    .with_context(|| format!("{}: prompt {}", path.display(), p.id))
-            })
-            .collect::<Result<_>>()?;
+        prompts = renderer.render_all(&problems, path)?;
         Ok(())
     })?;
     Ok(Some(prompts))
@@ -235,21 +229,40 @@ impl Guard {
         Ok((verdict, decision))
     }
 
-    /// The round after the last update: the verdict, and whether the run must be rolled back.
+    /// The round after the last update (`steps`) on the weights `publisher` holds: recorded in
+    /// metrics.jsonl, or in `stop` mode on an alarm the run rolled back (its `final/` returned).
     pub fn after_last(
         &mut self,
-        sampler: &dyn Backend,
-        gguf: &Path,
-        steps: usize,
-    ) -> Result<(Verdict, Decision)> {
-        let verdict = self.check(sampler, gguf, steps)?;
-        let decision = match (&verdict.alarm, self.settings.on_alarm) {
-            (Some(reason), OnAlarm::Stop) => Decision::Stop {
-                reason: reason.clone(),
-            },
-            _ => Decision::Go,
-        };
-        Ok((verdict, decision))
+        publisher: &Publisher,
+        trainer: &Trainer,
+        params: &[(String, Var)],
+        o: &TrainOptions,
+    ) -> Result<Option<PathBuf>> {
+        let steps = o.update.steps;
+        let verdict = self.check(publisher.sampler(), publisher.model_path(), steps)?;
+        let step = steps + 1;
+        if let (Some(reason), OnAlarm::Stop) = (&verdict.alarm, self.settings.on_alarm) {
+            let reason = reason.clone();
+            return self
+                .stop(
+                    trainer,
+                    params,
+                    &o.model,
+                    &o.out,
+                    step,
+                    &reason,
+                    &verdict.signals,
+                )
+                .map(Some);
+        }
+        let mut line = json!({"step": step, "after_last_update": true, "watch": verdict.signals});
+        if let Some(reason) = &verdict.alarm {
+            line["safeguard"] = json!({"decision": "warn", "reason": reason});
+        }
+        JsonlStore::<Value>::open(&o.out.join("metrics.jsonl"))?
+            .0
+            .append(&line)?;
+        Ok(None)
     }
 
     /// Ends the run on an alarm before update `step`: records the decision in metrics.jsonl, puts

@@ -100,6 +100,25 @@ pub fn render_prompt(
     rendered.context("the prompt was not rendered")
 }
 
+/// The step's line on the terminal: in the step bar's message, or printed where bars are hidden.
+fn report_step(bar: &indicatif::ProgressBar, r: &StepRecord, seconds: f64) {
+    let lens = &r.update.lengths;
+    let msg = format!(
+        "step {}: entropy {:.4} grad_norm {:.3} len {:.0}{} {seconds:.1}s",
+        r.step,
+        r.update.stats.loss,
+        r.update.stats.grad_norm,
+        lens.iter().sum::<usize>() as f64 / lens.len().max(1) as f64,
+        r.pass
+            .map(|k| format!(" pass {k}/{}", r.samples.len()))
+            .unwrap_or_default(),
+    );
+    if bar.is_hidden() {
+        crate::drive::say(&msg);
+    }
+    bar.set_message(msg);
+}
+
 /// Trains (see the module documentation): the stages above, composed; returns the directory of
 /// the trained model when the run is complete.
 pub fn run(options: &TrainOptions, backend: &dyn Backend) -> Result<Option<PathBuf>> {
@@ -185,19 +204,8 @@ pub fn run(options: &TrainOptions, backend: &dyn Backend) -> Result<Option<PathB
         if step % save_every == 0 || step == steps {
             write_checkpoint(&o.out, &trainer, &o.model, step, o.checkpoints.keep_last)?;
         }
-        let msg = format!(
-            "step {step}: entropy {:.4} grad_norm {:.3} len {:.0}{} {:.1}s",
-            update.stats.loss,
-            update.stats.grad_norm,
-            line["resp_len_mean"].as_f64().unwrap_or(0.0),
-            pass.map(|k| format!(" pass {k}/{}", samples.len()))
-                .unwrap_or_default(),
-            t0.elapsed().as_secs_f64()
-        );
-        if bar.is_hidden() {
-            crate::drive::say(&msg);
-        }
-        bar.set_message(msg);
+        let seconds = t0.elapsed().as_secs_f64();
+        report_step(&bar, &record, seconds);
         bar.inc(1);
     }
     bar.finish();
@@ -205,21 +213,9 @@ pub fn run(options: &TrainOptions, backend: &dyn Backend) -> Result<Option<PathB
     if let (true, Some(g)) = (finished, guard.as_mut()) {
         // The last update's weights get their round too.
         publisher.publish(&params)?;
-        let gguf = publisher.model_path().to_path_buf();
-        let (v, decision) = g.after_last(publisher.sampler(), &gguf, steps)?;
-        let step = steps + 1;
-        if let Decision::Stop { reason } = decision {
-            return g
-                .stop(
-                    &trainer, &params, &o.model, &o.out, step, &reason, &v.signals,
-                )
-                .map(Some);
+        if let Some(final_dir) = g.after_last(&publisher, &trainer, &params, o)? {
+            return Ok(Some(final_dir));
         }
-        let mut line = json!({"step": step, "after_last_update": true, "watch": v.signals});
-        if let Some(reason) = &v.alarm {
-            line["safeguard"] = json!({"decision": "warn", "reason": reason});
-        }
-        JsonlStore::<Value>::open(&metrics_path)?.0.append(&line)?;
     }
     let _ = std::fs::remove_dir_all(&work);
     if !finished {

@@ -121,8 +121,16 @@ pub fn prepare(options: &TrainOptions, backend: &dyn Backend) -> Result<Start> {
             em_store::file_identity(&crate::assets::pool_path(path)?)?,
         );
     }
+    // Every setting of the run as resolved (not where it is written, nor this invocation's
+    // `fresh` and `stop_after`): what a run file reproducing it would hold.
+    let mut settings = o.to_json();
+    if let Some(map) = settings.as_object_mut() {
+        for key in ["out", "fresh", "stop_after"] {
+            map.remove(key);
+        }
+    }
     manifest.info = json!({ "tool": crate::TOOL, "prompt_id": problem.id,
-        "prompt_text": prompt.text, "prompt_ids": prompt.ids, "settings": o.to_json() });
+        "prompt_text": prompt.text, "prompt_ids": prompt.ids, "settings": settings });
     manifest.claim(&o.out, o.fresh)?;
     remove_leftovers(&o.out)?;
     let final_dir = o.out.join("final");
