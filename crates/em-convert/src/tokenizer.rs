@@ -172,8 +172,7 @@ pub fn load_hf_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
             return Err(TokenizerError::Invalid {
                 path: path.to_path_buf(),
                 msg: format!("merge {m} is shorter than the continuing_subword_prefix {prefix:?}"),
-            }
-            .into());
+            });
         }
     }
     // Any other panic of the library is an error too, not an abort of the command.
