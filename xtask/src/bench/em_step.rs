@@ -24,7 +24,7 @@ use em_pipeline::assets::{cache_dir, smollm2_path};
 use em_pipeline::hf_vocab::HfVocab;
 use em_pipeline::prompt::{PromptOptions, PromptRenderer};
 
-use super::memory;
+use super::{memory, profile};
 
 /// Settings of `bench em-step`.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,6 +56,11 @@ pub struct EmStepArgs {
     /// Timed updates per setting, after one warm-up.
     #[arg(long, default_value_t = 2)]
     pub steps: usize,
+    /// Also sample where each setting's timed updates spend their CPU time (Linux `perf` on
+    /// PATH): shares by kernel (matmul, elementwise, copies, memory, …) and the matmuls'
+    /// FLOP/s against the per-core peak.
+    #[arg(long)]
+    pub profile: bool,
     /// Skip the memory model (its layer measurements take a minute or two).
     #[arg(long)]
     pub no_memory_model: bool,
@@ -303,7 +308,13 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
                 ..reference.clone()
             };
             trainer.config = train_config(&update, vocab);
-            let (secs, peak_mb) = time_setting(&mut trainer, &sequences, args.steps, &device)?;
+            let profile = args.profile.then(|| Profile {
+                work,
+                flops: step_flops(&cfg, &sequences, recompute, training.is_some()),
+                peak_per_core: cpu_peak_gflops(threads).map(|(p, _)| p / threads as f64),
+            });
+            let (secs, peak_mb) =
+                time_setting(&mut trainer, &sequences, args.steps, &device, profile)?;
             println!(
                 "  {}: {secs:.2} s, peak RSS {peak_mb:.0} MB (RSS before loading {rss_before:.0} MB)",
                 training_label(training.as_ref())
@@ -388,12 +399,25 @@ fn time_setting(
     sequences: &[Sequence],
     steps: usize,
     device: &Device,
+    profile: Option<Profile>,
 ) -> Result<(f64, f64)> {
     let (micro_batch, recompute) = (trainer.config.em.micro_batch, trainer.config.em.recompute);
+    let label = format!(
+        "{} micro-batch {micro_batch}{}",
+        training_label(trainer.model.adapter()),
+        if recompute { ", recompute" } else { "" }
+    );
     let mut times = Vec::new();
+    let mut recording = None;
     // Each setting's own peak: the high-water mark is reset to the current RSS first.
     memory::reset_peak_rss();
     for i in 0..=steps.max(1) {
+        if let (1, Some(p)) = (i, &profile) {
+            recording = Some(profile::Recording::start(
+                p.work,
+                &format!("mb{micro_batch}"),
+            )?);
+        }
         let start = Instant::now();
         let mut t_grad = 0.0;
         let stats = trainer.update_observed(sequences, &mut |p| {
@@ -404,9 +428,7 @@ fn time_setting(
         device.synchronize()?;
         let total = start.elapsed().as_secs_f64();
         println!(
-            "  {} micro-batch {micro_batch}{} step {i}{}: {total:.2} s (forward+backward {t_grad:.2}, clip+AdamW {:.2}), entropy {:.4}, grad norm {:.3}",
-            training_label(trainer.model.adapter()),
-            if recompute { ", recompute" } else { "" },
+            "  {label} step {i}{}: {total:.2} s (forward+backward {t_grad:.2}, clip+AdamW {:.2}), entropy {:.4}, grad norm {:.3}",
             if i == 0 { " (warm-up)" } else { "" },
             total - t_grad,
             stats.loss,
@@ -416,8 +438,29 @@ fn time_setting(
             times.push(total);
         }
     }
+    if let (Some(r), Some(p)) = (recording, &profile) {
+        let (by, cpu) = r.finish()?;
+        let wall: f64 = times.iter().sum();
+        profile::print(
+            &label,
+            &by,
+            cpu,
+            wall,
+            times.len(),
+            p.flops,
+            p.peak_per_core,
+        );
+    }
     times.sort_by(f64::total_cmp);
     Ok((times[times.len() / 2], memory::peak_mb()))
+}
+
+/// What `--profile` needs to report a setting.
+struct Profile<'a> {
+    work: &'a Path,
+    /// Matmul FLOPs of one update.
+    flops: f64,
+    peak_per_core: Option<f64>,
 }
 
 /// What the sampler is handed after an update: the whole model as the f16 GGUF the full run

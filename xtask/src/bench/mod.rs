@@ -13,6 +13,7 @@ mod anchor;
 mod em_step;
 mod eval;
 mod memory;
+mod profile;
 mod sample;
 mod server;
 
