@@ -5,6 +5,8 @@ use clap::{CommandFactory, FromArgMatches};
 static ALLOC: em_alloc::BudgetAlloc = em_alloc::BudgetAlloc;
 
 fn main() {
+    // Training frees and allocates the same large activations every pass: keep them in the heap.
+    em_alloc::reuse_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

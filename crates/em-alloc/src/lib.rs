@@ -68,6 +68,28 @@ struct Signal {
     caller: Thread,
 }
 
+/// Has glibc's malloc keep the memory a process frees for its next allocations, instead of
+/// returning it to the kernel: blocks up to 32 MiB (glibc's most) come from the heap rather than
+/// their own mmap, and the heap is trimmed only past 2 GiB free. A training update allocates and
+/// frees the same large activations over and over; without this each one is mapped afresh and
+/// every page faults and is zeroed by the kernel again (13% of an update's CPU time on SmolLM2,
+/// `bench em-step --profile`). Peak memory stays the same within a few percent. Returns whether
+/// it took effect (glibc on Linux only; elsewhere nothing changes).
+pub fn reuse_freed_memory() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only sets allocator parameters; both values are in its range.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
+}
+
 /// Whether [`BudgetAlloc`] is this process's global allocator (known once it has allocated).
 pub fn enforced() -> bool {
     // Make sure at least one allocation went through the global allocator.
