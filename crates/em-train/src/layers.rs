@@ -2,7 +2,8 @@
 //! norm, rotary position embedding, causal (optionally sliding-window) grouped-query attention and
 //! the gated MLP.
 //!
-//! Everything here is composed of candle primitives that have a backward pass. candle 0.11's fused
+//! Everything here is composed of candle primitives that have a backward pass, or of em-train's
+//! own fused ops with theirs (`crate::fused`: the attention softmax). candle-nn 0.11's fused
 //! `rms_norm`, `softmax_last_dim` and `rotary_emb::rope*` silently cut gradients (METHOD.md, "Known
 //! traps"), so none of them is used. Norms and softmax run in f32 when the model is in bf16/f16,
 //! as transformers does; in f32 and f64 everything stays in the model dtype.
@@ -490,7 +491,7 @@ impl Attention {
         };
         let dtype = x.dtype();
         let scores = scores.to_dtype(compute_dtype(dtype))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
+        let probs = crate::fused::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = probs.reshape((b, kv, rep * s, s))?.matmul(&v)?;
         let out = out
             .reshape((b, h, s, d))?

@@ -107,6 +107,11 @@ pub fn shares(report: &str) -> (BTreeMap<&'static str, f64>, Vec<(String, f64)>)
             Some((dso, symbol)) => (dso.trim().to_string(), symbol.trim().to_string()),
             None => continue,
         };
+        // perf pads the symbol column; what follows the padding is not part of the name.
+        let symbol = match symbol.split_once("   ") {
+            Some((name, _)) => name.trim().to_string(),
+            None => symbol,
+        };
         let category = categorize(&dso, &symbol);
         *by.entry(category).or_default() += pct;
         if category == CATEGORIES[10] {
