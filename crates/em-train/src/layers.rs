@@ -253,8 +253,16 @@ impl RmsNorm {
         }
     }
 
-    /// Normalises `x` over its last dimension.
+    /// Normalises `x` over its last dimension: fused on the CPU in f32/f64, composed elsewhere.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match crate::fused::rms_norm(x, &self.weight, self.eps, self.unit_offset)? {
+            Some(y) => Ok(y),
+            None => self.forward_composed(x),
+        }
+    }
+
+    /// [`Self::forward`] composed from candle ops (the path off the CPU and in bf16/f16).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let cdt = compute_dtype(dtype);
         let xf = x.to_dtype(cdt)?;
@@ -344,8 +352,9 @@ impl RotaryEmbedding {
     }
 }
 
-/// Rotates `x` (`[batch, heads, seq, head_dim]`) by `cos`/`sin` (`[seq, head_dim]`, from
-/// [`RotaryEmbedding::cos_sin`]): `x·cos + rotate_half(x)·sin`.
+/// Rotates `x` by `cos`/`sin` (from [`RotaryEmbedding::cos_sin`], `[seq, head_dim]` for `x`
+/// `[batch, heads, seq, head_dim]`, or unsqueezed to `[seq, 1, head_dim]` for `[batch, seq,
+/// heads, head_dim]`): `x·cos + rotate_half(x)·sin`.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let head_dim = x.dim(D::Minus1)?;
     let half = head_dim / 2;
@@ -421,14 +430,38 @@ impl LayerContext {
         })
     }
 
-    /// `(cos, sin, mask)` for a layer with sliding `window` (`None`: full attention).
-    pub fn for_window(&self, window: Option<usize>) -> (&Tensor, &Tensor, &Tensor) {
+    /// The tables and mask of a layer with sliding `window` (`None`: full attention).
+    pub fn for_window(&self, window: Option<usize>) -> Positions<'_> {
         let found = window.and_then(|w| self.sliding.iter().find(|(have, _)| *have == w));
         match found {
-            Some((_, mask)) => (&self.local.0, &self.local.1, mask),
-            None => (&self.global.0, &self.global.1, &self.full),
+            Some((w, mask)) => Positions {
+                cos: &self.local.0,
+                sin: &self.local.1,
+                mask,
+                window: Some(*w),
+            },
+            None => Positions {
+                cos: &self.global.0,
+                sin: &self.global.1,
+                mask: &self.full,
+                window: None,
+            },
         }
     }
+}
+
+/// What a layer reads from the [`LayerContext`]: rope tables `[seq, head_dim]`, the additive
+/// mask `[seq, seq]` and the window it encodes.
+#[derive(Debug, Clone, Copy)]
+pub struct Positions<'a> {
+    /// `cos` of every position and rotary dimension.
+    pub cos: &'a Tensor,
+    /// `sin` of every position and rotary dimension.
+    pub sin: &'a Tensor,
+    /// 0 where a query may see a key, −∞ elsewhere, in the compute dtype.
+    pub mask: &'a Tensor,
+    /// Keys each query sees at most (itself included); `None`: every earlier one.
+    pub window: Option<usize>,
 }
 
 /// Multi-head self-attention with grouped key/value heads, optional per-head q/k RMS norms,
@@ -460,26 +493,48 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// Attends over `x` (`[batch, seq, hidden]`) with rope tables from [`RotaryEmbedding::cos_sin`]
-    /// and an additive `mask` `[seq, seq]` from [`attention_mask`] in the compute dtype.
-    pub fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Attends over `x` (`[batch, seq, hidden]`) at `pos`: the fused causal attention on the
+    /// CPU in f32/f64 without soft-capping, the composed op elsewhere.
+    pub fn forward(&self, x: &Tensor, pos: Positions<'_>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let rep = h / kv;
-        let heads = |t: Tensor, n: usize, norm: Option<&RmsNorm>| -> Result<Tensor> {
-            let t = t.reshape((b, s, n, d))?;
+        // [b, s, heads, d], rotated.
+        let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| {
+            let t = proj.forward(x)?.reshape((b, s, n, d))?;
             let t = match norm {
                 Some(norm) => norm.forward(&t)?,
                 None => t,
             };
-            t.transpose(1, 2)?.contiguous()
+            match crate::fused::rope(&t, pos.cos, pos.sin)? {
+                Some(t) => Ok(t),
+                None => apply_rope(&t, &pos.cos.unsqueeze(1)?, &pos.sin.unsqueeze(1)?),
+            }
         };
-        let q = heads(self.q_proj.forward(x)?, h, self.q_norm.as_ref())?;
-        let k = heads(self.k_proj.forward(x)?, kv, self.k_norm.as_ref())?;
-        let v = heads(self.v_proj.forward(x)?, kv, None)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let q = heads(&self.q_proj, h, self.q_norm.as_ref())?;
+        let k = heads(&self.k_proj, kv, self.k_norm.as_ref())?;
+        let v = self.v_proj.forward(x)?.reshape((b, s, kv, d))?;
+        let fused = match self.softcap {
+            None => crate::fused::causal_attention(&q, &k, &v, self.scale, pos.window)?,
+            Some(_) => None,
+        };
+        let out = match fused {
+            Some(out) => out,
+            None => self.composed(&q, &k, &v, pos.mask)?,
+        };
+        self.o_proj.forward(&out.reshape((b, s, h * d))?)
+    }
 
+    /// Attention over `q` `[b, s, h, d]` and `k`, `v` `[b, s, kv, d]` with an additive `mask`
+    /// `[s, s]`, composed from candle ops, as `[b, s, h, d]`.
+    fn composed(&self, q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, s, h, d) = q.dims4()?;
+        let kv = self.num_kv_heads;
+        let rep = h / kv;
+        let (q, k, v) = (
+            q.transpose(1, 2)?.contiguous()?,
+            k.transpose(1, 2)?.contiguous()?,
+            v.transpose(1, 2)?.contiguous()?,
+        );
         // Query heads j·rep .. (j+1)·rep share key/value head j (HF `repeat_kv`): fold them into
         // the sequence axis instead of repeating K and V.
         // Scaling q rather than the scores saves one [batch, heads, seq, seq] activation.
@@ -489,15 +544,11 @@ impl Attention {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
             None => scores,
         };
-        let dtype = x.dtype();
+        let dtype = q.dtype();
         let scores = scores.to_dtype(compute_dtype(dtype))?.broadcast_add(mask)?;
         let probs = crate::fused::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = probs.reshape((b, kv, rep * s, s))?.matmul(&v)?;
-        let out = out
-            .reshape((b, h, s, d))?
-            .transpose(1, 2)?
-            .reshape((b, s, h * d))?;
-        self.o_proj.forward(&out)
+        out.reshape((b, h, s, d))?.transpose(1, 2)
     }
 }
 
@@ -535,11 +586,18 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Applies the block to `x` (`[.., hidden]`).
+    /// Applies the block to `x` (`[.., hidden]`); SwiGLU's `silu(gate)·up` fused on the CPU.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = apply_activation(self.act, &self.gate_proj.forward(x)?)?;
-        let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&(gate * up)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let fused = match self.act {
+            Activation::Silu => crate::fused::swiglu(&gate, &up)?,
+            _ => None,
+        };
+        let hidden = match fused {
+            Some(h) => h,
+            None => (apply_activation(self.act, &gate)? * up)?,
+        };
+        self.down_proj.forward(&hidden)
     }
 }
 

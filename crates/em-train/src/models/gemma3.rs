@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::llama::load_lm_head;
 use super::{ModelConfig, ModelError, Weights};
-use crate::layers::{Attention, Embedding, LayerContext, Linear, Mlp, RmsNorm, RotaryEmbedding};
+use crate::layers::{
+    Attention, Embedding, LayerContext, Linear, Mlp, Positions, RmsNorm, RotaryEmbedding,
+};
 
 /// One decoder layer with norms before and after attention and MLP.
 #[derive(Debug, Clone)]
@@ -23,10 +25,10 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pos: Positions<'_>) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+            .forward(&self.input_layernorm.forward(x)?, pos)?;
         let x = (x + self.post_attention_layernorm.forward(&h)?)?;
         let h = self
             .mlp
@@ -158,8 +160,8 @@ impl Model {
     /// Decoder layer `i` on `x` `[batch, seq, hidden]`.
     pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let (cos, sin, mask) = ctx.for_window(layer.window);
-        layer.forward(x, cos, sin, mask)
+        let pos = ctx.for_window(layer.window);
+        layer.forward(x, pos)
     }
 
     /// The final norm, giving the hidden states the LM head reads.

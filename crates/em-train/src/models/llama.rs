@@ -7,7 +7,9 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::{ModelConfig, ModelError, Weights};
-use crate::layers::{Attention, Embedding, LayerContext, Linear, Mlp, RmsNorm, RotaryEmbedding};
+use crate::layers::{
+    Attention, Embedding, LayerContext, Linear, Mlp, Positions, RmsNorm, RotaryEmbedding,
+};
 
 /// One pre-norm decoder layer.
 #[derive(Debug, Clone)]
@@ -20,10 +22,10 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pos: Positions<'_>) -> Result<Tensor> {
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+            .forward(&self.input_layernorm.forward(x)?, pos)?;
         let x = (x + h)?;
         let h = self
             .mlp
@@ -164,8 +166,8 @@ impl Model {
     /// Decoder layer `i` on `x` `[batch, seq, hidden]`.
     pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let (cos, sin, mask) = ctx.for_window(layer.window);
-        layer.forward(x, cos, sin, mask)
+        let pos = ctx.for_window(layer.window);
+        layer.forward(x, pos)
     }
 
     /// The final norm, giving the hidden states the LM head reads.

@@ -1,8 +1,8 @@
-//! Fused CPU kernels with their own backward, for ops candle composes from several passes over
-//! memory. Each falls back to the composed op off the CPU and for other dtypes, so a CUDA build
-//! runs what it ran before.
+//! Softmax over the last dimension.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
+
+use super::{contiguous, par_rows};
 
 /// Softmax over the last dimension. On the CPU in f32/f64 one pass per row forward (max, exp,
 /// sum, scale) and one backward (`y ⊙ (g − ⟨g, y⟩)`), rows spread over candle's thread pool;
@@ -16,42 +16,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct SoftmaxLastDim;
 struct SoftmaxBackward;
-
-/// A pointer the pool's workers write disjoint rows through.
-#[derive(Clone, Copy)]
-struct Rows<T>(*mut T);
-unsafe impl<T> Send for Rows<T> {}
-unsafe impl<T> Sync for Rows<T> {}
-
-impl<T> Rows<T> {
-    /// Row `r` of width `n`.
-    ///
-    /// # Safety
-    /// The row lies inside the buffer, and no other reference to it is alive.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, r: usize, n: usize) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(r * n), n)
-    }
-}
-
-/// Runs `f(row, out_row)` over the `len / n` rows of an output of `len` values, in parallel.
-fn par_rows<T: Copy + Default + Send + Sync>(
-    len: usize,
-    n: usize,
-    f: impl Fn(usize, &mut [T]) + Sync,
-) -> Vec<T> {
-    let mut out = vec![T::default(); len];
-    let rows = len.checked_div(n).unwrap_or(0);
-    let ptr = Rows(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
-        for r in range {
-            // SAFETY: each row index is handed to exactly one call, rows do not overlap, and
-            // `out` outlives the pool's execution.
-            f(r, unsafe { ptr.row(r, n) });
-        }
-    });
-    out
-}
 
 macro_rules! softmax_kernels {
     ($fwd:ident, $bwd:ident, $t:ty) => {
@@ -83,14 +47,6 @@ macro_rules! softmax_kernels {
 
 softmax_kernels!(softmax_f32, softmax_bwd_f32, f32);
 softmax_kernels!(softmax_f64, softmax_bwd_f64, f64);
-
-/// The contiguous values of `storage` under `layout`.
-fn contiguous<'a, T>(values: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&values[start..end]),
-        None => candle_core::bail!("{op}: the input is not contiguous"),
-    }
-}
 
 impl CustomOp1 for SoftmaxLastDim {
     fn name(&self) -> &'static str {

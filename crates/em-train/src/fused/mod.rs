@@ -1,0 +1,102 @@
+//! Fused CPU kernels with their own backward, for ops candle composes from several passes over
+//! memory. Each runs on the CPU in f32 and f64 with its work spread over candle's thread pool, and
+//! falls back to the composed op off the CPU and for other dtypes, so a CUDA build runs what it
+//! ran before. Every kernel is checked against the composed op and finite differences.
+
+mod attention;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+pub use attention::causal_attention;
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use softmax::softmax_last_dim;
+pub use swiglu::swiglu;
+
+use candle_core::{DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+
+/// The float types the fused kernels run in.
+pub(crate) trait Real:
+    num_traits::Float + WithDType + Default + Send + Sync + 'static
+{
+}
+impl Real for f32 {}
+impl Real for f64 {}
+
+/// Whether `x` takes the fused path: on the CPU, in f32 or f64.
+fn fusable(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// Calls `f` with the contiguous CPU values of `tensors` (each must be contiguous and of `T`).
+fn with_values<T: Real, R>(
+    tensors: &[&Tensor],
+    op: &str,
+    f: impl FnOnce(&[&[T]]) -> Result<R>,
+) -> Result<R> {
+    let guards: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("{op}: a tensor is not on the CPU");
+        };
+        slices.push(contiguous(cpu.as_slice::<T>()?, layout, op)?);
+    }
+    f(&slices)
+}
+
+/// A CPU tensor of `shape` holding `values`.
+fn cpu_tensor<T: Real>(values: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+/// A pointer the pool's workers write disjoint rows through.
+#[derive(Clone, Copy)]
+struct Rows<T>(*mut T);
+unsafe impl<T> Send for Rows<T> {}
+unsafe impl<T> Sync for Rows<T> {}
+
+impl<T> Rows<T> {
+    /// The buffer's first element.
+    fn ptr(&self) -> *mut T {
+        self.0
+    }
+
+    /// Row `r` of width `n`.
+    ///
+    /// # Safety
+    /// The row lies inside the buffer, and no other reference to it is alive.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize, n: usize) -> &mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(r * n), n)
+    }
+}
+
+/// Runs `f(row, out_row)` over the `len / n` rows of an output of `len` values, in parallel.
+fn par_rows<T: Copy + Default + Send + Sync>(
+    len: usize,
+    n: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    let mut out = vec![T::default(); len];
+    let rows = len.checked_div(n).unwrap_or(0);
+    let ptr = Rows(out.as_mut_ptr());
+    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+        for r in range {
+            // SAFETY: each row index is handed to exactly one call, rows do not overlap, and
+            // `out` outlives the pool's execution.
+            f(r, unsafe { ptr.row(r, n) });
+        }
+    });
+    out
+}
+
+/// The contiguous values of `storage` under `layout`.
+fn contiguous<'a, T>(values: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&values[start..end]),
+        None => candle_core::bail!("{op}: the input is not contiguous"),
+    }
+}

@@ -1,0 +1,243 @@
+//! SwiGLU's product `silu(gate) · up` with its own backward pass.
+
+use std::ops::Range;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+
+use super::{contiguous, cpu_tensor, fusable, with_values, Real, Rows};
+
+/// Elements per task.
+const CHUNK: usize = 1 << 14;
+
+/// `silu(gate) · up` elementwise, for `gate` and `up` of one shape: one pass forward, one pass
+/// backward for both gradients, where candle composes four and eight.
+///
+/// `None` off the CPU and for dtypes other than f32/f64: the caller composes the op there.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
+    if !fusable(gate) {
+        return Ok(None);
+    }
+    if gate.dims() != up.dims() {
+        candle_core::bail!(
+            "swiglu: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    if gate.dtype() != up.dtype() {
+        candle_core::bail!("swiglu: gate is {:?}, up {:?}", gate.dtype(), up.dtype());
+    }
+    gate.contiguous()?
+        .apply_op2(&up.contiguous()?, SwiGlu)
+        .map(Some)
+}
+
+/// Runs `f` over consecutive ranges of `0..len`, of whole chunks of `CHUNK` values each but the
+/// last, in parallel.
+fn par_chunks(len: usize, f: impl Fn(Range<usize>) + Sync) {
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(CHUNK), |chunks| {
+        f(chunks.start * CHUNK..len.min(chunks.end * CHUNK))
+    });
+}
+
+/// The values `range` of the buffer behind `ptr`.
+///
+/// # Safety
+/// The range lies inside the buffer, and no other reference to it is alive.
+unsafe fn part<'a, T>(ptr: Rows<T>, range: &Range<usize>) -> &'a mut [T] {
+    std::slice::from_raw_parts_mut(ptr.ptr().add(range.start), range.len())
+}
+
+fn sigmoid<T: Real>(x: T) -> T {
+    (T::one() + (-x).exp()).recip()
+}
+
+fn forward<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); gate.len()];
+    let ptr = Rows(out.as_mut_ptr());
+    par_chunks(gate.len(), |range| {
+        // SAFETY: the ranges are disjoint and inside `out`, which outlives the pool's execution.
+        let y = unsafe { part(ptr, &range) };
+        for ((y, &g), &u) in y.iter_mut().zip(&gate[range.clone()]).zip(&up[range]) {
+            *y = g * sigmoid(g) * u;
+        }
+    });
+    out
+}
+
+/// The gradients of gate and up from the output's gradient `d`.
+fn backward<T: Real>(gate: &[T], up: &[T], d: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut d_gate, mut d_up) = (vec![T::zero(); gate.len()], vec![T::zero(); gate.len()]);
+    let (gate_ptr, up_ptr) = (Rows(d_gate.as_mut_ptr()), Rows(d_up.as_mut_ptr()));
+    par_chunks(gate.len(), |range| {
+        // SAFETY: the ranges are disjoint and inside both buffers, which outlive the pool's
+        // execution.
+        let (dg, du) = unsafe { (part(gate_ptr, &range), part(up_ptr, &range)) };
+        let inputs = gate[range.clone()]
+            .iter()
+            .zip(&up[range.clone()])
+            .zip(&d[range]);
+        for ((dg, du), ((&g, &u), &d)) in dg.iter_mut().zip(du).zip(inputs) {
+            let s = sigmoid(g);
+            *dg = d * u * s * (T::one() + g * (T::one() - s));
+            *du = d * g * s;
+        }
+    });
+    (d_gate, d_up)
+}
+
+struct SwiGlu;
+
+impl SwiGlu {
+    fn forward_as<T: Real>(
+        (gate, lg): (&CpuStorage, &Layout),
+        (up, lu): (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)> {
+        let gate = contiguous(gate.as_slice::<T>()?, lg, "swiglu")?;
+        let up = contiguous(up.as_slice::<T>()?, lu, "swiglu")?;
+        if gate.len() != up.len() {
+            candle_core::bail!("swiglu: gate and up differ in size");
+        }
+        Ok((
+            T::to_cpu_storage_owned(forward(gate, up)),
+            lg.shape().clone(),
+        ))
+    }
+
+    fn backward_as<T: Real>(
+        gate: &Tensor,
+        up: &Tensor,
+        d: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dg, du) = with_values::<T, _>(&[gate, up, d], "swiglu backward", |v| {
+            Ok(backward(v[0], v[1], v[2]))
+        })?;
+        Ok((
+            Some(cpu_tensor(dg, gate.shape())?),
+            Some(cpu_tensor(du, up.shape())?),
+        ))
+    }
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        lg: &Layout,
+        up: &CpuStorage,
+        lu: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match gate {
+            CpuStorage::F32(_) => Self::forward_as::<f32>((gate, lg), (up, lu)),
+            CpuStorage::F64(_) => Self::forward_as::<f64>((gate, lg), (up, lu)),
+            _ => candle_core::bail!("swiglu: f32 and f64 only"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
+        d: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = d.contiguous()?;
+        match gate.dtype() {
+            DType::F32 => Self::backward_as::<f32>(gate, up, &d),
+            DType::F64 => Self::backward_as::<f64>(gate, up, &d),
+            dtype => candle_core::bail!("swiglu: {dtype:?} has no backward pass"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// `max |a − b| / (1 + max |b|)`.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let max = |t: Tensor| {
+            t.abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()
+        };
+        Ok(max((a - b)?)? / (1.0 + max(b.clone())?))
+    }
+
+    /// gate, up and a weight on the output, `[3, 100, 67]` (20 100 values: two chunks), random.
+    fn inputs(dtype: DType) -> Result<[Tensor; 3]> {
+        let r = |std: f64| Tensor::randn(0f64, std, (3, 100, 67), &Device::Cpu)?.to_dtype(dtype);
+        Ok([r(3.0)?, r(1.0)?, r(1.0)?])
+    }
+
+    #[test]
+    fn forward_and_gradients_equal_the_composed_op() -> Result<()> {
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F64, 1e-12)] {
+            let [gate, up, w] = inputs(dtype)?;
+            let (gate, up) = (Var::from_tensor(&gate)?, Var::from_tensor(&up)?);
+            let fused = swiglu(&gate, &up)?.expect("fused on the CPU");
+            let reference = (gate.silu()? * up.as_tensor())?;
+            assert!(rel_diff(&fused, &reference)? < tol, "{dtype:?} forward");
+            let gf = (fused * &w)?.sum_all()?.backward()?;
+            let gr = (reference * &w)?.sum_all()?.backward()?;
+            for (name, v) in [("gate", &gate), ("up", &up)] {
+                let (a, b) = (gf.get(v).unwrap(), gr.get(v).unwrap());
+                assert!(
+                    rel_diff(a, b)? < tol,
+                    "{dtype:?} d{name}: {}",
+                    rel_diff(a, b)?
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences_in_f64() -> Result<()> {
+        let [gate, up, w] = inputs(DType::F64)?;
+        let vars = [Var::from_tensor(&gate)?, Var::from_tensor(&up)?];
+        let grads = (swiglu(&vars[0], &vars[1])?.expect("fused") * &w)?
+            .sum_all()?
+            .backward()?;
+        let h = 1e-6;
+        for which in 0..2 {
+            let analytic: Vec<f64> = grads.get(&vars[which]).unwrap().flatten_all()?.to_vec1()?;
+            let base = [&gate, &up][which];
+            let values: Vec<f64> = base.flatten_all()?.to_vec1()?;
+            for i in (0..values.len()).step_by(331) {
+                let bump = |delta: f64| -> Result<Tensor> {
+                    let mut moved = values.clone();
+                    moved[i] += delta;
+                    let mut args = [gate.clone(), up.clone()];
+                    args[which] = Tensor::from_vec(moved, base.shape(), &Device::Cpu)?;
+                    Ok(swiglu(&args[0], &args[1])?.expect("fused"))
+                };
+                // The outputs' difference first: the loss's rounding would swamp 1e-7.
+                let diff = ((bump(h)? - bump(-h)?)? * &w)?.sum_all()?;
+                let numeric = diff.to_scalar::<f64>()? / (2.0 * h);
+                assert!(
+                    (numeric - analytic[i]).abs() < 1e-7 * (1.0 + numeric.abs()),
+                    "input {which} element {i}: {numeric} vs {}",
+                    analytic[i]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused() -> Result<()> {
+        let gate = Tensor::zeros((2, 5), DType::F32, &Device::Cpu)?;
+        let up = Tensor::zeros((5, 2), DType::F32, &Device::Cpu)?;
+        let err = swiglu(&gate, &up).unwrap_err().to_string();
+        assert!(err.contains("swiglu: gate"), "{err}");
+        Ok(())
+    }
+}
