@@ -1,7 +1,76 @@
-//! `acc += aᵀ·b` written into `acc`'s own storage: the LM head's weight gradient summed over row
-//! chunks without a fresh `[vocab, hidden]` tensor (and a second one for the sum) per chunk.
+//! Sums written into the accumulator's own storage: `acc += aᵀ·b` (the LM head's weight gradient
+//! summed over row chunks without a fresh `[vocab, hidden]` tensor, and a second one for the sum,
+//! per chunk) and `acc += g` (a micro-batch's gradient added to the update's in one pass).
 
-use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
+use candle_core::{CpuStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
+
+/// Adds `g` to `acc` in place on the CPU in f32/f64, both contiguous, of one shape and dtype,
+/// spread over candle's thread pool. Returns `false`, touching nothing, elsewhere.
+pub fn add_in_place(acc: &Tensor, g: &Tensor) -> Result<bool> {
+    if !acc.device().is_cpu()
+        || !matches!(
+            acc.dtype(),
+            candle_core::DType::F32 | candle_core::DType::F64
+        )
+    {
+        return Ok(false);
+    }
+    if acc.shape() != g.shape() || acc.dtype() != g.dtype() || !acc.is_contiguous() {
+        candle_core::bail!(
+            "add_in_place: acc {:?} {:?} and g {:?} {:?}",
+            acc.dims(),
+            acc.dtype(),
+            g.dims(),
+            g.dtype()
+        );
+    }
+    acc.inplace_op2(&g.contiguous()?, &AddInPlace)?;
+    Ok(true)
+}
+
+struct AddInPlace;
+
+/// Elements per task of [`AddInPlace`].
+const ADD_CHUNK: usize = 1 << 16;
+
+fn add_chunks<T: Copy + Send + Sync + std::ops::AddAssign>(dst: &mut [T], src: &[T]) {
+    let ptr = dst.as_mut_ptr() as usize;
+    let len = dst.len();
+    crate::fused::for_chunks(len.div_ceil(ADD_CHUNK), ADD_CHUNK, |range| {
+        for unit in range {
+            let (lo, hi) = (unit * ADD_CHUNK, len.min((unit + 1) * ADD_CHUNK));
+            // SAFETY: each unit's range [lo, hi) of dst is written by that unit alone.
+            let d = unsafe { std::slice::from_raw_parts_mut((ptr as *mut T).add(lo), hi - lo) };
+            d.iter_mut().zip(&src[lo..hi]).for_each(|(a, &b)| *a += b);
+        }
+    });
+}
+
+impl InplaceOp2 for AddInPlace {
+    fn name(&self) -> &'static str {
+        "add-in-place"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<()> {
+        let (Some((d0, d1)), Some((s0, s1_end))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("add_in_place: an operand is not contiguous");
+        };
+        match (s1, s2) {
+            (CpuStorage::F32(d), CpuStorage::F32(g)) => add_chunks(&mut d[d0..d1], &g[s0..s1_end]),
+            (CpuStorage::F64(d), CpuStorage::F64(g)) => add_chunks(&mut d[d0..d1], &g[s0..s1_end]),
+            _ => candle_core::bail!("add_in_place: f32 or f64, both the same"),
+        }
+        Ok(())
+    }
+}
 
 /// Adds `aᵀ·b` to `acc` in place: `acc` `[m, n]`, `a` `[k, m]`, `b` `[k, n]`, all contiguous and
 /// of `acc`'s dtype (f32 or f64), on one device.
@@ -180,6 +249,20 @@ mod tests {
         assert_eq!(diff, 0.0);
         let bad = add_transposed_product(&Tensor::zeros((3, 4), DType::F64, &dev)?, &b, &a);
         assert!(bad.is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn adds_in_place_across_chunks() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 3 * ADD_CHUNK + 17;
+        let acc = Tensor::arange(0f32, n as f32, &dev)?;
+        let g = (Tensor::arange(0f32, n as f32, &dev)? * 0.5)?;
+        let want = (acc.copy()? + &g)?;
+        assert!(add_in_place(&acc, &g)?);
+        assert_eq!((acc - want)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
+        let wrong = Tensor::zeros(5, DType::F32, &dev)?;
+        assert!(add_in_place(&wrong, &g).is_err());
         Ok(())
     }
 }

@@ -95,6 +95,10 @@ impl Gradients {
         let g = g.to_dtype(accumulate_dtype(self.params[i].1.dtype()))?;
         let (sum, owned) = match self.grads[i].take() {
             Some(a) if self.owned[i] && a.is_contiguous() => {
+                if crate::accumulate::add_in_place(&a, &g)? {
+                    self.grads[i] = Some(a);
+                    return Ok(());
+                }
                 let (acc, g) = (a.flatten_all()?, g.flatten_all()?);
                 for (start, len) in pieces(acc.elem_count()) {
                     let piece = (acc.narrow(0, start, len)? + g.narrow(0, start, len)?)?;

@@ -79,13 +79,33 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x` (any number of leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_taped(x, None)
+    }
+
+    /// [`Self::forward`], recording the product `x·Wᵀ` of a trainable weight on `tape`, or
+    /// taking it from there when the tape replays.
+    pub fn forward_taped(&self, x: &Tensor, tape: Option<&ProjectionTape>) -> Result<Tensor> {
         let w = &self.weight;
         let (out_dim, in_dim) = w.dims2()?;
         let mut dims = x.dims().to_vec();
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
         let y = if w.is_variable() {
-            x2.matmul(&w.t()?)?
+            // Only the fused matmul records and replays.
+            let tape = tape.filter(|_| crate::fused::fusable(&x2));
+            let replayed = tape
+                .map(ProjectionTape::next_replayed)
+                .transpose()?
+                .flatten();
+            match crate::fused::linear(&x2, w, replayed.as_ref())? {
+                Some(y) => {
+                    if let Some(tape) = tape {
+                        tape.record(&y);
+                    }
+                    y
+                }
+                None => x2.matmul(&w.t()?)?,
+            }
         } else {
             frozen_matmul(&x2, w)?
         };
@@ -109,6 +129,43 @@ impl Linear {
             *last = out_dim;
         }
         y.reshape(dims)
+    }
+}
+
+/// Products of trainable projections kept from a layer's first forward pass and handed back,
+/// in the same order, when the layer is recomputed for its backward pass: the recomputation then
+/// runs no projection matmul, only the attention and the element-wise ops, for the products'
+/// memory (per token `q + k + v + 2 · hidden + 2 · intermediate` values a layer, against the
+/// dozens of intermediates a layer's backward pass keeps).
+#[derive(Debug, Default)]
+pub struct ProjectionTape {
+    products: std::cell::RefCell<std::collections::VecDeque<Tensor>>,
+    replaying: std::cell::Cell<bool>,
+}
+
+impl ProjectionTape {
+    /// From now on, hand back the recorded products instead of recording.
+    pub fn replay(&self) {
+        self.replaying.set(true);
+    }
+
+    /// The next recorded product when replaying (an error when none is left), `None` when
+    /// recording.
+    fn next_replayed(&self) -> Result<Option<Tensor>> {
+        if !self.replaying.get() {
+            return Ok(None);
+        }
+        match self.products.borrow_mut().pop_front() {
+            Some(t) => Ok(Some(t)),
+            None => candle_core::bail!("projection tape: replayed past its last product"),
+        }
+    }
+
+    /// Keeps `y` (without its graph) when recording.
+    fn record(&self, y: &Tensor) {
+        if !self.replaying.get() {
+            self.products.borrow_mut().push_back(y.detach());
+        }
     }
 }
 
@@ -439,12 +496,14 @@ impl LayerContext {
                 sin: &self.local.1,
                 mask,
                 window: Some(*w),
+                tape: None,
             },
             None => Positions {
                 cos: &self.global.0,
                 sin: &self.global.1,
                 mask: &self.full,
                 window: None,
+                tape: None,
             },
         }
     }
@@ -462,6 +521,8 @@ pub struct Positions<'a> {
     pub mask: &'a Tensor,
     /// Keys each query sees at most (itself included); `None`: every earlier one.
     pub window: Option<usize>,
+    /// Where the layer's projections record their products or replay them.
+    pub tape: Option<&'a ProjectionTape>,
 }
 
 /// Multi-head self-attention with grouped key/value heads, optional per-head q/k RMS norms,
@@ -500,7 +561,7 @@ impl Attention {
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [b, s, heads, d], rotated.
         let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| {
-            let t = proj.forward(x)?.reshape((b, s, n, d))?;
+            let t = proj.forward_taped(x, pos.tape)?.reshape((b, s, n, d))?;
             let t = match norm {
                 Some(norm) => norm.forward(&t)?,
                 None => t,
@@ -512,7 +573,10 @@ impl Attention {
         };
         let q = heads(&self.q_proj, h, self.q_norm.as_ref())?;
         let k = heads(&self.k_proj, kv, self.k_norm.as_ref())?;
-        let v = self.v_proj.forward(x)?.reshape((b, s, kv, d))?;
+        let v = self
+            .v_proj
+            .forward_taped(x, pos.tape)?
+            .reshape((b, s, kv, d))?;
         let fused = match self.softcap {
             None => crate::fused::causal_attention(&q, &k, &v, self.scale, pos.window)?,
             Some(_) => None,
@@ -521,7 +585,8 @@ impl Attention {
             Some(out) => out,
             None => self.composed(&q, &k, &v, pos.mask)?,
         };
-        self.o_proj.forward(&out.reshape((b, s, h * d))?)
+        self.o_proj
+            .forward_taped(&out.reshape((b, s, h * d))?, pos.tape)
     }
 
     /// Attention over `q` `[b, s, h, d]` and `k`, `v` `[b, s, kv, d]` with an additive `mask`
@@ -587,8 +652,10 @@ pub struct Mlp {
 
 impl Mlp {
     /// Applies the block to `x` (`[.., hidden]`); SwiGLU's `silu(gate)·up` fused on the CPU.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+    /// The projections' products go on `tape` or come from it.
+    pub fn forward(&self, x: &Tensor, tape: Option<&ProjectionTape>) -> Result<Tensor> {
+        let gate = self.gate_proj.forward_taped(x, tape)?;
+        let up = self.up_proj.forward_taped(x, tape)?;
         let fused = match self.act {
             Activation::Silu => crate::fused::swiglu(&gate, &up)?,
             _ => None,
@@ -597,7 +664,7 @@ impl Mlp {
             Some(h) => h,
             None => (apply_activation(self.act, &gate)? * up)?,
         };
-        self.down_proj.forward(&hidden)
+        self.down_proj.forward_taped(&hidden, tape)
     }
 }
 

@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::grads::ctx;
-use crate::layers::compute_dtype;
+use crate::layers::{compute_dtype, ProjectionTape};
 use crate::models::CausalLm;
 
 pub use crate::grads::{accumulate_dtype, Gradients, TrainError};
@@ -60,7 +60,23 @@ pub fn entropy(logits: &Tensor, temperature: f64) -> candle_core::Result<Tensor>
 /// taken by autograd through [`entropy`]: with `s = z/τ`, `∂H/∂z_v = −(p_v/τ)(s_v − E_p[s])`. The
 /// same values, with a few `[n, V]` intermediates alive instead of every one of the graph's
 /// (test: `entropy_gradient_is_autograds`). The gradient is in the logits' dtype, as autograd's.
+///
+/// On the CPU in f32/f64 one fused kernel ([`crate::fused::entropy_rows`]); composed elsewhere.
 pub fn entropy_sum_and_grad(
+    logits: &Tensor,
+    temperature: f64,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    match crate::fused::entropy_rows(logits, temperature, 1.0)? {
+        Some((sum, _, grad)) => Ok((
+            Tensor::new(sum, logits.device())?.to_dtype(logits.dtype())?,
+            grad,
+        )),
+        None => entropy_sum_and_grad_composed(logits, temperature),
+    }
+}
+
+/// [`entropy_sum_and_grad`] composed from candle ops.
+pub(crate) fn entropy_sum_and_grad_composed(
     logits: &Tensor,
     temperature: f64,
 ) -> candle_core::Result<(Tensor, Tensor)> {
@@ -162,7 +178,9 @@ pub struct EmOptions {
     pub logit_chunk_rows: usize,
     /// Keep only each decoder layer's input during the forward pass and recompute the layer in
     /// the backward pass: one layer's activations alive at a time instead of every layer's, for
-    /// one more forward pass of the trunk. The gradients are the same.
+    /// one more forward pass of the trunk. Where the fused CPU matmul runs, each layer's
+    /// projection products are kept too ([`crate::layers::ProjectionTape`]), so the
+    /// recomputation runs no projection matmul. The gradients are the same.
     pub recompute: bool,
 }
 
@@ -292,12 +310,16 @@ fn micro_batch(
         model.layer_context(seq, x.dtype(), &device),
         "rope tables and masks",
     )?;
-    // Forward without a graph beyond the layer being run: only each layer's input is kept.
+    // Forward without a graph beyond the layer being run: each layer's input is kept, and its
+    // projections' products on a tape, so that recomputing the layer runs no projection matmul.
     let mut inputs = Vec::with_capacity(model.num_layers());
+    let mut tapes = Vec::with_capacity(model.num_layers());
     let mut x = x;
     for i in 0..model.num_layers() {
-        let out = ctx(model.layer(i, &x, &layers), "forward pass")?.detach();
+        let tape = ProjectionTape::default();
+        let out = ctx(model.layer(i, &x, &layers, Some(&tape)), "forward pass")?.detach();
         inputs.push(std::mem::replace(&mut x, out));
+        tapes.push(tape);
     }
     let last = ctx(Var::from_tensor(&x), "forward pass")?;
     drop(x);
@@ -317,8 +339,12 @@ fn micro_batch(
         let Some(upstream) = g.take() else { break };
         let input = ctx(Var::from_tensor(&inputs[i]), "recomputing a layer")?;
         inputs.truncate(i);
+        let tape = tapes.pop();
+        if let Some(tape) = &tape {
+            tape.replay();
+        }
         let out = ctx(
-            model.layer(i, input.as_tensor(), &layers),
+            model.layer(i, input.as_tensor(), &layers, tape.as_ref()),
             "recomputing a layer",
         )?;
         let store = back_through(&out, &upstream, grads, "backward (decoder layer)")?;
@@ -399,16 +425,14 @@ fn head(
             None
         };
         let logits = raw;
-        let max_logits = ctx(logits.max(D::Minus1).and_then(|m| m.sum_all()), "max logit")?;
-        stats.max_logit_sum += ctx(scalar_f64(&max_logits), "max logit")?;
         // Detached: a soft-capped `logits` carries the cap's graph, which the surrogate below
         // must see only through `logits` itself.
-        let (sum, d_logits) = ctx(
-            entropy_sum_and_grad(&logits.detach(), options.temperature),
+        let (entropy_sum, max_logit_sum, d_logits) = ctx(
+            entropy_stats_and_grad(&logits.detach(), options.temperature, scale),
             "entropy",
         )?;
-        stats.entropy_sum += ctx(scalar_f64(&sum), "entropy")?;
-        let d_logits = ctx(d_logits.affine(scale, 0.0), "entropy gradient")?;
+        stats.entropy_sum += entropy_sum;
+        stats.max_logit_sum += max_logit_sum;
         let d_raw = match capped {
             None => d_logits,
             Some(leaf) => {
@@ -440,6 +464,21 @@ fn head(
     }
     let g = ctx(Tensor::cat(&hidden_grads, 0), "collecting gradients")?;
     Ok((stats, Some(g)))
+}
+
+/// Σ entropy, Σ max logit and `scale ·` the entropy's gradient of a logit chunk: fused on the
+/// CPU, composed elsewhere.
+fn entropy_stats_and_grad(
+    logits: &Tensor,
+    temperature: f64,
+    scale: f64,
+) -> candle_core::Result<(f64, f64, Tensor)> {
+    if let Some(fused) = crate::fused::entropy_rows(logits, temperature, scale)? {
+        return Ok(fused);
+    }
+    let max_sum = scalar_f64(&logits.max(D::Minus1)?.sum_all()?)?;
+    let (sum, grad) = entropy_sum_and_grad_composed(logits, temperature)?;
+    Ok((scalar_f64(&sum)?, max_sum, grad.affine(scale, 0.0)?))
 }
 
 fn scalar_f64(t: &Tensor) -> candle_core::Result<f64> {

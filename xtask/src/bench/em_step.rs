@@ -724,7 +724,7 @@ fn memory_model(
             row.recompute,
         );
         println!(
-            "| {} | {:.0} (static {:.0}, saved inputs {:.0}, layers {:.0}, head {:.0}) | {:.0} |",
+            "| {} | {:.0} (static {:.0}, saved inputs and MLP products {:.0}, layers {:.0}, head {:.0}) | {:.0} |",
             row.label(),
             p.total(),
             p.static_mb,

@@ -198,7 +198,7 @@ pub fn measure_layer_mb(
     let upstream = Tensor::randn(0f32, 1.0, (1, seq, hidden), &Device::Cpu)?.to_dtype(dtype)?;
     let ctx = model.layer_context(seq, dtype, &Device::Cpu)?;
     transient_peak_mb(|| {
-        let out = model.layer(0, x.as_tensor(), &ctx)?;
+        let out = model.layer(0, x.as_tensor(), &ctx, None)?;
         let store = (out * &upstream)?.sum_all()?.backward()?;
         drop(store);
         Ok(())
@@ -263,9 +263,17 @@ pub fn project(
     let b = micro_batch as f64;
     let layers = cfg.num_hidden_layers as f64;
     let act_bytes = dtype.size_in_bytes() as f64;
+    // Recomputation saves each layer's input and, where the fused CPU matmul runs (f32/f64,
+    // trainable weights), the products of its projections (em-train's ProjectionTape): q, k, v,
+    // the attention and MLP outputs, gate and up.
+    let taped = lora.is_none() && matches!(dtype, DType::F32 | DType::F64);
+    let products = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim
+        + 2 * cfg.hidden_size
+        + 2 * cfg.intermediate_size;
+    let saved_per_token = cfg.hidden_size + if taped { products } else { 0 };
     let (saved_inputs_mb, layer_mb) = if recompute {
         (
-            layers * b * (seq * cfg.hidden_size) as f64 * act_bytes / MB,
+            layers * b * (seq * saved_per_token) as f64 * act_bytes / MB,
             b * layer_mb,
         )
     } else {

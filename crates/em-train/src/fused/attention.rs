@@ -200,7 +200,7 @@ fn forward<T: Real>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>)
     let mut lse = vec![T::zero(); g.b * g.h * g.s];
     let (out_ptr, lse_ptr) = (Rows(out.as_mut_ptr()), Rows(lse.as_mut_ptr()));
     let (qs, ks) = (g.q_stride(), g.kv_stride());
-    candle_core::utils::barrier_pool().execute_chunked(g.b * g.h, |tasks| {
+    super::for_chunks(g.b * g.h, g.s * g.s * g.d, |tasks| {
         let mut p = vec![T::zero(); BLOCK * g.s];
         for task in tasks {
             let (bi, hh) = (task / g.h, task % g.h);
@@ -245,7 +245,7 @@ fn backward<T: Real>(
         Rows(dv_heads.as_mut_ptr()),
     );
     let scale = T::from(g.scale).unwrap_or_else(T::one);
-    candle_core::utils::barrier_pool().execute_chunked(g.b * g.h, |tasks| {
+    super::for_chunks(g.b * g.h, g.s * g.s * g.d, |tasks| {
         let mut p = vec![T::zero(); BLOCK * g.s];
         let mut ds = vec![T::zero(); BLOCK * g.s];
         let mut lse_row = vec![T::zero(); g.s];

@@ -4,12 +4,16 @@
 //! ran before. Every kernel is checked against the composed op and finite differences.
 
 mod attention;
+mod entropy;
+mod linear;
 mod rms_norm;
 mod rope;
 mod softmax;
 mod swiglu;
 
 pub use attention::causal_attention;
+pub use entropy::entropy_rows;
+pub use linear::linear;
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
@@ -26,7 +30,7 @@ impl Real for f32 {}
 impl Real for f64 {}
 
 /// Whether `x` takes the fused path: on the CPU, in f32 or f64.
-fn fusable(x: &Tensor) -> bool {
+pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
@@ -74,6 +78,24 @@ impl<T> Rows<T> {
     }
 }
 
+/// Below this many values of work a kernel runs on the calling thread: handing it to the pool
+/// costs more than it saves (candle's own element-wise ops draw the line at 64 K too).
+const PARALLEL_MIN: usize = 1 << 16;
+
+/// Runs `f` over chunks of `0..items` on candle's thread pool, or over all of them on the
+/// calling thread when `items · work_per_item` is below [`PARALLEL_MIN`].
+pub(crate) fn for_chunks(
+    items: usize,
+    work_per_item: usize,
+    f: impl Fn(std::ops::Range<usize>) + Sync,
+) {
+    if items.saturating_mul(work_per_item) < PARALLEL_MIN {
+        f(0..items);
+        return;
+    }
+    candle_core::utils::barrier_pool().execute_chunked(items, f);
+}
+
 /// Runs `f(row, out_row)` over the `len / n` rows of an output of `len` values, in parallel.
 fn par_rows<T: Copy + Default + Send + Sync>(
     len: usize,
@@ -83,7 +105,7 @@ fn par_rows<T: Copy + Default + Send + Sync>(
     let mut out = vec![T::default(); len];
     let rows = len.checked_div(n).unwrap_or(0);
     let ptr = Rows(out.as_mut_ptr());
-    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+    for_chunks(rows, n, |range| {
         for r in range {
             // SAFETY: each row index is handed to exactly one call, rows do not overlap, and
             // `out` outlives the pool's execution.

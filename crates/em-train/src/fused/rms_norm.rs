@@ -71,7 +71,7 @@ fn backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: T, want_dw: bool) -> (Vec<T
     // in the same order every time.
     let partials = Mutex::new(Vec::new());
     let inv_n = T::from(n).unwrap_or_else(T::one).recip();
-    candle_core::utils::barrier_pool().execute_chunked(rows, |range| {
+    super::for_chunks(rows, n, |range| {
         let mut dw = vec![T::zero(); if want_dw { n } else { 0 }];
         let first = range.start;
         for r in range {

@@ -35,7 +35,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 /// Runs `f` over consecutive ranges of `0..len`, of whole chunks of `CHUNK` values each but the
 /// last, in parallel.
 fn par_chunks(len: usize, f: impl Fn(Range<usize>) + Sync) {
-    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(CHUNK), |chunks| {
+    super::for_chunks(len.div_ceil(CHUNK), CHUNK, |chunks| {
         f(chunks.start * CHUNK..len.min(chunks.end * CHUNK))
     });
 }

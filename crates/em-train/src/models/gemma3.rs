@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::llama::load_lm_head;
 use super::{ModelConfig, ModelError, Weights};
 use crate::layers::{
-    Attention, Embedding, LayerContext, Linear, Mlp, Positions, RmsNorm, RotaryEmbedding,
+    Attention, Embedding, LayerContext, Linear, Mlp, Positions, ProjectionTape, RmsNorm,
+    RotaryEmbedding,
 };
 
 /// One decoder layer with norms before and after attention and MLP.
@@ -32,7 +33,7 @@ impl DecoderLayer {
         let x = (x + self.post_attention_layernorm.forward(&h)?)?;
         let h = self
             .mlp
-            .forward(&self.pre_feedforward_layernorm.forward(&x)?)?;
+            .forward(&self.pre_feedforward_layernorm.forward(&x)?, pos.tape)?;
         x + self.post_feedforward_layernorm.forward(&h)?
     }
 }
@@ -157,10 +158,19 @@ impl Model {
         self.layers.len()
     }
 
-    /// Decoder layer `i` on `x` `[batch, seq, hidden]`.
-    pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+    /// Decoder layer `i` on `x` `[batch, seq, hidden]`, its MLP products on `tape`.
+    pub fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        tape: Option<&ProjectionTape>,
+    ) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let pos = ctx.for_window(layer.window);
+        let pos = Positions {
+            tape,
+            ..ctx.for_window(layer.window)
+        };
         layer.forward(x, pos)
     }
 

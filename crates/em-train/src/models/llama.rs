@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::{ModelConfig, ModelError, Weights};
 use crate::layers::{
-    Attention, Embedding, LayerContext, Linear, Mlp, Positions, RmsNorm, RotaryEmbedding,
+    Attention, Embedding, LayerContext, Linear, Mlp, Positions, ProjectionTape, RmsNorm,
+    RotaryEmbedding,
 };
 
 /// One pre-norm decoder layer.
@@ -29,7 +30,7 @@ impl DecoderLayer {
         let x = (x + h)?;
         let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+            .forward(&self.post_attention_layernorm.forward(&x)?, pos.tape)?;
         x + h
     }
 }
@@ -163,10 +164,19 @@ impl Model {
         self.layers.len()
     }
 
-    /// Decoder layer `i` on `x` `[batch, seq, hidden]`.
-    pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+    /// Decoder layer `i` on `x` `[batch, seq, hidden]`, its MLP products on `tape`.
+    pub fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        tape: Option<&ProjectionTape>,
+    ) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let pos = ctx.for_window(layer.window);
+        let pos = Positions {
+            tape,
+            ..ctx.for_window(layer.window)
+        };
         layer.forward(x, pos)
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{AdapterSource, LoraConfig};
-use crate::layers::{LayerContext, Linear};
+use crate::layers::{LayerContext, Linear, ProjectionTape};
 
 /// The configuration types are em-config's: one reading of config.json for every crate.
 pub use em_config::{Architecture, ConfigError, ConfigSource, Decoder, ModelConfig};
@@ -269,7 +269,7 @@ impl CausalLm {
         let mut x = self.embed(input_ids)?;
         let ctx = self.layer_context(seq, x.dtype(), &x.device().clone())?;
         for i in 0..self.num_layers() {
-            x = self.layer(i, &x, &ctx)?;
+            x = self.layer(i, &x, &ctx, None)?;
         }
         self.final_norm(&x)
     }
@@ -308,11 +308,18 @@ impl CausalLm {
         }
     }
 
-    /// Decoder layer `i` (0-based) on `x` `[batch, seq, hidden]`.
-    pub fn layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> candle_core::Result<Tensor> {
+    /// Decoder layer `i` (0-based) on `x` `[batch, seq, hidden]`, recording its MLP's gate and
+    /// up products on `tape` or replaying them from it (see [`ProjectionTape`]).
+    pub fn layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        tape: Option<&ProjectionTape>,
+    ) -> candle_core::Result<Tensor> {
         match &self.inner {
-            Inner::Llama(m) => m.layer(i, x, ctx),
-            Inner::Gemma3(m) => m.layer(i, x, ctx),
+            Inner::Llama(m) => m.layer(i, x, ctx, tape),
+            Inner::Gemma3(m) => m.layer(i, x, ctx, tape),
         }
     }
 
