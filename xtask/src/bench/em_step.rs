@@ -173,6 +173,8 @@ struct Refresh {
 pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     let device = em_train::parse_device(&args.device)?;
     let dtype = args.dtype.dtype();
+    // em-train's fused kernels run on the CPU in f32/f64.
+    let fused = device.is_cpu() && matches!(dtype, DType::F32 | DType::F64);
     let lora = args.adapter.options().lora()?;
     let gguf = smollm2_path(&cache_dir());
     let mut rng = StdRng::seed_from_u64(7);
@@ -310,7 +312,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
             trainer.config = train_config(&update, vocab);
             let profile = args.profile.then(|| Profile {
                 work,
-                flops: step_flops(&cfg, &sequences, recompute, training.is_some()),
+                flops: step_flops(&cfg, &sequences, recompute, training.is_some(), fused),
                 peak_per_core: cpu_peak_gflops(threads).map(|(p, _)| p / threads as f64),
             });
             let (secs, peak_mb) =
@@ -344,7 +346,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     println!("| implementation | s / update | peak RSS MB | TFLOP | GFLOP/s | of CPU peak | vs PyTorch time | vs PyTorch RSS |");
     println!("|---|---|---|---|---|---|---|---|");
     for row in &rows {
-        let flops = step_flops(&cfg, &sequences, row.recompute, row.lora.is_some());
+        let flops = step_flops(&cfg, &sequences, row.recompute, row.lora.is_some(), fused);
         let (t_ratio, m_ratio) = torch.as_ref().map_or(("—".into(), "—".into()), |(t, m)| {
             (
                 format!("{:.2}x", row.secs / t),
@@ -365,7 +367,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     }
     match &torch {
         Some((secs, rss)) => {
-            let flops = step_flops(&cfg, &sequences, false, false);
+            let flops = step_flops(&cfg, &sequences, false, false, false);
             println!(
                 "| PyTorch (torch_em_step.py) | {secs:.2} | {rss:.0} | {:.2} | {:.0} | {} | 1.00x | 1.00x |",
                 flops / 1e12,
@@ -381,7 +383,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         None => {}
     }
     if let Some((p, how)) = &peak_gflops {
-        println!("CPU peak {p:.0} GFLOP/s ({how}); FLOPs counted from the shapes: 3× the forward's matmuls (forward, both backward products; 2× for a frozen weight, whose gradient is not formed), one more trunk forward with recompute, attention over the full square");
+        println!("CPU peak {p:.0} GFLOP/s ({how}); FLOPs counted from the shapes: 3× the forward's matmuls (forward, both backward products; 2× for a frozen weight, whose gradient is not formed), attention over the full square with one more trunk forward under recompute for PyTorch and off em-train's fused path; em-train's fused CPU attention over its causal blocks (7 products, 9 with recompute) and its recompute replaying the projections");
     }
     if let Some(l) = &lora {
         adapter_comparison(&cfg, l, &rows, &refreshes, n_tokens_note);
@@ -629,12 +631,15 @@ fn smollm2_config() -> serde_json::Value {
 
 /// FLOPs of one update over `sequences` (padded per micro-batch to equal lengths here); with
 /// `frozen` weights the backward forms no weight gradient (the adapter's own products are
-/// negligible at small ranks and not counted).
+/// negligible at small ranks and not counted). `fused`: em-train's CPU path, whose attention
+/// computes only the causal blocks (two products forward; five backward, one recomputing the
+/// scores) and whose recomputation replays the projections' products (full fine-tuning).
 fn step_flops(
     cfg: &em_train::models::ModelConfig,
     sequences: &[Sequence],
     recompute: bool,
     frozen: bool,
+    fused: bool,
 ) -> f64 {
     let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
     let (q, kv) = (
@@ -647,13 +652,28 @@ fn step_flops(
     for s in sequences {
         let t = s.len() as f64;
         trunk += 2.0 * t * linear_per_layer * layers;
-        attention += 2.0 * 2.0 * t * t * q * layers;
+        // One product (QKᵀ or PV) over the scores computed, for every head and layer.
+        let scores = if fused {
+            em_train::fused::scores_computed(s.len(), None) as f64
+        } else {
+            t * t
+        };
+        attention += 2.0 * scores * q * layers;
         head += 2.0 * s.response_ids.len() as f64 * cfg.vocab_size as f64 * h;
     }
     let weight_passes = if frozen { 2.0 } else { 3.0 };
+    let (attention_products, replays_trunk) = if fused {
+        (7.0 + if recompute { 2.0 } else { 0.0 }, !frozen)
+    } else {
+        (6.0 + if recompute { 2.0 } else { 0.0 }, false)
+    };
     weight_passes * (trunk + head)
-        + 3.0 * attention
-        + if recompute { trunk + attention } else { 0.0 }
+        + attention_products * attention
+        + if recompute && !replays_trunk {
+            trunk
+        } else {
+            0.0
+        }
 }
 
 /// This CPU's f32 peak for `threads` cores: cores × 2 FMA pipes × SIMD lanes × 2 FLOP × GHz.

@@ -64,6 +64,27 @@ pub fn causal_attention(
         .map(Some)
 }
 
+/// Query–key scores [`causal_attention`] computes per head of a sequence of `s` positions (its
+/// blocks skip keys no row of theirs sees): for counting its FLOPs.
+pub fn scores_computed(s: usize, window: Option<usize>) -> usize {
+    let g = Geometry {
+        b: 1,
+        s,
+        h: 1,
+        kv: 1,
+        d: 1,
+        scale: 1.0,
+        window,
+    };
+    (0..s)
+        .step_by(BLOCK)
+        .map(|i0| {
+            let (rows, _, keys) = g.block(i0);
+            rows * keys
+        })
+        .sum()
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
     b: usize,

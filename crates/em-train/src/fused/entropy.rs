@@ -20,7 +20,7 @@ pub fn entropy_rows(
         return Ok(None);
     }
     let (n, v) = logits.dims2()?;
-    if !(temperature > 0.0) {
+    if temperature.is_nan() || temperature <= 0.0 {
         candle_core::bail!("entropy: temperature {temperature} is not positive");
     }
     let logits = logits.contiguous()?;

@@ -11,7 +11,7 @@ mod rope;
 mod softmax;
 mod swiglu;
 
-pub use attention::causal_attention;
+pub use attention::{causal_attention, scores_computed};
 pub use entropy::entropy_rows;
 pub use linear::linear;
 pub use rms_norm::rms_norm;
