@@ -449,6 +449,7 @@ impl CustomOp3 for CausalAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::testing::max_diff;
     use candle_core::{DType, Device, Var, D};
 
     /// The composed op the model runs off the CPU: heads transposed, K/V repeated, an additive
@@ -477,15 +478,6 @@ mod tests {
         let scores = (qh.matmul(&kh.t()?)? * scale)?.broadcast_add(&mask)?;
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?;
         probs.matmul(&vh)?.transpose(1, 2)?.contiguous()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
     }
 
     /// q `[2, s, 4, 8]`, k and v `[2, s, 2, 8]` and a weight on the output, random.

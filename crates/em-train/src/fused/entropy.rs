@@ -95,6 +95,7 @@ fn kernel<T: Real>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::testing::max_diff;
     use candle_core::{Device, D};
 
     /// The composed computation the objective runs off the CPU.
@@ -107,15 +108,6 @@ mod tests {
             .to_scalar::<f64>()?;
         let h = h.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         Ok((h, max, g.affine(scale, 0.0)?))
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
     }
 
     #[test]

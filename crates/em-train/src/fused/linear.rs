@@ -172,16 +172,8 @@ impl CustomOp2 for Linear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::testing::max_diff;
     use candle_core::{Device, Var};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
-    }
 
     fn inputs(dtype: DType) -> Result<[Tensor; 3]> {
         let r =

@@ -122,3 +122,27 @@ fn contiguous<'a, T>(values: &'a [T], layout: &Layout, op: &str) -> Result<&'a [
         None => candle_core::bail!("{op}: the input is not contiguous"),
     }
 }
+
+/// What the kernels' tests share.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{DType, Result, Tensor};
+
+    fn max_abs(t: &Tensor) -> Result<f64> {
+        t.abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()
+    }
+
+    /// `max |a − b|`.
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        max_abs(&(a - b)?)
+    }
+
+    /// `max |a − b| / (1 + max |b|)`.
+    pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        Ok(max_diff(a, b)? / (1.0 + max_abs(b)?))
+    }
+}

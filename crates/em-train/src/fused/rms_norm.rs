@@ -199,6 +199,7 @@ impl CustomOp2 for RmsNorm {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::testing::rel_diff;
     use crate::layers::RmsNorm as Composed;
     use candle_core::{Device, Var};
 
@@ -209,18 +210,6 @@ mod tests {
             Composed::new(w.clone(), 1e-5)
         };
         norm.forward_composed(x)
-    }
-
-    /// `max |a − b| / (1 + max |b|)`.
-    fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        let max = |t: Tensor| {
-            t.abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()
-        };
-        Ok(max((a - b)?)? / (1.0 + max(b.clone())?))
     }
 
     /// x `[3, 100, 41]` (300 rows), a weight `[41]` and a weight on the output, random.

@@ -128,20 +128,9 @@ impl CustomOp3 for Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::testing::rel_diff;
     use crate::layers::{apply_rope, RopeParams, RotaryEmbedding};
     use candle_core::{Device, Var};
-
-    /// `max |a − b| / (1 + max |b|)`.
-    fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        let max = |t: Tensor| {
-            t.abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()
-        };
-        Ok(max((a - b)?)? / (1.0 + max(b.clone())?))
-    }
 
     /// The composed op on the heads-first layout, transposed there and back.
     fn composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

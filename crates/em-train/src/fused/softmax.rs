@@ -115,6 +115,7 @@ impl CustomOp2 for SoftmaxBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::testing::max_diff;
     use candle_core::{Device, Var};
 
     /// Scores with a causal −∞ mask, as attention hands them over.
@@ -122,15 +123,6 @@ mod tests {
         let x = Tensor::randn(0f64, 2.0, (2, 3, 7, 7), &Device::Cpu)?.to_dtype(dtype)?;
         let mask = crate::layers::attention_mask(7, None, dtype, &Device::Cpu)?;
         x.broadcast_add(&mask)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        (a - b)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()
     }
 
     #[test]

@@ -157,19 +157,8 @@ impl CustomOp2 for SwiGlu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::testing::rel_diff;
     use candle_core::{Device, Var};
-
-    /// `max |a − b| / (1 + max |b|)`.
-    fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
-        let max = |t: Tensor| {
-            t.abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()
-        };
-        Ok(max((a - b)?)? / (1.0 + max(b.clone())?))
-    }
 
     /// gate, up and a weight on the output, `[3, 100, 67]` (20 100 values: two chunks), random.
     fn inputs(dtype: DType) -> Result<[Tensor; 3]> {
