@@ -4,9 +4,9 @@
 //! forward pass can also hand back a product recorded earlier for the same input instead of
 //! computing it again (the recomputation of a layer for its backward pass).
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::{contiguous, cpu_tensor, fusable, with_values, Real};
+use super::{contiguous, cpu_tensor, fusable, with_values, Fused2, Kernel2, Real};
 
 /// `x·wᵀ` for `x` `[rows, in]` and `w` `[out, in]`, as `[rows, out]`; with `recorded`, the
 /// product an earlier pass computed for this same `x` and `w` (`[rows, out]`), copied instead of
@@ -41,7 +41,9 @@ pub fn linear(x: &Tensor, w: &Tensor, recorded: Option<&Tensor>) -> Result<Optio
     let op = Linear {
         recorded: recorded.map(|r| r.detach()),
     };
-    x.contiguous()?.apply_op2(&w.contiguous()?, op).map(Some)
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, Fused2(op))
+        .map(Some)
 }
 
 struct Linear {
@@ -90,8 +92,10 @@ fn product<T: Real>(
     dst
 }
 
-impl Linear {
-    fn forward_as<T: Real>(
+impl Kernel2 for Linear {
+    const NAME: &'static str = "linear";
+
+    fn forward<T: Real>(
         &self,
         (x, lx): (&CpuStorage, &Layout),
         (w, lw): (&CpuStorage, &Layout),
@@ -111,7 +115,7 @@ impl Linear {
         Ok((T::to_cpu_storage_owned(y), (rows, out).into()))
     }
 
-    fn backward_as<T: Real>(
+    fn backward<T: Real>(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -134,45 +138,11 @@ impl Linear {
     }
 }
 
-impl CustomOp2 for Linear {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match x {
-            CpuStorage::F32(_) => self.forward_as::<f32>((x, lx), (w, lw)),
-            CpuStorage::F64(_) => self.forward_as::<f64>((x, lx), (w, lw)),
-            _ => candle_core::bail!("linear: f32 and f64 only"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        match x.dtype() {
-            DType::F32 => self.backward_as::<f32>(x, w, &g),
-            DType::F64 => self.backward_as::<f64>(x, w, &g),
-            dtype => candle_core::bail!("linear: {dtype:?} has no backward pass"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fused::testing::max_diff;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     fn inputs(dtype: DType) -> Result<[Tensor; 3]> {

@@ -19,7 +19,9 @@ pub use rope::rope;
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
 
-use candle_core::{DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 
 /// The float types the fused kernels run in.
 pub(crate) trait Real:
@@ -32,6 +34,66 @@ impl Real for f64 {}
 /// Whether `x` takes the fused path: on the CPU, in f32 or f64.
 pub(crate) fn fusable(x: &Tensor) -> bool {
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// A fused op of two tensors, written once for any [`Real`]; [`Fused2`] makes it a candle
+/// [`CustomOp2`] that dispatches on the dtype.
+pub(crate) trait Kernel2: Send + Sync + 'static {
+    /// The op's name in errors.
+    const NAME: &'static str;
+
+    /// The output for the operands' storages, of type `T`.
+    fn forward<T: Real>(
+        &self,
+        a: (&CpuStorage, &Layout),
+        b: (&CpuStorage, &Layout),
+    ) -> Result<(CpuStorage, Shape)>;
+
+    /// The operands' gradients from the output's gradient `g` (contiguous), of type `T`.
+    fn backward<T: Real>(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)>;
+}
+
+/// A [`Kernel2`] as a candle op.
+pub(crate) struct Fused2<K>(pub K);
+
+impl<K: Kernel2> CustomOp2 for Fused2<K> {
+    fn name(&self) -> &'static str {
+        K::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match a {
+            CpuStorage::F32(_) => self.0.forward::<f32>((a, la), (b, lb)),
+            CpuStorage::F64(_) => self.0.forward::<f64>((a, la), (b, lb)),
+            _ => candle_core::bail!("{}: f32 and f64 only", K::NAME),
+        }
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        match a.dtype() {
+            DType::F32 => self.0.backward::<f32>(a, b, &g),
+            DType::F64 => self.0.backward::<f64>(a, b, &g),
+            dtype => candle_core::bail!("{}: {dtype:?} has no backward pass", K::NAME),
+        }
+    }
 }
 
 /// Calls `f` with the contiguous CPU values of `tensors` (each must be contiguous and of `T`).

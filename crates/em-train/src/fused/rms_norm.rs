@@ -2,9 +2,9 @@
 
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::{contiguous, cpu_tensor, fusable, par_rows, with_values, Real, Rows};
+use super::{contiguous, cpu_tensor, fusable, par_rows, with_values, Fused2, Kernel2, Real, Rows};
 
 /// `x / sqrt(mean(x²) + eps) · w` over the last dimension `n` of `x`, with `w` the `[n]`
 /// `weight`, or `1 + weight` when `unit_offset` (Gemma).
@@ -38,7 +38,7 @@ pub fn rms_norm(
     }
     let op = RmsNorm { eps, unit_offset };
     x.contiguous()?
-        .apply_op2(&weight.contiguous()?, op)
+        .apply_op2(&weight.contiguous()?, Fused2(op))
         .map(Some)
 }
 
@@ -133,8 +133,12 @@ impl RmsNorm {
         };
         weight.iter().map(|&w| offset + w).collect()
     }
+}
 
-    fn forward_as<T: Real>(
+impl Kernel2 for RmsNorm {
+    const NAME: &'static str = "rms norm";
+
+    fn forward<T: Real>(
         &self,
         (x, lx): (&CpuStorage, &Layout),
         (w, lw): (&CpuStorage, &Layout),
@@ -146,7 +150,7 @@ impl RmsNorm {
         Ok((T::to_cpu_storage_owned(out), lx.shape().clone()))
     }
 
-    fn backward_as<T: Real>(
+    fn backward<T: Real>(
         &self,
         x: &Tensor,
         weight: &Tensor,
@@ -161,46 +165,12 @@ impl RmsNorm {
     }
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        lx: &Layout,
-        w: &CpuStorage,
-        lw: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match x {
-            CpuStorage::F32(_) => self.forward_as::<f32>((x, lx), (w, lw)),
-            CpuStorage::F64(_) => self.forward_as::<f64>((x, lx), (w, lw)),
-            _ => candle_core::bail!("rms norm: f32 and f64 only"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        match x.dtype() {
-            DType::F32 => self.backward_as::<f32>(x, weight, &g),
-            DType::F64 => self.backward_as::<f64>(x, weight, &g),
-            dtype => candle_core::bail!("rms norm: {dtype:?} has no backward pass"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fused::testing::rel_diff;
     use crate::layers::RmsNorm as Composed;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     fn composed(x: &Tensor, w: &Tensor, unit_offset: bool) -> Result<Tensor> {

@@ -2,9 +2,9 @@
 
 use std::ops::Range;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
-use super::{contiguous, cpu_tensor, fusable, with_values, Real, Rows};
+use super::{contiguous, cpu_tensor, fusable, with_values, Fused2, Kernel2, Real, Rows};
 
 /// Elements per task.
 const CHUNK: usize = 1 << 14;
@@ -28,7 +28,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
         candle_core::bail!("swiglu: gate is {:?}, up {:?}", gate.dtype(), up.dtype());
     }
     gate.contiguous()?
-        .apply_op2(&up.contiguous()?, SwiGlu)
+        .apply_op2(&up.contiguous()?, Fused2(SwiGlu))
         .map(Some)
 }
 
@@ -88,8 +88,11 @@ fn backward<T: Real>(gate: &[T], up: &[T], d: &[T]) -> (Vec<T>, Vec<T>) {
 
 struct SwiGlu;
 
-impl SwiGlu {
-    fn forward_as<T: Real>(
+impl Kernel2 for SwiGlu {
+    const NAME: &'static str = "swiglu";
+
+    fn forward<T: Real>(
+        &self,
         (gate, lg): (&CpuStorage, &Layout),
         (up, lu): (&CpuStorage, &Layout),
     ) -> Result<(CpuStorage, Shape)> {
@@ -104,7 +107,8 @@ impl SwiGlu {
         ))
     }
 
-    fn backward_as<T: Real>(
+    fn backward<T: Real>(
+        &self,
         gate: &Tensor,
         up: &Tensor,
         d: &Tensor,
@@ -119,45 +123,11 @@ impl SwiGlu {
     }
 }
 
-impl CustomOp2 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "swiglu"
-    }
-
-    fn cpu_fwd(
-        &self,
-        gate: &CpuStorage,
-        lg: &Layout,
-        up: &CpuStorage,
-        lu: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match gate {
-            CpuStorage::F32(_) => Self::forward_as::<f32>((gate, lg), (up, lu)),
-            CpuStorage::F64(_) => Self::forward_as::<f64>((gate, lg), (up, lu)),
-            _ => candle_core::bail!("swiglu: f32 and f64 only"),
-        }
-    }
-
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _y: &Tensor,
-        d: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = d.contiguous()?;
-        match gate.dtype() {
-            DType::F32 => Self::backward_as::<f32>(gate, up, &d),
-            DType::F64 => Self::backward_as::<f64>(gate, up, &d),
-            dtype => candle_core::bail!("swiglu: {dtype:?} has no backward pass"),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fused::testing::rel_diff;
+    use candle_core::DType;
     use candle_core::{Device, Var};
 
     /// gate, up and a weight on the output, `[3, 100, 67]` (20 100 values: two chunks), random.
