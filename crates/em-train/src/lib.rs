@@ -10,6 +10,7 @@ pub mod fused;
 mod grads;
 pub mod layers;
 pub mod lora;
+pub mod memory;
 pub mod models;
 pub mod objective;
 pub mod optim;

@@ -24,7 +24,9 @@ use em_pipeline::assets::{cache_dir, smollm2_path};
 use em_pipeline::hf_vocab::HfVocab;
 use em_pipeline::prompt::{PromptOptions, PromptRenderer};
 
-use super::{memory, profile};
+use em_train::memory;
+
+use super::profile;
 
 /// Settings of `bench em-step`.
 #[derive(clap::Args, Debug, Clone)]

@@ -12,7 +12,6 @@ use em_pipeline::assets::{cache_dir, smollm2_path};
 mod anchor;
 mod em_step;
 mod eval;
-mod memory;
 mod profile;
 mod sample;
 mod server;

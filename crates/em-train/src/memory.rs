@@ -1,14 +1,21 @@
-//! The memory model `bench em-step` prints: what one EM update holds at its peak, from parts
-//! measured on this machine (one decoder layer's forward + backward, one LM-head chunk) and parts
-//! that are arithmetic (weights, master copies, gradients, moments, saved layer inputs).
+//! The memory model of one EM update (`bench em-step` prints it): what an update holds at its
+//! peak, from parts measured on this machine (one decoder layer's forward + backward, one LM-head
+//! chunk) and parts that are arithmetic (weights, master copies, gradients, moments, saved layer
+//! inputs and taped products), projected to published configurations. Linux: the measurements
+//! read the process's RSS from `/proc/self`.
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
-use em_train::lora::{AdapterSource, LoraConfig};
-use em_train::models::{tensor_shapes, CausalLm, ModelConfig};
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::lora::{AdapterSource, LoraConfig};
+use crate::models::{tensor_shapes, CausalLm, ModelConfig};
+
+/// A model or configuration error as a candle error (this module's one error type).
+fn model<T, E: std::fmt::Display>(r: std::result::Result<T, E>) -> Result<T> {
+    r.map_err(|e| candle_core::Error::Msg(e.to_string()))
+}
 
 const MB: f64 = 1024.0 * 1024.0;
 
@@ -57,7 +64,9 @@ pub fn transient_peak_mb(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 
 /// A published configuration whose memory the model projects.
 pub struct KnownConfig {
+    /// The model's name.
     pub name: &'static str,
+    /// Its config.json values.
     pub raw: serde_json::Value,
 }
 
@@ -117,7 +126,7 @@ pub fn known_configs() -> Vec<KnownConfig> {
 
 /// Parses a configuration given as JSON values.
 pub fn config(raw: &serde_json::Value, name: &str) -> Result<ModelConfig> {
-    Ok(ModelConfig::from_value(raw.clone(), Path::new(name))?)
+    model(ModelConfig::from_value(raw.clone(), Path::new(name)))
 }
 
 /// Number of parameters of `cfg` (a tied head counted once).
@@ -164,15 +173,15 @@ pub fn random_model(
 ) -> Result<CausalLm> {
     let tensors = random_tensors(cfg, device)?;
     Ok(match lora {
-        None => CausalLm::from_tensors(cfg, tensors, dtype, device)?,
-        Some(l) => CausalLm::from_tensors_with_adapter(
+        None => model(CausalLm::from_tensors(cfg, tensors, dtype, device))?,
+        Some(l) => model(CausalLm::from_tensors_with_adapter(
             cfg,
             tensors,
             dtype,
             device,
             l.clone(),
             AdapterSource::Init { seed: 15 },
-        )?,
+        ))?,
     })
 }
 
@@ -211,22 +220,26 @@ pub fn measure_layer_mb(
 pub fn measure_head_chunk_mb(rows: usize, vocab: usize) -> Result<f64> {
     transient_peak_mb(|| {
         let z = Tensor::randn(0f32, 3.0, (rows, vocab), &Device::Cpu)?;
-        let (sum, grad) = em_train::objective::entropy_sum_and_grad(&z, 0.5)?;
+        let (sum, grad) = crate::objective::entropy_sum_and_grad(&z, 0.5)?;
         drop((sum, grad));
         Ok(())
     })
-    .context("measuring an LM-head chunk")
 }
 
 /// The projected peak of one update, in MB, and its parts.
 pub struct Projection {
+    /// Held across the update: weights, master copies, gradients and moments.
     pub static_mb: f64,
+    /// Each layer's saved input and, on the fused path, its taped products (with recompute).
     pub saved_inputs_mb: f64,
+    /// Live layer activations: one layer's with recompute, every layer's without.
     pub layer_mb: f64,
+    /// One LM-head chunk's logits and entropy gradient.
     pub head_mb: f64,
 }
 
 impl Projection {
+    /// The projected peak.
     pub fn total(&self) -> f64 {
         self.static_mb + self.saved_inputs_mb + self.layer_mb + self.head_mb
     }
