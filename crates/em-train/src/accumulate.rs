@@ -30,19 +30,9 @@ pub fn add_in_place(acc: &Tensor, g: &Tensor) -> Result<bool> {
 
 struct AddInPlace;
 
-/// Elements per task of [`AddInPlace`].
-const ADD_CHUNK: usize = 1 << 16;
-
 fn add_chunks<T: Copy + Send + Sync + std::ops::AddAssign>(dst: &mut [T], src: &[T]) {
-    let ptr = dst.as_mut_ptr() as usize;
-    let len = dst.len();
-    crate::fused::for_chunks(len.div_ceil(ADD_CHUNK), ADD_CHUNK, |range| {
-        for unit in range {
-            let (lo, hi) = (unit * ADD_CHUNK, len.min((unit + 1) * ADD_CHUNK));
-            // SAFETY: each unit's range [lo, hi) of dst is written by that unit alone.
-            let d = unsafe { std::slice::from_raw_parts_mut((ptr as *mut T).add(lo), hi - lo) };
-            d.iter_mut().zip(&src[lo..hi]).for_each(|(a, &b)| *a += b);
-        }
+    crate::fused::par_in_place(dst, |lo, d| {
+        d.iter_mut().zip(&src[lo..]).for_each(|(a, &b)| *a += b)
     });
 }
 
@@ -255,7 +245,7 @@ mod tests {
     #[test]
     fn adds_in_place_across_chunks() -> Result<()> {
         let dev = Device::Cpu;
-        let n = 3 * ADD_CHUNK + 17;
+        let n = 3 * (1 << 16) + 17;
         let acc = Tensor::arange(0f32, n as f32, &dev)?;
         let g = (Tensor::arange(0f32, n as f32, &dev)? * 0.5)?;
         let want = (acc.copy()? + &g)?;

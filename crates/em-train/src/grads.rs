@@ -172,6 +172,14 @@ impl Gradients {
     pub fn global_norm(&self) -> candle_core::Result<f64> {
         let mut sq: Option<Tensor> = None;
         for g in self.grads.iter().flatten() {
+            if let Some(fused) = crate::fused::sum_of_squares(g)? {
+                let s = Tensor::new(fused, g.device())?;
+                sq = Some(match sq {
+                    Some(acc) => (acc + s)?,
+                    None => s,
+                });
+                continue;
+            }
             let flat = g.flatten_all()?;
             for (start, len) in pieces(flat.elem_count()) {
                 let s = flat
@@ -193,6 +201,7 @@ impl Gradients {
     pub fn scale(&mut self, factor: f64) -> candle_core::Result<()> {
         for (g, owned) in self.grads.iter_mut().zip(&mut self.owned) {
             match g {
+                Some(t) if *owned && crate::fused::scale_in_place(t, factor)? => {}
                 Some(t) if *owned && t.is_contiguous() => {
                     let flat = t.flatten_all()?;
                     for (start, len) in pieces(flat.elem_count()) {

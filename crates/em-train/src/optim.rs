@@ -259,6 +259,24 @@ fn update(
         state.exp_avg.flatten_all()?,
         state.exp_avg_sq.flatten_all()?,
     );
+    if let (Some(g), None) = (g, &master_flat) {
+        let fused = crate::fused::AdamWStep {
+            decay: k.decay,
+            betas: k.betas,
+            step_size: k.step_size,
+            bc2_sqrt: k.bc2_sqrt,
+            eps: k.eps,
+        };
+        if crate::fused::adamw_in_place(
+            var.as_tensor(),
+            g,
+            &state.exp_avg,
+            &state.exp_avg_sq,
+            &fused,
+        )? {
+            return Ok(state);
+        }
+    }
     let g_flat = g.map(|g| g.flatten_all()).transpose()?;
     let (b1, b2) = k.betas;
     for (start, len) in pieces(weight.elem_count()) {

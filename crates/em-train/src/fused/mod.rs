@@ -1,11 +1,14 @@
 //! Fused CPU kernels with their own backward, for ops candle composes from several passes over
 //! memory. Each runs on the CPU in f32 and f64 with its work spread over candle's thread pool, and
 //! falls back to the composed op off the CPU and for other dtypes, so a CUDA build runs what it
-//! ran before. Every kernel is checked against the composed op and finite differences.
+//! ran before. Every kernel is checked against the composed op and finite differences. The
+//! optimizer's passes (`optimizer.rs`: gradient norm, clip scaling, AdamW) are here too, fused
+//! in place, without a backward pass.
 
 mod attention;
 mod entropy;
 mod linear;
+mod optimizer;
 mod rms_norm;
 mod rope;
 mod softmax;
@@ -14,6 +17,8 @@ mod swiglu;
 pub use attention::{causal_attention, scores_computed};
 pub use entropy::entropy_rows;
 pub use linear::linear;
+pub(crate) use optimizer::par_in_place;
+pub use optimizer::{adamw_in_place, scale_in_place, sum_of_squares, AdamWStep};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use softmax::softmax_last_dim;
