@@ -132,6 +132,31 @@ impl Gradients {
         self.add_at(i, g)
     }
 
+    /// Sinks for those of `weights` that are parameters on the fused path (CPU, f32/f64): each
+    /// one's accumulator, created zero where no gradient has arrived yet, for the fused
+    /// projections to add their gradients to in place (see [`crate::layers::GradientSinks`]).
+    pub(crate) fn sinks<'a>(
+        &mut self,
+        weights: impl IntoIterator<Item = &'a Tensor>,
+    ) -> candle_core::Result<crate::layers::GradientSinks> {
+        let mut sinks = vec![];
+        for w in weights {
+            if !w.is_variable() || !crate::fused::fusable(w) {
+                continue;
+            }
+            let i = self.index_of(w)?;
+            let acc = match self.grads[i].take() {
+                Some(g) if self.owned[i] && g.is_contiguous() && g.dtype() == w.dtype() => g,
+                Some(g) => g.to_dtype(w.dtype())?.copy()?,
+                None => w.zeros_like()?,
+            };
+            sinks.push((w.clone(), acc.clone()));
+            self.grads[i] = Some(acc);
+            self.owned[i] = true;
+        }
+        Ok(crate::layers::GradientSinks::new(sinks))
+    }
+
     /// Adds `aᵀ·b` (`a` `[k, out]`, `b` `[k, in]`) to the gradient of `var` `[out, in]` in its
     /// own storage: the LM head's weight gradient over many row chunks costs one `[out, in]`.
     pub(crate) fn add_transposed_product(

@@ -79,12 +79,13 @@ impl Linear {
 
     /// Applies the layer to the last dimension of `x` (any number of leading dimensions).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_taped(x, None)
+        self.forward_in(x, Projections::default())
     }
 
-    /// [`Self::forward`], recording the product `x·Wᵀ` of a trainable weight on `tape`, or
-    /// taking it from there when the tape replays.
-    pub fn forward_taped(&self, x: &Tensor, tape: Option<&ProjectionTape>) -> Result<Tensor> {
+    /// [`Self::forward`] on the fused path of `site`: a trainable weight's product `x·Wᵀ` is
+    /// recorded on its tape, or taken from there when the tape replays, and the weight's gradient
+    /// goes to its sink when it has one.
+    pub fn forward_in(&self, x: &Tensor, site: Projections<'_>) -> Result<Tensor> {
         let w = &self.weight;
         let (out_dim, in_dim) = w.dims2()?;
         let mut dims = x.dims().to_vec();
@@ -92,12 +93,13 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let y = if w.is_variable() {
             // Only the fused matmul records and replays.
-            let tape = tape.filter(|_| crate::fused::fusable(&x2));
+            let tape = site.tape.filter(|_| crate::fused::fusable(&x2));
             let replayed = tape
                 .map(ProjectionTape::next_replayed)
                 .transpose()?
                 .flatten();
-            match crate::fused::linear(&x2, w, replayed.as_ref())? {
+            let sink = site.sinks.and_then(|s| s.get(w));
+            match crate::fused::linear(&x2, w, replayed.as_ref(), sink)? {
                 Some(y) => {
                     if let Some(tape) = tape {
                         tape.record(&y);
@@ -166,6 +168,40 @@ impl ProjectionTape {
         if !self.replaying.get() {
             self.products.borrow_mut().push_back(y.detach());
         }
+    }
+}
+
+/// Where a layer's trainable projections on the fused path keep their products and send their
+/// weights' gradients; the default does neither.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Projections<'a> {
+    /// The tape the products go on, or come from when it replays.
+    pub tape: Option<&'a ProjectionTape>,
+    /// The accumulators the weights' gradients are added to in place.
+    pub sinks: Option<&'a GradientSinks>,
+}
+
+/// The update's gradient accumulator of each trainable projection weight, by the weight's id: the
+/// fused projection adds its weight's gradient there during the backward pass (see
+/// [`crate::fused::linear`]) instead of handing it to candle's gradient store.
+#[derive(Debug, Clone, Default)]
+pub struct GradientSinks(std::collections::HashMap<candle_core::TensorId, Tensor>);
+
+impl GradientSinks {
+    /// Sinks for the weights `(weight, accumulator)`; each accumulator has its weight's shape
+    /// and dtype and is contiguous.
+    pub fn new(sinks: impl IntoIterator<Item = (Tensor, Tensor)>) -> Self {
+        Self(sinks.into_iter().map(|(w, acc)| (w.id(), acc)).collect())
+    }
+
+    /// The accumulator of `weight`, if it has one.
+    pub fn get(&self, weight: &Tensor) -> Option<&Tensor> {
+        self.0.get(&weight.id())
+    }
+
+    /// Whether no weight has a sink.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 
@@ -454,6 +490,7 @@ pub struct LayerContext {
     local: (Tensor, Tensor),
     full: Tensor,
     sliding: Vec<(usize, Tensor)>,
+    sinks: Option<GradientSinks>,
 }
 
 impl LayerContext {
@@ -484,7 +521,16 @@ impl LayerContext {
             local: local_tables,
             full: attention_mask(seq_len, None, mask_dtype, device)?,
             sliding,
+            sinks: None,
         })
+    }
+
+    /// The same context, with the layers' projection weights sending their gradients to `sinks`.
+    pub fn with_sinks(self, sinks: GradientSinks) -> Self {
+        Self {
+            sinks: Some(sinks),
+            ..self
+        }
     }
 
     /// The tables and mask of a layer with sliding `window` (`None`: full attention).
@@ -496,14 +542,20 @@ impl LayerContext {
                 sin: &self.local.1,
                 mask,
                 window: Some(*w),
-                tape: None,
+                projections: Projections {
+                    tape: None,
+                    sinks: self.sinks.as_ref(),
+                },
             },
             None => Positions {
                 cos: &self.global.0,
                 sin: &self.global.1,
                 mask: &self.full,
                 window: None,
-                tape: None,
+                projections: Projections {
+                    tape: None,
+                    sinks: self.sinks.as_ref(),
+                },
             },
         }
     }
@@ -521,8 +573,8 @@ pub struct Positions<'a> {
     pub mask: &'a Tensor,
     /// Keys each query sees at most (itself included); `None`: every earlier one.
     pub window: Option<usize>,
-    /// Where the layer's projections record their products or replay them.
-    pub tape: Option<&'a ProjectionTape>,
+    /// Where the layer's projections keep their products and send their weights' gradients.
+    pub projections: Projections<'a>,
 }
 
 /// Multi-head self-attention with grouped key/value heads, optional per-head q/k RMS norms,
@@ -554,6 +606,11 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// The query, key, value and output projections.
+    pub fn projections(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
     /// Attends over `x` (`[batch, seq, hidden]`) at `pos`: the fused causal attention on the
     /// CPU in f32/f64 without soft-capping, the composed op elsewhere.
     pub fn forward(&self, x: &Tensor, pos: Positions<'_>) -> Result<Tensor> {
@@ -561,7 +618,7 @@ impl Attention {
         let (h, kv, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // [b, s, heads, d], rotated.
         let heads = |proj: &Linear, n: usize, norm: Option<&RmsNorm>| {
-            let t = proj.forward_taped(x, pos.tape)?.reshape((b, s, n, d))?;
+            let t = proj.forward_in(x, pos.projections)?.reshape((b, s, n, d))?;
             let t = match norm {
                 Some(norm) => norm.forward(&t)?,
                 None => t,
@@ -575,7 +632,7 @@ impl Attention {
         let k = heads(&self.k_proj, kv, self.k_norm.as_ref())?;
         let v = self
             .v_proj
-            .forward_taped(x, pos.tape)?
+            .forward_in(x, pos.projections)?
             .reshape((b, s, kv, d))?;
         let fused = match self.softcap {
             None => crate::fused::causal_attention(&q, &k, &v, self.scale, pos.window)?,
@@ -586,7 +643,7 @@ impl Attention {
             None => self.composed(&q, &k, &v, pos.mask)?,
         };
         self.o_proj
-            .forward_taped(&out.reshape((b, s, h * d))?, pos.tape)
+            .forward_in(&out.reshape((b, s, h * d))?, pos.projections)
     }
 
     /// Attention over `q` `[b, s, h, d]` and `k`, `v` `[b, s, kv, d]` with an additive `mask`
@@ -651,11 +708,16 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    /// The gate, up and down projections.
+    pub fn projections(&self) -> [&Linear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+
     /// Applies the block to `x` (`[.., hidden]`); SwiGLU's `silu(gate)·up` fused on the CPU.
-    /// The projections' products go on `tape` or come from it.
-    pub fn forward(&self, x: &Tensor, tape: Option<&ProjectionTape>) -> Result<Tensor> {
-        let gate = self.gate_proj.forward_taped(x, tape)?;
-        let up = self.up_proj.forward_taped(x, tape)?;
+    /// The projections run on the fused path of `site`.
+    pub fn forward(&self, x: &Tensor, site: Projections<'_>) -> Result<Tensor> {
+        let gate = self.gate_proj.forward_in(x, site)?;
+        let up = self.up_proj.forward_in(x, site)?;
         let fused = match self.act {
             Activation::Silu => crate::fused::swiglu(&gate, &up)?,
             _ => None,
@@ -664,7 +726,7 @@ impl Mlp {
             Some(h) => h,
             None => (apply_activation(self.act, &gate)? * up)?,
         };
-        self.down_proj.forward_taped(&hidden, tape)
+        self.down_proj.forward_in(&hidden, site)
     }
 }
 

@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::grads::ctx;
-use crate::layers::{compute_dtype, ProjectionTape};
+use crate::layers::{compute_dtype, GradientSinks, Linear, ProjectionTape};
 use crate::models::CausalLm;
 
 pub use crate::grads::{accumulate_dtype, Gradients, TrainError};
@@ -246,6 +246,11 @@ pub fn accumulate_em_gradients_observed(
     validate(sequences, model.config().vocab_size)?;
     let mut stats = EmStats::default();
     let micro_batches = sequences.len().div_ceil(options.micro_batch.max(1));
+    let sinks = ctx(
+        grads.sinks(model.projections().into_iter().map(Linear::weight)),
+        "gradient accumulators",
+    )?;
+    let sinks = (!sinks.is_empty()).then_some(sinks);
     for (i, batch) in sequences.chunks(options.micro_batch.max(1)).enumerate() {
         let mut report = |backward| {
             on_pass(Pass {
@@ -260,6 +265,7 @@ pub fn accumulate_em_gradients_observed(
             options,
             scale,
             grads,
+            sinks.as_ref(),
             &mut report,
         )?);
     }
@@ -285,6 +291,7 @@ fn micro_batch(
     options: &EmOptions,
     scale: f64,
     grads: &mut Gradients,
+    sinks: Option<&GradientSinks>,
     report: &mut dyn FnMut(bool),
 ) -> Result<EmStats, TrainError> {
     let device = model
@@ -293,7 +300,7 @@ fn micro_batch(
         .map_or(Device::Cpu, |(_, v)| v.device().clone());
     let ids = ctx(padded_ids(batch, &device), "building the batch")?;
     if !options.recompute {
-        let hidden = ctx(model.hidden_states(&ids), "forward pass")?;
+        let hidden = ctx(model.hidden_states_with(&ids, sinks), "forward pass")?;
         let selected = ctx(select_predicting(&hidden, batch), "selecting positions")?;
         let (stats, g) = head(model, &selected.detach(), options, scale, grads)?;
         report(false);
@@ -310,6 +317,10 @@ fn micro_batch(
         model.layer_context(seq, x.dtype(), &device),
         "rope tables and masks",
     )?;
+    let layers = match sinks {
+        Some(s) => layers.with_sinks(s.clone()),
+        None => layers,
+    };
     // Forward without a graph beyond the layer being run: each layer's input is kept, and its
     // projections' products on a tape, so that recomputing the layer runs no projection matmul.
     let mut inputs = Vec::with_capacity(model.num_layers());

@@ -2,7 +2,10 @@
 //! formed directly as `[out, in]`, where candle's matmul backward forms `[in, out]` and adds it
 //! through the transpose (a strided pass and a weight-sized temporary per projection). The
 //! forward pass can also hand back a product recorded earlier for the same input instead of
-//! computing it again (the recomputation of a layer for its backward pass).
+//! computing it again (the recomputation of a layer for its backward pass), and the backward pass
+//! can add the weight's gradient straight into the update's accumulator (a sink) instead of
+//! handing it to candle, which would zero a weight-sized tensor, add the gradient to it, and leave
+//! the sum to be added to the accumulator once more.
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
@@ -10,10 +13,16 @@ use super::{contiguous, cpu_tensor, fusable, with_values, Fused2, Kernel2, Real}
 
 /// `x·wᵀ` for `x` `[rows, in]` and `w` `[out, in]`, as `[rows, out]`; with `recorded`, the
 /// product an earlier pass computed for this same `x` and `w` (`[rows, out]`), copied instead of
-/// computed. Gradients flow to both operands.
+/// computed. Gradients flow to both operands; with `sink` (`w`'s shape and dtype, contiguous), the
+/// backward pass adds `w`'s gradient to it in place and hands candle none for `w`.
 ///
 /// `None` off the CPU and for dtypes other than f32/f64: the caller composes the op there.
-pub fn linear(x: &Tensor, w: &Tensor, recorded: Option<&Tensor>) -> Result<Option<Tensor>> {
+pub fn linear(
+    x: &Tensor,
+    w: &Tensor,
+    recorded: Option<&Tensor>,
+    sink: Option<&Tensor>,
+) -> Result<Option<Tensor>> {
     if !fusable(x) {
         return Ok(None);
     }
@@ -38,8 +47,20 @@ pub fn linear(x: &Tensor, w: &Tensor, recorded: Option<&Tensor>) -> Result<Optio
             );
         }
     }
+    if let Some(acc) = sink {
+        if acc.dims() != w.dims() || acc.dtype() != w.dtype() || !acc.is_contiguous() {
+            candle_core::bail!(
+                "linear: a gradient sink {:?} {:?} for w {:?} {:?}",
+                acc.dims(),
+                acc.dtype(),
+                w.dims(),
+                w.dtype()
+            );
+        }
+    }
     let op = Linear {
         recorded: recorded.map(|r| r.detach()),
+        sink: sink.cloned(),
     };
     x.contiguous()?
         .apply_op2(&w.contiguous()?, Fused2(op))
@@ -48,6 +69,7 @@ pub fn linear(x: &Tensor, w: &Tensor, recorded: Option<&Tensor>) -> Result<Optio
 
 struct Linear {
     recorded: Option<Tensor>,
+    sink: Option<Tensor>,
 }
 
 /// `dst[m, n] = lhs[m, k]·rhs[k, n]`, operands as (values, row stride, column stride), over
@@ -124,6 +146,10 @@ impl Kernel2 for Linear {
         let (rows, k) = x.dims2()?;
         let out = w.dim(0)?;
         let trains_w = w.is_variable() || w.track_op();
+        if let (Some(acc), true) = (&self.sink, trains_w) {
+            crate::accumulate::add_transposed_product(acc, g, x)?;
+        }
+        let trains_w = trains_w && self.sink.is_none();
         let (dx, dw) = with_values::<T, _>(&[x, w, g], "linear backward", |v| {
             let (x, w, g) = (v[0], v[1], v[2]);
             let dx = product((rows, k, out), (g, out, 1), (w, k, 1));
@@ -156,7 +182,7 @@ mod tests {
         for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-12)] {
             let [x, w, out_w] = inputs(dtype)?;
             let (x, w) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
-            let fused = linear(&x, &w, None)?.expect("fused on the CPU");
+            let fused = linear(&x, &w, None, None)?.expect("fused on the CPU");
             let composed = x.matmul(&w.t()?)?;
             assert!(max_diff(&fused, &composed)? < tol, "{dtype:?} forward");
             let gf = (fused * &out_w)?.sum_all()?.backward()?;
@@ -174,10 +200,10 @@ mod tests {
     fn a_recorded_product_is_replayed_with_the_same_gradients() -> Result<()> {
         let [x, w, out_w] = inputs(DType::F64)?;
         let (x, w) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
-        let computed = linear(&x, &w, None)?.expect("fused");
+        let computed = linear(&x, &w, None, None)?.expect("fused");
         // A marked recording proves the forward pass copies it rather than recomputing.
         let marked = (computed.detach() + 1.0)?;
-        let replayed = linear(&x, &w, Some(&marked))?.expect("fused");
+        let replayed = linear(&x, &w, Some(&marked), None)?.expect("fused");
         assert_eq!(max_diff(&replayed, &marked)?, 0.0);
         let ga = (computed * &out_w)?.sum_all()?.backward()?;
         let gb = (replayed * &out_w)?.sum_all()?.backward()?;
@@ -185,8 +211,33 @@ mod tests {
             assert_eq!(max_diff(ga.get(v).unwrap(), gb.get(v).unwrap())?, 0.0);
         }
         let wrong = Tensor::zeros((36, 23), DType::F64, &Device::Cpu)?;
-        let err = linear(&x, &w, Some(&wrong)).unwrap_err().to_string();
+        let err = linear(&x, &w, Some(&wrong), None).unwrap_err().to_string();
         assert!(err.contains("recorded product"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_sink_receives_the_weight_gradient_in_place() -> Result<()> {
+        let [x, w, out_w] = inputs(DType::F32)?;
+        let (x, w) = (Var::from_tensor(&x)?, Var::from_tensor(&w)?);
+        let plain = (linear(&x, &w, None, None)?.expect("fused") * &out_w)?
+            .sum_all()?
+            .backward()?;
+        let before = Tensor::randn(0f32, 1.0, w.shape(), &Device::Cpu)?;
+        let sink = before.copy()?;
+        let sunk = (linear(&x, &w, None, Some(&sink))?.expect("fused") * &out_w)?
+            .sum_all()?
+            .backward()?;
+        assert!(sunk.get(&w).is_none(), "candle gets no gradient for w");
+        let added = (&sink - &before)?;
+        assert!(max_diff(&added, plain.get(&w).unwrap())? < 1e-5);
+        assert_eq!(
+            max_diff(sunk.get(&x).unwrap(), plain.get(&x).unwrap())?,
+            0.0
+        );
+        let wrong = Tensor::zeros((29, 23), DType::F32, &Device::Cpu)?;
+        let err = linear(&x, &w, None, Some(&wrong)).unwrap_err().to_string();
+        assert!(err.contains("gradient sink"), "{err}");
         Ok(())
     }
 
@@ -194,12 +245,12 @@ mod tests {
     fn gradients_match_finite_differences_in_f64() -> Result<()> {
         let [x0, w0, out_w] = inputs(DType::F64)?;
         let loss = |x: &Tensor, w: &Tensor| -> Result<f64> {
-            (linear(x, w, None)?.expect("fused") * &out_w)?
+            (linear(x, w, None, None)?.expect("fused") * &out_w)?
                 .sum_all()?
                 .to_scalar::<f64>()
         };
         let (x, w) = (Var::from_tensor(&x0)?, Var::from_tensor(&w0)?);
-        let grads = (linear(&x, &w, None)?.expect("fused") * &out_w)?
+        let grads = (linear(&x, &w, None, None)?.expect("fused") * &out_w)?
             .sum_all()?
             .backward()?;
         let h = 1e-6;

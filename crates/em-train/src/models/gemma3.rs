@@ -31,9 +31,10 @@ impl DecoderLayer {
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, pos)?;
         let x = (x + self.post_attention_layernorm.forward(&h)?)?;
-        let h = self
-            .mlp
-            .forward(&self.pre_feedforward_layernorm.forward(&x)?, pos.tape)?;
+        let h = self.mlp.forward(
+            &self.pre_feedforward_layernorm.forward(&x)?,
+            pos.projections,
+        )?;
         x + self.post_feedforward_layernorm.forward(&h)?
     }
 }
@@ -158,6 +159,16 @@ impl Model {
         self.layers.len()
     }
 
+    /// Every decoder layer's attention and MLP projections.
+    pub fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| {
+            l.self_attn
+                .projections()
+                .into_iter()
+                .chain(l.mlp.projections())
+        })
+    }
+
     /// Decoder layer `i` on `x` `[batch, seq, hidden]`, its MLP products on `tape`.
     pub fn layer(
         &self,
@@ -167,10 +178,8 @@ impl Model {
         tape: Option<&ProjectionTape>,
     ) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let pos = Positions {
-            tape,
-            ..ctx.for_window(layer.window)
-        };
+        let mut pos = ctx.for_window(layer.window);
+        pos.projections.tape = tape;
         layer.forward(x, pos)
     }
 

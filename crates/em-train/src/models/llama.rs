@@ -30,7 +30,7 @@ impl DecoderLayer {
         let x = (x + h)?;
         let h = self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?, pos.tape)?;
+            .forward(&self.post_attention_layernorm.forward(&x)?, pos.projections)?;
         x + h
     }
 }
@@ -164,6 +164,16 @@ impl Model {
         self.layers.len()
     }
 
+    /// Every decoder layer's attention and MLP projections.
+    pub fn projections(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| {
+            l.self_attn
+                .projections()
+                .into_iter()
+                .chain(l.mlp.projections())
+        })
+    }
+
     /// Decoder layer `i` on `x` `[batch, seq, hidden]`, its MLP products on `tape`.
     pub fn layer(
         &self,
@@ -173,10 +183,8 @@ impl Model {
         tape: Option<&ProjectionTape>,
     ) -> Result<Tensor> {
         let layer = &self.layers[i];
-        let pos = Positions {
-            tape,
-            ..ctx.for_window(layer.window)
-        };
+        let mut pos = ctx.for_window(layer.window);
+        pos.projections.tape = tape;
         layer.forward(x, pos)
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::adapter::{AdapterSource, LoraConfig};
-use crate::layers::{LayerContext, Linear, ProjectionTape};
+use crate::layers::{GradientSinks, LayerContext, Linear, ProjectionTape};
 
 /// The configuration types are em-config's: one reading of config.json for every crate.
 pub use em_config::{Architecture, ConfigError, ConfigSource, Decoder, ModelConfig};
@@ -265,9 +265,22 @@ impl CausalLm {
 
     /// Final-norm hidden states `[batch, seq, hidden]`, before the LM head.
     pub fn hidden_states(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.hidden_states_with(input_ids, None)
+    }
+
+    /// [`Self::hidden_states`], the projection weights sending their gradients to `sinks`.
+    pub fn hidden_states_with(
+        &self,
+        input_ids: &Tensor,
+        sinks: Option<&GradientSinks>,
+    ) -> candle_core::Result<Tensor> {
         let (_, seq) = input_ids.dims2()?;
         let mut x = self.embed(input_ids)?;
         let ctx = self.layer_context(seq, x.dtype(), &x.device().clone())?;
+        let ctx = match sinks {
+            Some(s) => ctx.with_sinks(s.clone()),
+            None => ctx,
+        };
         for i in 0..self.num_layers() {
             x = self.layer(i, &x, &ctx, None)?;
         }
@@ -328,6 +341,14 @@ impl CausalLm {
         match &self.inner {
             Inner::Llama(m) => m.final_norm(x),
             Inner::Gemma3(m) => m.final_norm(x),
+        }
+    }
+
+    /// Every decoder layer's attention and MLP projections.
+    pub fn projections(&self) -> Vec<&Linear> {
+        match &self.inner {
+            Inner::Llama(m) => m.projections().collect(),
+            Inner::Gemma3(m) => m.projections().collect(),
         }
     }
 
