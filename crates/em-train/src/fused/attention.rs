@@ -190,29 +190,31 @@ fn block_probabilities<T: Real>(
         )
     };
     let scale = T::from(g.scale).unwrap_or_else(T::one);
-    for (r, row) in p.chunks_exact_mut(nc).enumerate() {
-        let i = i0 + r;
-        let (lo, hi) = (g.first_key(i) - c0, i + 1 - c0);
-        row[..lo].fill(T::zero());
-        row[hi..].fill(T::zero());
-        let seen = &mut row[lo..hi];
-        if known_lse {
-            let l = lse[i];
-            seen.iter_mut().for_each(|x| *x = (*x * scale - l).exp());
-            continue;
-        }
-        let max = seen.iter().fold(T::neg_infinity(), |m, &x| {
-            num_traits::Float::max(m, x * scale)
-        });
-        let mut sum = T::zero();
-        for x in seen.iter_mut() {
-            *x = (*x * scale - max).exp();
-            sum += *x;
-        }
-        let inv = sum.recip();
-        seen.iter_mut().for_each(|x| *x *= inv);
-        lse[i] = max + sum.ln();
-    }
+    super::vectorized(
+        #[inline(always)]
+        || {
+            for (r, row) in p.chunks_exact_mut(nc).enumerate() {
+                let i = i0 + r;
+                let (lo, hi) = (g.first_key(i) - c0, i + 1 - c0);
+                row[..lo].fill(T::zero());
+                row[hi..].fill(T::zero());
+                let seen = &mut row[lo..hi];
+                if known_lse {
+                    let l = lse[i];
+                    seen.iter_mut()
+                        .for_each(|x| *x = (*x * scale - l).exp_fast());
+                    continue;
+                }
+                let max = super::max_of(seen, |x| x * scale);
+                seen.iter_mut()
+                    .for_each(|x| *x = (*x * scale - max).exp_fast());
+                let sum = T::from(super::sum_f64(seen, |x| x)).unwrap_or_else(T::nan);
+                let inv = sum.recip();
+                seen.iter_mut().for_each(|x| *x = *x * inv);
+                lse[i] = max + sum.ln();
+            }
+        },
+    );
 }
 
 /// The output `[b, s, h, d]` and each (sequence, head)'s row log-sum-exps `[b, h, s]`.

@@ -62,30 +62,30 @@ fn kernel<T: Real>(
     let coef = T::from(-scale / temperature).unwrap_or_else(T::zero);
     let grad = super::par_rows(z.len(), v, |r, g: &mut [T]| {
         let row = &z[r * v..(r + 1) * v];
-        let max = row
-            .iter()
-            .fold(T::neg_infinity(), |m, &x| num_traits::Float::max(m, x));
-        // g holds exp(s − max s) until the last sweep; sums in f64 over the wide vocabulary.
-        let (mut sum, mut dot) = (0f64, 0f64);
-        for (e, &x) in g.iter_mut().zip(row) {
-            let shifted = (x - max) * inv_t;
-            *e = shifted.exp();
-            let ef = e.to_f64();
-            sum += ef;
-            dot += ef * shifted.to_f64();
-        }
-        // E_p[s − max s].
-        let mean_shifted = dot / sum;
-        let (inv_sum, mean) = (
-            T::from(1.0 / sum).unwrap_or_else(T::zero),
-            T::from(mean_shifted).unwrap_or_else(T::zero),
+        let (h, max) = super::vectorized(
+            #[inline(always)]
+            || {
+                let max = super::max_of(row, |x| x);
+                // g holds exp(s − max s) until the last sweep; sums in f64 over the vocabulary.
+                for (e, &x) in g.iter_mut().zip(row) {
+                    *e = ((x - max) * inv_t).exp_fast();
+                }
+                let sum = super::sum_f64(g, |e| e);
+                // E_p[s − max s].
+                let mean_shifted = super::sum2_f64(g, row, |e, x| e * ((x - max) * inv_t)) / sum;
+                let (inv_sum, mean) = (
+                    T::from(1.0 / sum).unwrap_or_else(T::zero),
+                    T::from(mean_shifted).unwrap_or_else(T::zero),
+                );
+                for (e, &x) in g.iter_mut().zip(row) {
+                    *e = coef * *e * inv_sum * ((x - max) * inv_t - mean);
+                }
+                (sum.ln() - mean_shifted, max)
+            },
         );
-        for (e, &x) in g.iter_mut().zip(row) {
-            *e = coef * *e * inv_sum * ((x - max) * inv_t - mean);
-        }
         // SAFETY: entry r of each per-row output belongs to this row alone.
         unsafe {
-            h_out.row(r, 1)[0] = sum.ln() - mean_shifted;
+            h_out.row(r, 1)[0] = h;
             m_out.row(r, 1)[0] = max.to_f64();
         }
     });

@@ -11,6 +11,7 @@ mod linear;
 mod optimizer;
 mod rms_norm;
 mod rope;
+mod simd;
 mod softmax;
 mod swiglu;
 
@@ -21,6 +22,7 @@ pub(crate) use optimizer::par_in_place;
 pub use optimizer::{adamw_in_place, scale_in_place, sum_of_squares, AdamWStep};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
+pub(crate) use simd::{max_of, sum2_f64, sum_f64, vectorized};
 pub use softmax::softmax_last_dim;
 pub use swiglu::swiglu;
 
@@ -32,9 +34,22 @@ use candle_core::{
 pub(crate) trait Real:
     num_traits::Float + WithDType + Default + Send + Sync + 'static
 {
+    /// `eˣ`: for f32 in arithmetic a loop vectorizes ([`simd::exp_f32`], within 2 ulp), for
+    /// f64 libm's.
+    fn exp_fast(self) -> Self;
 }
-impl Real for f32 {}
-impl Real for f64 {}
+impl Real for f32 {
+    #[inline(always)]
+    fn exp_fast(self) -> f32 {
+        simd::exp_f32(self)
+    }
+}
+impl Real for f64 {
+    #[inline(always)]
+    fn exp_fast(self) -> f64 {
+        self.exp()
+    }
+}
 
 /// Whether `x` takes the fused path: on the CPU, in f32 or f64.
 pub(crate) fn fusable(x: &Tensor) -> bool {

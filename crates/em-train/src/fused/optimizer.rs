@@ -4,9 +4,7 @@
 //! AdamW), on one piece at a time; these make one pass per tensor written. Each returns `None` or
 //! `false`, touching nothing, where it does not apply, and the caller composes the op there.
 
-use candle_core::{
-    CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, DType, InplaceOp1, InplaceOp2, InplaceOp3, Layout, Result, Tensor};
 
 use super::{contiguous, for_chunks, fusable, with_values, Real, Rows};
 
@@ -56,26 +54,10 @@ fn squares<T: Real>(x: &[T]) -> f64 {
     for_chunks(units, UNIT, |range| {
         for unit in range {
             let chunk = &x[unit * UNIT..x.len().min((unit + 1) * UNIT)];
-            // Sixteen lanes in T over blocks of 1024 values, each block summed into f64: the
-            // lanes vectorize, and no lane adds more than 64 squares before the f64 sum.
-            let sum = chunk
-                .chunks(1024)
-                .map(|block| {
-                    let mut lanes = [T::zero(); 16];
-                    let mut tail = block.chunks_exact(16);
-                    for group in &mut tail {
-                        for (l, &v) in lanes.iter_mut().zip(group) {
-                            *l = *l + v * v;
-                        }
-                    }
-                    let rest: f64 = tail
-                        .remainder()
-                        .iter()
-                        .map(|&v| WithDType::to_f64(v * v))
-                        .sum();
-                    lanes.iter().map(|&l| WithDType::to_f64(l)).sum::<f64>() + rest
-                })
-                .sum();
+            let sum = super::vectorized(
+                #[inline(always)]
+                || super::sum_f64(chunk, |v| v * v),
+            );
             // SAFETY: entry `unit` belongs to this unit alone.
             unsafe { out.row(unit, 1)[0] = sum };
         }
@@ -181,15 +163,20 @@ impl Moment {
         let (beta, rest) = (beta.unwrap_or_else(T::nan), rest.unwrap_or_else(T::nan));
         par_in_place(m, |lo, c| {
             let g = &g[lo..lo + c.len()];
-            if self.square {
-                c.iter_mut()
-                    .zip(g)
-                    .for_each(|(m, &g)| *m = *m * beta + g * g * rest);
-            } else {
-                c.iter_mut()
-                    .zip(g)
-                    .for_each(|(m, &g)| *m = *m * beta + g * rest);
-            }
+            super::vectorized(
+                #[inline(always)]
+                || {
+                    if self.square {
+                        for (m, &g) in c.iter_mut().zip(g) {
+                            *m = *m * beta + g * g * rest;
+                        }
+                    } else {
+                        for (m, &g) in c.iter_mut().zip(g) {
+                            *m = *m * beta + g * rest;
+                        }
+                    }
+                },
+            )
         });
     }
 }
@@ -231,9 +218,14 @@ impl Step {
             (t(k.decay), t(k.step_size), t(1.0 / k.bc2_sqrt), t(k.eps));
         par_in_place(p, |lo, c| {
             let (m, v) = (&m[lo..lo + c.len()], &v[lo..lo + c.len()]);
-            for ((p, &m), &v) in c.iter_mut().zip(m).zip(v) {
-                *p = *p * decay - m / (v.sqrt() * inv_bc2 + eps) * step;
-            }
+            super::vectorized(
+                #[inline(always)]
+                || {
+                    for ((p, &m), &v) in c.iter_mut().zip(m).zip(v) {
+                        *p = *p * decay - m / (v.sqrt() * inv_bc2 + eps) * step;
+                    }
+                },
+            )
         });
     }
 }

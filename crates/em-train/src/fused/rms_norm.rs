@@ -43,8 +43,9 @@ pub fn rms_norm(
 }
 
 /// `1 / sqrt(mean(row²) + eps)`.
+#[inline(always)]
 fn inv_rms<T: Real>(row: &[T], eps: T) -> T {
-    let sq = row.iter().fold(T::zero(), |acc, &v| acc + v * v);
+    let sq = T::from(super::sum_f64(row, |v| v * v)).unwrap_or_else(T::nan);
     let n = T::from(row.len()).unwrap_or_else(T::one);
     (sq / n + eps).sqrt().recip()
 }
@@ -54,10 +55,15 @@ fn forward<T: Real>(x: &[T], w: &[T], eps: T) -> Vec<T> {
     let n = w.len();
     par_rows(x.len(), n, |r, y: &mut [T]| {
         let row = &x[r * n..(r + 1) * n];
-        let inv = inv_rms(row, eps);
-        for ((y, &v), &w) in y.iter_mut().zip(row).zip(w) {
-            *y = v * inv * w;
-        }
+        super::vectorized(
+            #[inline(always)]
+            || {
+                let inv = inv_rms(row, eps);
+                for ((y, &v), &w) in y.iter_mut().zip(row).zip(w) {
+                    *y = v * inv * w;
+                }
+            },
+        )
     })
 }
 
@@ -74,25 +80,33 @@ fn backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: T, want_dw: bool) -> (Vec<T
     super::for_chunks(rows, n, |range| {
         let mut dw = vec![T::zero(); if want_dw { n } else { 0 }];
         let first = range.start;
-        for r in range {
-            let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
-            let inv = inv_rms(xr, eps);
-            let dot = xr
-                .iter()
-                .zip(gr)
-                .zip(w)
-                .fold(T::zero(), |acc, ((&xv, &gv), &wv)| acc + gv * wv * xv * inv)
-                * inv_n;
-            // SAFETY: each row index is handed to exactly one call, rows do not overlap, and
-            // `dx` outlives the pool's execution.
-            let out = unsafe { dx_ptr.row(r, n) };
-            for (((d, &xv), &gv), &wv) in out.iter_mut().zip(xr).zip(gr).zip(w) {
-                *d = inv * (gv * wv - xv * inv * dot);
-            }
-            for ((acc, &xv), &gv) in dw.iter_mut().zip(xr).zip(gr) {
-                *acc += gv * xv * inv;
-            }
-        }
+        super::vectorized(
+            #[inline(always)]
+            || {
+                let mut gw = vec![T::zero(); n];
+                for r in range {
+                    let (xr, gr) = (&x[r * n..(r + 1) * n], &g[r * n..(r + 1) * n]);
+                    let inv = inv_rms(xr, eps);
+                    // Σ g·w·x over the row, with w folded into g first.
+                    for ((gw, &gv), &wv) in gw.iter_mut().zip(gr).zip(w) {
+                        *gw = gv * wv;
+                    }
+                    let dot = T::from(super::sum2_f64(&gw, xr, |a, b| a * b))
+                        .unwrap_or_else(T::nan)
+                        * inv
+                        * inv_n;
+                    // SAFETY: each row index is handed to exactly one call, rows do not
+                    // overlap, and `dx` outlives the pool's execution.
+                    let out = unsafe { dx_ptr.row(r, n) };
+                    for ((d, &xv), &gwv) in out.iter_mut().zip(xr).zip(&gw) {
+                        *d = inv * (gwv - xv * inv * dot);
+                    }
+                    for ((acc, &xv), &gv) in dw.iter_mut().zip(xr).zip(gr) {
+                        *acc = *acc + gv * xv * inv;
+                    }
+                }
+            },
+        );
         if want_dw {
             let mut partials = partials.lock().unwrap_or_else(PoisonError::into_inner);
             partials.push((first, dw));

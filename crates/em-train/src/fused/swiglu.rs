@@ -48,8 +48,9 @@ unsafe fn part<'a, T>(ptr: Rows<T>, range: &Range<usize>) -> &'a mut [T] {
     std::slice::from_raw_parts_mut(ptr.ptr().add(range.start), range.len())
 }
 
+#[inline(always)]
 fn sigmoid<T: Real>(x: T) -> T {
-    (T::one() + (-x).exp()).recip()
+    (T::one() + (-x).exp_fast()).recip()
 }
 
 fn forward<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
@@ -58,9 +59,15 @@ fn forward<T: Real>(gate: &[T], up: &[T]) -> Vec<T> {
     par_chunks(gate.len(), |range| {
         // SAFETY: the ranges are disjoint and inside `out`, which outlives the pool's execution.
         let y = unsafe { part(ptr, &range) };
-        for ((y, &g), &u) in y.iter_mut().zip(&gate[range.clone()]).zip(&up[range]) {
-            *y = g * sigmoid(g) * u;
-        }
+        let (gate, up) = (&gate[range.clone()], &up[range]);
+        super::vectorized(
+            #[inline(always)]
+            || {
+                for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+                    *y = g * sigmoid(g) * u;
+                }
+            },
+        );
     });
     out
 }
@@ -73,15 +80,18 @@ fn backward<T: Real>(gate: &[T], up: &[T], d: &[T]) -> (Vec<T>, Vec<T>) {
         // SAFETY: the ranges are disjoint and inside both buffers, which outlive the pool's
         // execution.
         let (dg, du) = unsafe { (part(gate_ptr, &range), part(up_ptr, &range)) };
-        let inputs = gate[range.clone()]
-            .iter()
-            .zip(&up[range.clone()])
-            .zip(&d[range]);
-        for ((dg, du), ((&g, &u), &d)) in dg.iter_mut().zip(du).zip(inputs) {
-            let s = sigmoid(g);
-            *dg = d * u * s * (T::one() + g * (T::one() - s));
-            *du = d * g * s;
-        }
+        let (gate, up, d) = (&gate[range.clone()], &up[range.clone()], &d[range]);
+        super::vectorized(
+            #[inline(always)]
+            || {
+                let inputs = gate.iter().zip(up).zip(d);
+                for ((dg, du), ((&g, &u), &d)) in dg.iter_mut().zip(du).zip(inputs) {
+                    let s = sigmoid(g);
+                    *dg = d * u * s * (T::one() + g * (T::one() - s));
+                    *du = d * g * s;
+                }
+            },
+        );
     });
     (d_gate, d_up)
 }
