@@ -7,17 +7,34 @@ const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// `\boxed{}`/`\fbox{}` (None when that box is unclosed), else "the answer is …", else the last number.
 pub fn extract_answer(response: &str) -> Option<String> {
     let text = tail(response, MAX_RESPONSE_BYTES);
-    let raw = if let Some(a) = minerva(text) {
-        Some(a.to_string())
+    let raw = stated(text).unwrap_or_else(|| last_number(text));
+    cleaned(raw)
+}
+
+/// Whether `response` states its final answer (Minerva's sentence, a closed `\boxed{}`, "the
+/// answer is …"), where [`extract_answer`] would otherwise fall back on the last number in it. A
+/// response cut off at the token limit usually does not, and its last number is then whatever it
+/// was computing, often a number copied from the question.
+pub fn states_final_answer(response: &str) -> bool {
+    let text = tail(response, MAX_RESPONSE_BYTES);
+    stated(text).and_then(cleaned).is_some()
+}
+
+/// The answer a marker states: `Some(raw)` when the toolkit's order stops at a marker (`raw` is
+/// `None` for an unclosed or empty box), `None` when no marker is present.
+fn stated(text: &str) -> Option<Option<String>> {
+    if let Some(a) = minerva(text) {
+        Some(Some(a.to_string()))
     } else if let Some(b) = last_box(text) {
-        b
+        Some(b)
     } else if let Some(a) = after_phrase(text, "he answer is") {
-        Some(a)
-    } else if let Some(a) = after_phrase(text, "final answer is") {
-        Some(a)
+        Some(Some(a))
     } else {
-        last_number(text)
-    };
+        after_phrase(text, "final answer is").map(Some)
+    }
+}
+
+fn cleaned(raw: Option<String>) -> Option<String> {
     let cleaned = tidy(&raw?);
     if cleaned.is_empty() {
         None
@@ -195,6 +212,31 @@ mod tests {
         assert_eq!(ex("ratio 3/4").as_deref(), Some("3/4"));
         assert_eq!(ex("no digits here"), None);
         assert_eq!(ex("\\boxed{}"), None);
+    }
+
+    #[test]
+    fn a_stated_answer_is_told_from_the_last_number_fallback() {
+        for stated in [
+            "so the final answer is $12$. I hope it is correct.",
+            "hence \\boxed{7} and more text 2022",
+            "The answer is 42.",
+        ] {
+            assert!(states_final_answer(stated), "{stated}");
+        }
+        for unstated in [
+            // Cut off mid-computation: the last number is the question's own 2022.
+            "In 2022 there were 5 more, so we take 2022",
+            "so \\boxed{5",
+            "\\boxed{}",
+            "no digits here",
+        ] {
+            assert!(!states_final_answer(unstated), "{unstated}");
+        }
+        // The toolkit's convention still grades the fallback.
+        assert_eq!(
+            extract_answer("In 2022 there were 5 more, so we take 2022").as_deref(),
+            Some("2022")
+        );
     }
 
     /// `last_boxed` is the one rule for both sides: em-data takes gold answers stored in

@@ -15,7 +15,7 @@ mod stats;
 
 pub use agree::plurality;
 pub use equiv::is_equivalent;
-pub use extract::{extract_answer, last_boxed};
+pub use extract::{extract_answer, last_boxed, states_final_answer};
 pub use stats::{
     mcnemar_exact_p, mean_interval, paired_difference, wilson_interval, wilson_interval_p,
 };

@@ -27,6 +27,9 @@ pub struct SuiteSummary {
     /// Fraction of items with at least one correct sample (n > 1).
     pub pass_at_n: Option<f64>,
     pub mean_tokens: f64,
+    /// Fraction of samples that stopped at the token limit (graded all the same, by the
+    /// toolkit's convention: their last number is their answer).
+    pub truncated: f64,
 }
 
 /// Mean per-item score (accuracy, or avg@n).
@@ -67,6 +70,11 @@ pub fn summarize(suite: &str, setting: &Setting, items: &[ItemResult]) -> SuiteS
         .flat_map(|i| i.samples.iter().map(|s| s.n_tokens))
         .sum();
     let n_samples: usize = items.iter().map(|i| i.samples.len()).sum();
+    let at_limit = items
+        .iter()
+        .flat_map(|i| &i.samples)
+        .filter(|s| s.finish == "length")
+        .count();
     SuiteSummary {
         suite: suite.into(),
         setting: setting.tag(),
@@ -76,6 +84,7 @@ pub fn summarize(suite: &str, setting: &Setting, items: &[ItemResult]) -> SuiteS
         ci95,
         pass_at_n,
         mean_tokens: tokens as f64 / n_samples.max(1) as f64,
+        truncated: at_limit as f64 / n_samples.max(1) as f64,
     }
 }
 
@@ -84,8 +93,15 @@ fn print_summary(s: &SuiteSummary) {
         format!(", pass@{} {:.3}", s.samples_per_item, p)
     });
     println!(
-        "{} [{}]: accuracy {:.3} (95% CI {:.3}-{:.3}, n={}){pass}, {:.0} tokens/answer",
-        s.suite, s.setting, s.accuracy, s.ci95.0, s.ci95.1, s.n_items, s.mean_tokens
+        "{} [{}]: accuracy {:.3} (95% CI {:.3}-{:.3}, n={}){pass}, {:.0} tokens/answer, {:.1}% at the token limit",
+        s.suite,
+        s.setting,
+        s.accuracy,
+        s.ci95.0,
+        s.ci95.1,
+        s.n_items,
+        s.mean_tokens,
+        100.0 * s.truncated
     );
 }
 
@@ -224,10 +240,10 @@ pub fn write_reports(
 
 /// The markdown table of the summaries.
 fn summary_table(summaries: &[SuiteSummary]) -> String {
-    let mut md = String::from("| suite | setting | n | accuracy | 95% CI | pass@n | tokens/answer |\n|---|---|---|---|---|---|---|\n");
+    let mut md = String::from("| suite | setting | n | accuracy | 95% CI | pass@n | tokens/answer | at token limit |\n|---|---|---|---|---|---|---|---|\n");
     for s in summaries {
         md += &format!(
-            "| {} | {} | {} | {:.3} | {:.3}–{:.3} | {} | {:.0} |\n",
+            "| {} | {} | {} | {:.3} | {:.3}–{:.3} | {} | {:.0} | {:.1}% |\n",
             s.suite,
             s.setting,
             s.n_items,
@@ -235,7 +251,8 @@ fn summary_table(summaries: &[SuiteSummary]) -> String {
             s.ci95.0,
             s.ci95.1,
             s.pass_at_n.map_or("–".into(), |p| format!("{p:.3}")),
-            s.mean_tokens
+            s.mean_tokens,
+            100.0 * s.truncated
         );
     }
     md

@@ -106,15 +106,20 @@ pub fn sample(
                 let problem = &pool.problems[todo[request]];
                 let r = PromptResult::from_samples(problem, &samples, args.keep_responses);
                 store.append(&r)?;
+                let unfinished = r.unfinished_each.iter().filter(|&&u| u).count();
                 bar.println(format!(
-                    "{:>12}  {}/{}  p = {:.2} [{:.2}, {:.2}]  H = {}",
+                    "{:>12}  {}/{}  p = {:.2} [{:.2}, {:.2}]  H = {}{}",
                     r.id,
                     r.correct,
                     r.n,
                     r.pass_rate,
                     r.ci95.0,
                     r.ci95.1,
-                    report::show(r.mean_entropy)
+                    report::show(r.mean_entropy),
+                    match unfinished {
+                        0 => String::new(),
+                        u => format!("  {u} unfinished at the token limit"),
+                    }
                 ));
                 results.push(r);
                 new += 1;

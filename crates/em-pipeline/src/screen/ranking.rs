@@ -50,10 +50,14 @@ pub struct PromptResult {
     pub mean_full_entropy: Option<f64>,
     /// Mean generated tokens per answer.
     pub mean_length: f64,
-    /// Extracted answer per sample (null where none).
+    /// Extracted answer per sample (null where none, and for an unfinished sample).
     pub answers: Vec<Option<String>>,
     pub correct_each: Vec<bool>,
     pub finish: Vec<String>,
+    /// Per sample: it stopped at the token limit without stating a final answer. Such a sample
+    /// has no answer and is right for no rule: the toolkit's last-number fallback would grade
+    /// whatever number it was computing, often one copied from the question.
+    pub unfinished_each: Vec<bool>,
     pub gold: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub responses: Option<Vec<String>>,
@@ -67,9 +71,23 @@ impl PromptResult {
         samples: &[Sample],
         keep_responses: bool,
     ) -> Self {
+        let unfinished_each: Vec<bool> = samples
+            .iter()
+            .map(|s| {
+                s.finish == em_sampler::FinishReason::Length
+                    && !em_grade::states_final_answer(&s.text)
+            })
+            .collect();
         let verdicts: Vec<em_grade::Verdict> = samples
             .iter()
-            .map(|s| em_grade::grade(&s.text, &problem.answers))
+            .zip(&unfinished_each)
+            .map(|(s, &unfinished)| match unfinished {
+                true => em_grade::Verdict {
+                    pred: None,
+                    correct: false,
+                },
+                false => em_grade::grade(&s.text, &problem.answers),
+            })
             .collect();
         let n = samples.len();
         let correct = verdicts.iter().filter(|v| v.correct).count();
@@ -100,6 +118,7 @@ impl PromptResult {
                 .iter()
                 .map(|s| format!("{:?}", s.finish).to_lowercase())
                 .collect(),
+            unfinished_each,
             gold: problem.answers.clone(),
             responses: keep_responses.then(|| samples.iter().map(|s| s.text.clone()).collect()),
         }
@@ -127,6 +146,19 @@ impl PromptResult {
     pub fn agreement_ci95(&self) -> (f64, f64) {
         let c = em_grade::plurality(&self.answers).map_or(0, |(_, c)| c);
         em_grade::wilson_interval(c, self.n)
+    }
+
+    /// Share of samples that stopped at the token limit without a final answer.
+    pub fn unfinished(&self) -> f64 {
+        self.unfinished_each.iter().filter(|&&u| u).count() as f64 / self.n.max(1) as f64
+    }
+
+    /// Samples that stopped at the token limit, with a final answer or without.
+    pub fn at_limit(&self) -> usize {
+        self.finish
+            .iter()
+            .filter(|f| f.as_str() == "length")
+            .count()
     }
 
     /// Share of samples that ended by themselves (not at the token limit) with a final answer.
@@ -211,6 +243,7 @@ mod tests {
             answers: vec![],
             correct_each: vec![],
             finish: vec![],
+            unfinished_each: vec![false; n],
             gold: vec![],
             responses: None,
         }
@@ -237,6 +270,38 @@ mod tests {
         w.push(result("f", 1, 16, 0.3));
         rank(&mut w);
         assert_eq!(choose(&w, Rule::MajorityWrong).unwrap().id, "f");
+    }
+
+    #[test]
+    fn a_sample_cut_off_without_a_final_answer_is_right_for_no_rule() {
+        let problem: Problem = serde_json::from_value(serde_json::json!({
+            "id": "p", "problem": "What year follows 2021?", "answers": ["2022"], "source": "t"
+        }))
+        .unwrap();
+        let sample = |text: &str, finish| Sample {
+            request: 0,
+            index: 0,
+            text: text.into(),
+            tokens: vec![],
+            n_tokens: 8,
+            finish,
+            stats: None,
+        };
+        use em_sampler::FinishReason::{Eos, Length};
+        let samples = [
+            // Cut off while copying the question's number: right by the fallback, not here.
+            sample("Since 2021 was last year and 2022", Length),
+            // Cut off after stating the answer: it counts.
+            sample("So \\boxed{2022}. Let me also check 2", Length),
+            // Ended by itself: the toolkit's convention, last number included, applies.
+            sample("It is 2022", Eos),
+            sample("It is 2023", Eos),
+        ];
+        let r = PromptResult::from_samples(&problem, &samples, false);
+        assert_eq!(r.unfinished_each, [true, false, false, false]);
+        assert_eq!(r.correct_each, [false, true, true, false]);
+        assert_eq!(r.answers[0], None);
+        assert_eq!((r.correct, r.unfinished(), r.at_limit()), (2, 0.25, 2));
     }
 
     /// A prompt's samples as (answer, finished by itself).

@@ -29,6 +29,9 @@ pub fn finish(
     rank(&mut results);
     let chosen = choose(&results, args.rule).cloned();
     print_ranking(&results);
+    if let Some(warning) = limit_warning(&results, args.max_new_tokens) {
+        eprintln!("{warning}");
+    }
     let ranking = ranking_json(args, &results, chosen.as_ref());
     write_atomic(
         &args.out.join("ranking.json"),
@@ -66,11 +69,28 @@ pub fn finish(
     Ok(results)
 }
 
+/// The one line that says most responses stopped at the token limit, and the limit to raise.
+pub(super) fn limit_warning(results: &[PromptResult], max_new_tokens: usize) -> Option<String> {
+    let n: usize = results.iter().map(|r| r.n).sum();
+    let at_limit: usize = results.iter().map(PromptResult::at_limit).sum();
+    let unfinished: usize = results
+        .iter()
+        .map(|r| r.unfinished_each.iter().filter(|&&u| u).count())
+        .sum();
+    (2 * at_limit > n).then(|| {
+        format!(
+            "screen: warning: {at_limit} of {n} responses stopped at the token limit \
+             (max_new_tokens {max_new_tokens}), {unfinished} of them without a final answer, \
+             which no rule counts as right; raise --max-new-tokens"
+        )
+    })
+}
+
 /// Prints the top 20 of the ranking, with the rules' flags.
 fn print_ranking(results: &[PromptResult]) {
     println!(
-        "{:>4} {:>12} {:>6} {:>15} {:>8} {:>8} {:>8} {:>6} {:>6}",
-        "rank", "id", "pass", "95% interval", "p(1-p)", "H", "length", "agree", "ended"
+        "{:>4} {:>12} {:>6} {:>15} {:>8} {:>8} {:>8} {:>6} {:>6} {:>6}",
+        "rank", "id", "pass", "95% interval", "p(1-p)", "H", "length", "agree", "ended", "unfin"
     );
     for (i, r) in results.iter().enumerate().take(20) {
         let flags = [
@@ -84,7 +104,7 @@ fn print_ranking(results: &[PromptResult]) {
         .collect::<Vec<_>>()
         .join(", ");
         println!(
-            "{:>4} {:>12} {:>2}/{:<3} [{:.2}, {:.2}]    {:>8.4} {:>8} {:>8.1} {:>6.2} {:>6.2}  {flags}",
+            "{:>4} {:>12} {:>2}/{:<3} [{:.2}, {:.2}]    {:>8.4} {:>8} {:>8.1} {:>6.2} {:>6.2} {:>6.2}  {flags}",
             i + 1,
             r.id,
             r.correct,
@@ -96,6 +116,7 @@ fn print_ranking(results: &[PromptResult]) {
             r.mean_length,
             r.agreement().1,
             r.terminated(),
+            r.unfinished(),
         );
     }
 }
@@ -119,6 +140,7 @@ fn ranking_json(
             "majority_right": r.majority_right(), "majority_wrong": r.majority_wrong(),
             "majority_answer": r.agreement().0, "agreement": r.agreement().1,
             "agreement_ci95": r.agreement_ci95(), "terminated": r.terminated(), "agrees": r.agrees(),
+            "unfinished": r.unfinished(), "at_limit": r.at_limit(),
         })).collect::<Vec<_>>(),
     })
 }
