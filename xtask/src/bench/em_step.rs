@@ -345,6 +345,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         _ => None,
     };
     let peak_gflops = cpu_peak_gflops(threads);
+    println!("s / update: the median of each row's timed updates (the upper middle one of an even count), PyTorch's included");
     println!("| implementation | s / update | peak RSS MB | TFLOP | GFLOP/s | of CPU peak | vs PyTorch time | vs PyTorch RSS |");
     println!("|---|---|---|---|---|---|---|---|");
     for row in &rows {
@@ -455,8 +456,14 @@ fn time_setting(
             p.peak_per_core,
         );
     }
+    Ok((median(&mut times), memory::peak_mb()))
+}
+
+/// The median of timed steps (the upper of the middle two for an even count), which every row
+/// of the table reports, PyTorch's included.
+fn median(times: &mut [f64]) -> f64 {
     times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], memory::peak_mb()))
+    times[times.len() / 2]
 }
 
 /// What `--profile` needs to report a setting.
@@ -889,7 +896,17 @@ fn torch_baseline(
     let last = stdout.lines().last().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(last)
         .with_context(|| format!("{}: last line is not JSON: {last}", script.display()))?;
-    let secs = v["sec_per_step"].as_f64().context("no sec_per_step")?;
+    // The same statistic as em-train's rows: the median step ([`median`]), not the mean.
+    let mut steps: Vec<f64> = v["step_s"]
+        .as_array()
+        .context("no step_s")?
+        .iter()
+        .filter_map(serde_json::Value::as_f64)
+        .collect();
+    if steps.is_empty() {
+        bail!("{}: no timed step in step_s", script.display());
+    }
+    let secs = median(&mut steps);
     let rss = v["ru_maxrss_mb"].as_f64().context("no ru_maxrss_mb")?;
     println!("PyTorch: {}", last);
     Ok(Some((secs, rss)))
