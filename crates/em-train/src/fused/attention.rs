@@ -210,7 +210,7 @@ fn block_probabilities<T: Real>(
                     .for_each(|x| *x = (*x * scale - max).exp_fast());
                 let sum = T::from(super::sum_f64(seen, |x| x)).unwrap_or_else(T::nan);
                 let inv = sum.recip();
-                seen.iter_mut().for_each(|x| *x = *x * inv);
+                seen.iter_mut().for_each(|x| *x *= inv);
                 lse[i] = max + sum.ln();
             }
         },

@@ -85,7 +85,7 @@ impl InplaceOp1 for Scale {
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
         fn run<T: Real>(d: &mut [T], factor: f64) {
             let f = T::from(factor).unwrap_or_else(T::nan);
-            par_in_place(d, |_, c| c.iter_mut().for_each(|v| *v = *v * f));
+            par_in_place(d, |_, c| c.iter_mut().for_each(|v| *v *= f));
         }
         match s {
             CpuStorage::F32(d) => run(contiguous_mut(d, l, self.name())?, self.0),

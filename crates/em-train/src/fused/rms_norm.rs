@@ -102,7 +102,7 @@ fn backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: T, want_dw: bool) -> (Vec<T
                         *d = inv * (gwv - xv * inv * dot);
                     }
                     for ((acc, &xv), &gv) in dw.iter_mut().zip(xr).zip(gr) {
-                        *acc = *acc + gv * xv * inv;
+                        *acc += gv * xv * inv;
                     }
                 }
             },

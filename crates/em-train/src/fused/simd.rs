@@ -45,7 +45,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2ⁿ from its exponent bits; n lies in [−125, 127] after the clamp.
     let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
@@ -82,7 +82,7 @@ pub(crate) fn sum2_f64<T: Real>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 
         while i < full {
             let (ga, gb) = (&a[i..i + 16], &b[i..i + 16]);
             for l in 0..16 {
-                lanes[l] = lanes[l] + f(ga[l], gb[l]);
+                lanes[l] += f(ga[l], gb[l]);
             }
             i += 16;
         }
