@@ -1,10 +1,13 @@
 //! Causal grouped-query attention in one op with its own backward pass.
 //!
-//! Per (sequence, query head), blocks of query rows meet only the keys they can see; the
-//! probabilities live one block at a time, the op keeps each row's log-sum-exp and its backward
-//! pass recomputes them (FlashAttention's scheme, on the CPU's caches). No `[s, s]` tensor is
-//! stored for the backward pass, no mask tensor is added, and the heads' `[b, s, h, d]` layout is
-//! read and written in place, without the transposes the composed op copies.
+//! Per (sequence, key/value head), blocks of query rows of every query head that reads that
+//! key/value head meet, in one product, only the keys they can see; the probabilities live one
+//! block at a time, the op keeps each row's log-sum-exp and its backward pass recomputes them
+//! (FlashAttention's scheme, on the CPU's caches). Grouping the query heads of a key/value head
+//! makes each product `rep` times taller against the same keys, and lets the backward pass sum
+//! their key/value gradients inside its products. No `[s, s]` tensor is stored for the backward
+//! pass, no mask tensor is added, and the heads' `[b, s, h, d]` layout is read and written in
+//! place, without the transposes the composed op copies.
 
 use std::sync::Mutex;
 
@@ -107,9 +110,19 @@ impl Geometry {
         (bi * self.s * self.h + hh) * self.d
     }
 
-    /// Offset of the first key row that query head `hh` of sequence `bi` reads.
-    fn kv_offset(&self, bi: usize, hh: usize) -> usize {
-        (bi * self.s * self.kv + hh / (self.h / self.kv)) * self.d
+    /// Query heads per key/value head.
+    fn rep(&self) -> usize {
+        self.h / self.kv
+    }
+
+    /// Offset of key/value head `grp`'s first row in sequence `bi`.
+    fn kv_offset(&self, bi: usize, grp: usize) -> usize {
+        (bi * self.s * self.kv + grp) * self.d
+    }
+
+    /// Offset of query row `i` of query head `r` of group `grp` in sequence `bi`.
+    fn q_row(&self, bi: usize, grp: usize, r: usize, i: usize) -> usize {
+        self.q_offset(bi, grp * self.rep() + r) + i * self.q_stride()
     }
 
     fn q_stride(&self) -> usize {
@@ -167,40 +180,81 @@ unsafe fn matmul<T: Real>(
     )
 }
 
-/// Probabilities of the block at `i0` of task (`bi`, `hh`) in `p` (`[rows, keys]`, zero where
-/// masked), from each row's log-sum-exp when given, else by a softmax that writes it there.
+/// Copies the `rows` query rows from `i0` of every query head of group `grp` of sequence `bi`
+/// out of `[b, s, h, d]` `x` into `dst` `[rep · rows, d]`, head by head.
+fn gather<T: Real>(
+    g: &Geometry,
+    x: &[T],
+    (bi, grp, i0, rows): (usize, usize, usize, usize),
+    dst: &mut [T],
+) {
+    let d = g.d;
+    for r in 0..g.rep() {
+        for il in 0..rows {
+            let at = g.q_row(bi, grp, r, i0 + il);
+            let t = r * rows + il;
+            dst[t * d..(t + 1) * d].copy_from_slice(&x[at..at + d]);
+        }
+    }
+}
+
+/// Writes `src` `[rep · rows, d]` back to the rows [`gather`] took them from, in `[b, s, h, d]`
+/// at `x`.
+///
+/// # Safety
+/// `x` holds `[b, s, h, d]`, and no other reference to these rows is alive.
+unsafe fn scatter<T: Real>(
+    g: &Geometry,
+    x: Rows<T>,
+    (bi, grp, i0, rows): (usize, usize, usize, usize),
+    src: &[T],
+) {
+    let d = g.d;
+    for r in 0..g.rep() {
+        for il in 0..rows {
+            let t = r * rows + il;
+            let dst = std::slice::from_raw_parts_mut(x.ptr().add(g.q_row(bi, grp, r, i0 + il)), d);
+            dst.copy_from_slice(&src[t * d..(t + 1) * d]);
+        }
+    }
+}
+
+/// Probabilities `p` (`[rep · rows, keys]`, zero where masked) of the block of query rows `qb`
+/// (gathered, `[rep · rows, d]`) of group (`bi`, `grp`) from `i0`, from each row's log-sum-exp in
+/// `lse` (the group's `[rep, s]`) when `known_lse`, else by a softmax that writes it there.
 fn block_probabilities<T: Real>(
     g: &Geometry,
-    (q, k): (&[T], &[T]),
-    (bi, hh, i0): (usize, usize, usize),
+    (qb, k): (&[T], &[T]),
+    (bi, grp, i0): (usize, usize, usize),
     p: &mut [T],
     lse: &mut [T],
     known_lse: bool,
 ) {
     let (rows, c0, nc) = g.block(i0);
-    let (qs, ks) = (g.q_stride(), g.kv_stride());
-    // SAFETY: the block's query rows and keys lie inside q and k; p holds rows·nc values.
+    let ks = g.kv_stride();
+    // SAFETY: the block's gathered rows lie in qb and its keys inside k; p holds rep·rows·nc.
     unsafe {
         matmul(
-            (rows, nc, g.d),
+            (g.rep() * rows, nc, g.d),
             (p.as_mut_ptr(), nc),
             false,
-            (q.as_ptr().add(g.q_offset(bi, hh) + i0 * qs), qs, 1),
-            (k.as_ptr().add(g.kv_offset(bi, hh) + c0 * ks), 1, ks),
+            (qb.as_ptr(), g.d, 1),
+            (k.as_ptr().add(g.kv_offset(bi, grp) + c0 * ks), 1, ks),
         )
     };
     let scale = T::from(g.scale).unwrap_or_else(T::one);
     super::vectorized(
         #[inline(always)]
         || {
-            for (r, row) in p.chunks_exact_mut(nc).enumerate() {
-                let i = i0 + r;
+            for (t, row) in p.chunks_exact_mut(nc).enumerate() {
+                let (r, i) = (t / rows, i0 + t % rows);
                 let (lo, hi) = (g.first_key(i) - c0, i + 1 - c0);
                 row[..lo].fill(T::zero());
                 row[hi..].fill(T::zero());
                 let seen = &mut row[lo..hi];
+                let l = &mut lse[r * g.s + i];
                 if known_lse {
-                    let l = lse[i];
+                    let l = *l;
                     seen.iter_mut()
                         .for_each(|x| *x = (*x * scale - l).exp_fast());
                     continue;
@@ -211,147 +265,198 @@ fn block_probabilities<T: Real>(
                 let sum = T::from(super::sum_f64(seen, |x| x)).unwrap_or_else(T::nan);
                 let inv = sum.recip();
                 seen.iter_mut().for_each(|x| *x *= inv);
-                lse[i] = max + sum.ln();
+                *l = max + sum.ln();
             }
         },
     );
 }
 
-/// The output `[b, s, h, d]` and each (sequence, head)'s row log-sum-exps `[b, h, s]`.
+/// The output `[b, s, h, d]` and each (sequence, head)'s row log-sum-exps `[b, h, s]`. One task
+/// per (sequence, key/value head, block of query rows): they write disjoint rows.
 fn forward<T: Real>(g: &Geometry, q: &[T], k: &[T], v: &[T]) -> (Vec<T>, Vec<T>) {
     let mut out = vec![T::zero(); q.len()];
     let mut lse = vec![T::zero(); g.b * g.h * g.s];
     let (out_ptr, lse_ptr) = (Rows(out.as_mut_ptr()), Rows(lse.as_mut_ptr()));
-    let (qs, ks) = (g.q_stride(), g.kv_stride());
-    super::for_chunks(g.b * g.h, g.s * g.s * g.d, |tasks| {
-        let mut p = vec![T::zero(); BLOCK * g.s];
+    let (ks, rep, d) = (g.kv_stride(), g.rep(), g.d);
+    let blocks = g.s.div_ceil(BLOCK);
+    super::for_chunks(g.b * g.kv * blocks, BLOCK * g.s * d * rep, |tasks| {
+        let mut qb = vec![T::zero(); rep * BLOCK * d];
+        let mut p = vec![T::zero(); rep * BLOCK * g.s];
+        let mut ob = vec![T::zero(); rep * BLOCK * d];
+        let mut lse_rows = vec![T::zero(); rep * g.s];
         for task in tasks {
-            let (bi, hh) = (task / g.h, task % g.h);
-            // SAFETY: row `task` of the log-sum-exps belongs to this task alone.
-            let lse_row = unsafe { lse_ptr.row(task, g.s) };
-            for i0 in (0..g.s).step_by(BLOCK) {
-                let (rows, c0, nc) = g.block(i0);
-                let p = &mut p[..rows * nc];
-                block_probabilities(g, (q, k), (bi, hh, i0), p, lse_row, false);
-                // SAFETY: the output rows of head `hh` in this block are written by this task
-                // only; v holds the block's keys.
-                unsafe {
-                    matmul(
-                        (rows, g.d, nc),
-                        (out_ptr.ptr().add(g.q_offset(bi, hh) + i0 * qs), qs),
-                        false,
-                        (p.as_ptr(), nc, 1),
-                        (v.as_ptr().add(g.kv_offset(bi, hh) + c0 * ks), ks, 1),
-                    )
-                };
+            let (group, i0) = (task / blocks, (task % blocks) * BLOCK);
+            let (bi, grp) = (group / g.kv, group % g.kv);
+            let (rows, c0, nc) = g.block(i0);
+            let (qb, p, ob) = (
+                &mut qb[..rep * rows * d],
+                &mut p[..rep * rows * nc],
+                &mut ob[..rep * rows * d],
+            );
+            gather(g, q, (bi, grp, i0, rows), qb);
+            block_probabilities(g, (qb, k), (bi, grp, i0), p, &mut lse_rows, false);
+            for r in 0..rep {
+                for i in i0..i0 + rows {
+                    // SAFETY: this block's positions of the group's log-sum-exp rows belong to
+                    // this task alone.
+                    unsafe {
+                        *lse_ptr.ptr().add((group * rep + r) * g.s + i) = lse_rows[r * g.s + i]
+                    };
+                }
+            }
+            // SAFETY: ob holds the block's rep·rows output rows; v holds its keys.
+            unsafe {
+                matmul(
+                    (rep * rows, d, nc),
+                    (ob.as_mut_ptr(), d),
+                    false,
+                    (p.as_ptr(), nc, 1),
+                    (v.as_ptr().add(g.kv_offset(bi, grp) + c0 * ks), ks, 1),
+                );
+                // SAFETY: this block's output rows of the group's heads belong to this task.
+                scatter(g, out_ptr, (bi, grp, i0, rows), ob);
             }
         }
     });
     (out, lse)
 }
 
-/// The gradients of q, k and v from the output's gradient `d_o`.
+/// The gradients of q, k and v from the output's gradient `d_o`. One task per (sequence,
+/// key/value head, part), a part taking every `parts`-th block of query rows, so that even one
+/// sequence with one key/value head keeps every thread busy; each task sums its key/value
+/// gradient in a `[s, d]` of its own, and the parts are added at the end.
 fn backward<T: Real>(
     g: &Geometry,
     (q, k, v): (&[T], &[T], &[T]),
     (o, d_o, lse): (&[T], &[T], &[T]),
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
-    let (qs, ks, d) = (g.q_stride(), g.kv_stride(), g.d);
-    let per_head = g.s * d;
+    let (ks, rep, d) = (g.kv_stride(), g.rep(), g.d);
+    let blocks = g.s.div_ceil(BLOCK);
+    let groups = g.b * g.kv;
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let parts = (2 * threads).div_ceil(groups).clamp(1, blocks);
+    let per_part = g.s * d;
     let mut dq = vec![T::zero(); q.len()];
-    // Each query head's share of its key/value head's gradient, `[b, h, s, d]`, summed below.
-    let mut dk_heads = vec![T::zero(); g.b * g.h * per_head];
-    let mut dv_heads = vec![T::zero(); g.b * g.h * per_head];
+    let mut dk_parts = vec![T::zero(); groups * parts * per_part];
+    let mut dv_parts = vec![T::zero(); groups * parts * per_part];
     let (dq_ptr, dk_ptr, dv_ptr) = (
         Rows(dq.as_mut_ptr()),
-        Rows(dk_heads.as_mut_ptr()),
-        Rows(dv_heads.as_mut_ptr()),
+        Rows(dk_parts.as_mut_ptr()),
+        Rows(dv_parts.as_mut_ptr()),
     );
     let scale = T::from(g.scale).unwrap_or_else(T::one);
-    super::for_chunks(g.b * g.h, g.s * g.s * g.d, |tasks| {
-        let mut p = vec![T::zero(); BLOCK * g.s];
-        let mut ds = vec![T::zero(); BLOCK * g.s];
-        let mut lse_row = vec![T::zero(); g.s];
+    super::for_chunks(groups * parts, g.s * g.s * d * rep / parts, |tasks| {
+        let tall = rep * BLOCK;
+        let (mut qb, mut dob, mut dqb) = (
+            vec![T::zero(); tall * d],
+            vec![T::zero(); tall * d],
+            vec![T::zero(); tall * d],
+        );
+        let (mut p, mut ds) = (vec![T::zero(); tall * g.s], vec![T::zero(); tall * g.s]);
+        let mut delta = vec![T::zero(); tall];
         for task in tasks {
-            let (bi, hh) = (task / g.h, task % g.h);
-            let (qo, ko) = (g.q_offset(bi, hh), g.kv_offset(bi, hh));
-            lse_row.copy_from_slice(&lse[task * g.s..(task + 1) * g.s]);
-            for i0 in (0..g.s).step_by(BLOCK) {
+            let (group, part) = (task / parts, task % parts);
+            let (bi, grp) = (group / g.kv, group % g.kv);
+            let ko = g.kv_offset(bi, grp);
+            // The group's log-sum-exps, read only (the probabilities are recomputed from them).
+            let mut lse_rows = lse[group * rep * g.s..(group + 1) * rep * g.s].to_vec();
+            for i0 in (part * BLOCK..g.s).step_by(parts * BLOCK) {
                 let (rows, c0, nc) = g.block(i0);
-                let (p, ds) = (&mut p[..rows * nc], &mut ds[..rows * nc]);
-                block_probabilities(g, (q, k), (bi, hh, i0), p, &mut lse_row, true);
-                let d_o_block = (d_o.as_ptr().wrapping_add(qo + i0 * qs), qs, 1);
-                // SAFETY (all four products): the block's rows of head `hh` in q, o, d_o and dq,
-                // its keys in k, v and this task's own [s, d] slices of dk_heads and dv_heads
-                // lie inside their buffers; dq's rows and the slices belong to this task alone.
+                let m = rep * rows;
+                let (qb, dob, dqb) = (&mut qb[..m * d], &mut dob[..m * d], &mut dqb[..m * d]);
+                let (p, ds, delta) = (&mut p[..m * nc], &mut ds[..m * nc], &mut delta[..m]);
+                gather(g, q, (bi, grp, i0, rows), qb);
+                gather(g, d_o, (bi, grp, i0, rows), dob);
+                // ⟨dO, O⟩ per row, the softmax backward's shift.
+                for (t, dl) in delta.iter_mut().enumerate() {
+                    let at = g.q_row(bi, grp, t / rows, i0 + t % rows);
+                    *dl = T::from(super::sum2_f64(
+                        &dob[t * d..(t + 1) * d],
+                        &o[at..at + d],
+                        |a, b| a * b,
+                    ))
+                    .unwrap_or_else(T::nan);
+                }
+                block_probabilities(g, (qb, k), (bi, grp, i0), p, &mut lse_rows, true);
+                // SAFETY (all four products): the gathered blocks hold m rows, the keys lie in
+                // k and v, and this task's own [s, d] parts of dk and dv hold rows c0..c0 + nc.
+                let (dk_part, dv_part) = unsafe {
+                    (
+                        dk_ptr.ptr().add(task * per_part + c0 * d),
+                        dv_ptr.ptr().add(task * per_part + c0 * d),
+                    )
+                };
                 unsafe {
                     // dV += Pᵀ·dO
                     matmul(
-                        (nc, d, rows),
-                        (dv_ptr.ptr().add(task * per_head + c0 * d), d),
+                        (nc, d, m),
+                        (dv_part, d),
                         true,
                         (p.as_ptr(), 1, nc),
-                        d_o_block,
+                        (dob.as_ptr(), d, 1),
                     );
                     // dP = dO·Vᵀ
                     matmul(
-                        (rows, nc, d),
+                        (m, nc, d),
                         (ds.as_mut_ptr(), nc),
                         false,
-                        d_o_block,
+                        (dob.as_ptr(), d, 1),
                         (v.as_ptr().add(ko + c0 * ks), 1, ks),
                     );
                 }
                 // dS = P ⊙ (dP − ⟨dO, O⟩) · scale, the softmax's backward by rows.
-                for (r, (ds_row, p_row)) in
-                    ds.chunks_exact_mut(nc).zip(p.chunks_exact(nc)).enumerate()
-                {
-                    let at = qo + (i0 + r) * qs;
-                    let delta = d_o[at..at + d]
-                        .iter()
-                        .zip(&o[at..at + d])
-                        .fold(T::zero(), |acc, (&a, &b)| acc + a * b);
-                    for (x, &pv) in ds_row.iter_mut().zip(p_row) {
-                        *x = pv * (*x - delta) * scale;
-                    }
-                }
+                super::vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((ds_row, p_row), &dl) in ds
+                            .chunks_exact_mut(nc)
+                            .zip(p.chunks_exact(nc))
+                            .zip(delta.iter())
+                        {
+                            for (x, &pv) in ds_row.iter_mut().zip(p_row) {
+                                *x = pv * (*x - dl) * scale;
+                            }
+                        }
+                    },
+                );
                 unsafe {
                     // dQ = dS·K
                     matmul(
-                        (rows, d, nc),
-                        (dq_ptr.ptr().add(qo + i0 * qs), qs),
+                        (m, d, nc),
+                        (dqb.as_mut_ptr(), d),
                         false,
                         (ds.as_ptr(), nc, 1),
                         (k.as_ptr().add(ko + c0 * ks), ks, 1),
                     );
                     // dK += dSᵀ·Q
                     matmul(
-                        (nc, d, rows),
-                        (dk_ptr.ptr().add(task * per_head + c0 * d), d),
+                        (nc, d, m),
+                        (dk_part, d),
                         true,
                         (ds.as_ptr(), 1, nc),
-                        (q.as_ptr().add(qo + i0 * qs), qs, 1),
+                        (qb.as_ptr(), d, 1),
                     );
+                    // SAFETY: this block's rows of the group's heads in dq belong to this task.
+                    scatter(g, dq_ptr, (bi, grp, i0, rows), dqb);
                 }
             }
         }
     });
-    // Key/value head j's gradient is the sum over the query heads that read it.
-    let rep = g.h / g.kv;
-    let fold = |heads: &[T]| {
+    // Key/value head grp's gradient is the sum of its parts.
+    let fold = |parts_buf: &[T]| {
         par_rows(g.b * g.s * g.kv * d, g.kv * d, |row, out: &mut [T]| {
             let (bi, j) = (row / g.s, row % g.s);
-            for (kvh, dst) in out.chunks_exact_mut(d).enumerate() {
-                for hh in kvh * rep..(kvh + 1) * rep {
-                    let at = ((bi * g.h + hh) * g.s + j) * d;
-                    for (x, &y) in dst.iter_mut().zip(&heads[at..at + d]) {
+            for (grp, dst) in out.chunks_exact_mut(d).enumerate() {
+                for part in 0..parts {
+                    let at = ((bi * g.kv + grp) * parts + part) * per_part + j * d;
+                    for (x, &y) in dst.iter_mut().zip(&parts_buf[at..at + d]) {
                         *x += y;
                     }
                 }
             }
         })
     };
-    let (dk, dv) = (fold(&dk_heads), fold(&dv_heads));
+    let (dk, dv) = (fold(&dk_parts), fold(&dv_parts));
     (dq, dk, dv)
 }
 
@@ -523,6 +628,33 @@ mod tests {
                     );
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// One sequence with one key/value head: the backward pass splits its blocks into parts
+    /// (each with its own key/value gradient) to keep the threads busy, and adds them up.
+    #[test]
+    fn one_key_value_head_of_one_sequence_splits_into_parts() -> Result<()> {
+        let r = |shape: (usize, usize, usize, usize)| Tensor::randn(0f64, 1.0, shape, &Device::Cpu);
+        let (q, k, v, w) = (
+            r((1, 150, 4, 8))?,
+            r((1, 150, 1, 8))?,
+            r((1, 150, 1, 8))?,
+            r((1, 150, 4, 8))?,
+        );
+        let (q, k, v) = (
+            Var::from_tensor(&q)?,
+            Var::from_tensor(&k)?,
+            Var::from_tensor(&v)?,
+        );
+        let fused = causal_attention(&q, &k, &v, 0.3, None)?.expect("fused on the CPU");
+        let reference = composed(&q, &k, &v, 0.3, None)?;
+        assert!(max_diff(&fused, &reference)? < 1e-12);
+        let gf = (fused * &w)?.sum_all()?.backward()?;
+        let gr = (reference * &w)?.sum_all()?.backward()?;
+        for x in [&q, &k, &v] {
+            assert!(max_diff(gf.get(x).unwrap(), gr.get(x).unwrap())? < 1e-12);
         }
         Ok(())
     }
