@@ -15,8 +15,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::{contiguous, cpu_tensor, fusable, par_rows, with_values, Real, Rows};
 
-/// Query rows per block.
-const BLOCK: usize = 64;
+/// Query rows per block (of each query head of a group). 128 rather than 64: fewer, taller
+/// products, 8 % faster on SmolLM2's shapes although the diagonal blocks' masked halves grow.
+const BLOCK: usize = 128;
 
 /// `softmax(scale · q·kᵀ + mask)·v` for `q` `[b, s, h, d]` and `k`, `v` `[b, s, kv, d]`, as
 /// `[b, s, h, d]`: causal, each query seeing at most the `window` latest keys (itself included)
@@ -602,10 +603,10 @@ mod tests {
 
     #[test]
     fn output_and_gradients_equal_the_composed_op() -> Result<()> {
-        // 70 positions: two query blocks; a window shorter and one longer than a block.
-        for window in [None, Some(5), Some(66)] {
+        // 150 positions: two query blocks; a window shorter and one longer than a block.
+        for window in [None, Some(5), Some(130)] {
             for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
-                let [q, k, v, w] = inputs(70, dtype)?;
+                let [q, k, v, w] = inputs(150, dtype)?;
                 let (q, k, v) = (
                     Var::from_tensor(&q)?,
                     Var::from_tensor(&k)?,
@@ -661,7 +662,7 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences_in_f64() -> Result<()> {
-        let [q, k, v, w] = inputs(67, DType::F64)?;
+        let [q, k, v, w] = inputs(131, DType::F64)?;
         let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<f64> {
             let out = causal_attention(q, k, v, 0.5, Some(40))?.expect("fused");
             (out * &w)?.sum_all()?.to_scalar::<f64>()
