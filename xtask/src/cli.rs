@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use em_lab::{analyze, demo, em_loss, fixture, organism};
-use em_pipeline::{eval, fetch, grade_file, screen, train};
+use em_pipeline::{eval, fetch, grade_file, screen, select, train};
 
 use crate::backends::BackendArgs;
 use crate::flags::{self, options, AnalyzeCommand};
@@ -62,6 +62,14 @@ pub enum Command {
         #[command(flatten)]
         backend: BackendArgs,
     },
+    /// Choose the prompt without labels: screen, train the best candidates of a cheap rule for a
+    /// few updates each, and rank them by what that did to held-out unlabeled prompts.
+    Select {
+        #[command(flatten)]
+        args: flags::SelectFlags,
+        #[command(flatten)]
+        backend: BackendArgs,
+    },
     /// What EM did beyond accuracy: update vs quantization error, logit shift, training curves.
     Analyze(flags::AnalyzeArgs),
     /// The whole loop on the model organisms: screen, train, convert, evaluate, with baselines.
@@ -111,6 +119,22 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches) -> Result<()> {
         }
         Command::Screen { args, backend } => {
             screen::run(&options(&args)?, backend.build()?.as_ref()).map(|_| ())
+        }
+        Command::Select { args, mut backend } => {
+            crate::backends::require_local(&backend, "select")?;
+            let options = args.options()?;
+            backend.parallel = backend.parallel.or(Some(train::default_parallel(
+                options.trial_samples.max(options.k),
+                options.max_new_tokens,
+            )));
+            let selection = select::run(&options, backend.build()?.as_ref())?;
+            if selection.chosen.is_none() {
+                anyhow::bail!(
+                    "no candidate is predicted to help: no trial raised the held-out answered share with its 95% interval above zero without an alarm; ranking in {}",
+                    options.out.join("ranking.json").display()
+                );
+            }
+            Ok(())
         }
         Command::Analyze(args) => run_analyze(&args.what),
         Command::Demo { args, backend } => {

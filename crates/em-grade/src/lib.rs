@@ -17,7 +17,8 @@ pub use agree::plurality;
 pub use equiv::is_equivalent;
 pub use extract::{extract_answer, last_boxed, states_final_answer};
 pub use stats::{
-    mcnemar_exact_p, mean_interval, paired_difference, wilson_interval, wilson_interval_p,
+    mcnemar_exact_p, mean_interval, paired_difference, spearman, spearman_interval,
+    wilson_interval, wilson_interval_p,
 };
 
 use serde::{Deserialize, Serialize};

@@ -16,6 +16,7 @@ pub mod hf_vocab;
 pub mod prompt;
 pub mod safeguard;
 pub mod screen;
+pub mod select;
 pub mod train;
 
 pub use anyhow::{Error, Result};

@@ -39,6 +39,10 @@ pub struct Round {
     pub repetition_sd: f64,
     /// Each prompt's majority answer (held by more than half its samples), or none.
     pub majority: Vec<Option<String>>,
+    /// Each prompt's share of responses that ended by themselves with a final answer (empty in
+    /// rounds recorded before it was kept).
+    #[serde(default)]
+    pub answered_each: Vec<f64>,
 }
 
 /// Share of a response's token 4-grams that repeat an earlier one of the same response.
@@ -71,10 +75,21 @@ impl Round {
                     .collect()
             })
             .collect();
+        let done = |s: &Sample, pred: &Option<String>| {
+            !matches!(s.finish, FinishReason::Length) && pred.is_some()
+        };
+        let answered_each: Vec<f64> = samples
+            .iter()
+            .zip(&preds)
+            .map(|(p, pr)| {
+                let k = p.iter().zip(pr).filter(|(s, pred)| done(s, pred)).count();
+                k as f64 / p.len().max(1) as f64
+            })
+            .collect();
         let answered = all
             .iter()
             .zip(preds.iter().flatten())
-            .filter(|(s, pred)| !matches!(s.finish, FinishReason::Length) && pred.is_some())
+            .filter(|(s, pred)| done(s, pred))
             .count();
         let lens: Vec<f64> = all.iter().map(|s| s.n_tokens as f64).collect();
         let reps: Vec<f64> = all.iter().map(|s| repetition(&s.tokens)).collect();
@@ -97,6 +112,7 @@ impl Round {
             repetition: rep,
             repetition_sd: rep_sd,
             majority,
+            answered_each,
         }
     }
 

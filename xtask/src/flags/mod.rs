@@ -3,6 +3,7 @@
 //! test keeps it equal to the library's reference settings.
 
 mod lab;
+mod select;
 mod train;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use lab::*;
+pub use select::*;
 pub use train::*;
 
 /// The library options the flags describe (the same names, through their serde forms).

@@ -23,7 +23,7 @@ use serde_json::json;
 
 pub use options::{settings, ScreenOptions};
 pub use pool::Pool;
-pub use ranking::{choose, rank, PromptResult, Rule};
+pub use ranking::{candidates, choose, rank, PromptResult, Rule};
 pub use report::finish;
 
 use crate::{Backend, Result};

@@ -199,29 +199,39 @@ pub fn rank(results: &mut [PromptResult]) {
 
 /// The prompt `rule` picks from a ranked list.
 pub fn choose(ranked: &[PromptResult], rule: Rule) -> Option<&PromptResult> {
-    match rule {
-        Rule::Variance => ranked.first(),
-        Rule::MajorityRight => ranked.iter().find(|r| r.majority_right()),
-        Rule::MajorityWrong => ranked.iter().find(|r| r.majority_wrong()),
-        Rule::Agreement => ranked
-            .iter()
-            .filter(|r| r.agrees())
-            .map(|r| (r, r.agreement().1))
-            .fold(None, |best: Option<(&PromptResult, f64)>, (r, a)| {
-                let doubt = a * (1.0 - a);
-                match best {
-                    Some((b, ba)) if ba * (1.0 - ba) > doubt => Some((b, ba)),
-                    Some((b, ba))
-                        if ba * (1.0 - ba) == doubt
-                            && b.mean_entropy.unwrap_or(0.0) >= r.mean_entropy.unwrap_or(0.0) =>
-                    {
-                        Some((b, ba))
-                    }
-                    _ => Some((r, a)),
-                }
-            })
-            .map(|(r, _)| r),
-    }
+    candidates(ranked, rule, 1).into_iter().next()
+}
+
+/// The first `m` prompts in `rule`'s order of preference: the ranking itself (`variance`), the
+/// ranking's prompts that qualify (`majority-right`, `majority-wrong`), or the prompts that agree
+/// by most doubt a(1−a), ties by higher entropy then rank (`agreement`).
+pub fn candidates(ranked: &[PromptResult], rule: Rule, m: usize) -> Vec<&PromptResult> {
+    let mut out: Vec<&PromptResult> = match rule {
+        Rule::Variance => ranked.iter().collect(),
+        Rule::MajorityRight => ranked.iter().filter(|r| r.majority_right()).collect(),
+        Rule::MajorityWrong => ranked.iter().filter(|r| r.majority_wrong()).collect(),
+        Rule::Agreement => {
+            let mut agree: Vec<(&PromptResult, f64)> = ranked
+                .iter()
+                .filter(|r| r.agrees())
+                .map(|r| {
+                    let a = r.agreement().1;
+                    (r, a * (1.0 - a))
+                })
+                .collect();
+            // Stable: equal doubt and entropy keep the ranking's order.
+            agree.sort_by(|(r1, d1), (r2, d2)| {
+                d2.total_cmp(d1).then(
+                    r2.mean_entropy
+                        .unwrap_or(0.0)
+                        .total_cmp(&r1.mean_entropy.unwrap_or(0.0)),
+                )
+            });
+            agree.into_iter().map(|(r, _)| r).collect()
+        }
+    };
+    out.truncate(m);
+    out
 }
 
 #[cfg(test)]
@@ -270,6 +280,11 @@ mod tests {
         w.push(result("f", 1, 16, 0.3));
         rank(&mut w);
         assert_eq!(choose(&w, Rule::MajorityWrong).unwrap().id, "f");
+        let right: Vec<&str> = candidates(&w, Rule::MajorityRight, 8)
+            .iter()
+            .map(|x| x.id.as_str())
+            .collect();
+        assert_eq!(right, ["e", "a"]);
     }
 
     #[test]
@@ -357,6 +372,11 @@ mod tests {
         let all = vec![b, c, d, e, a];
         assert_eq!(choose(&all, Rule::Agreement).unwrap().id, "a");
         assert!(choose(&all[1..3], Rule::Agreement).is_none());
+        // In order of doubt: 13/16 (a), 14/16 (e), 16/16 (b); those that do not agree never.
+        let ids = |v: Vec<&PromptResult>| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(candidates(&all, Rule::Agreement, 8)), ["a", "e", "b"]);
+        assert_eq!(ids(candidates(&all, Rule::Agreement, 2)), ["a", "e"]);
+        assert_eq!(ids(candidates(&all, Rule::Variance, 2)), ["b", "c"]);
         assert!(!Rule::Agreement.needs_labels() && Rule::MajorityRight.needs_labels());
     }
 }
