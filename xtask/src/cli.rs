@@ -283,6 +283,30 @@ mod tests {
         let reference =
             em_pipeline::screen::ScreenOptions::reference("m".into(), "p".into(), "o".into());
         assert_eq!(format!("{screen:?}"), format!("{reference:?}"));
+        let cli = super::Cli::parse_from([
+            "x",
+            "select",
+            "--model",
+            "m",
+            "--pool",
+            "p",
+            "--held-out",
+            "h",
+            "--out",
+            "o",
+        ]);
+        let super::Command::Select { args, .. } = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            args.options().unwrap(),
+            em_pipeline::select::SelectOptions::reference(
+                "m".into(),
+                "p".into(),
+                "h".into(),
+                "o".into()
+            )
+        );
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //!   sample); `base-rounds.json` (the base round and a second-seed replicate: the noise);
 //! - `trials/<id>.jsonl` (the candidate's pool line), `trials/<id>/` (its training run),
 //!   `trials/<id>.trial.json` (its round and wall time, written when the trial is complete);
-//! - `ranking.json` (every candidate, every signal, the decision) and `chosen.jsonl`.
+//! - `ranking.json` (every candidate, every signal, the decision), `chosen.jsonl` and `top.jsonl`
+//!   (every candidate predicted to help, best first, for k-shot training).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -579,7 +580,8 @@ pub fn rank(baseline: &Baseline, trials: &[(&PromptResult, Trial)]) -> Selection
     }
 }
 
-/// Prints the ranking and writes `ranking.json` and, when a prompt was chosen, `chosen.jsonl`.
+/// Prints the ranking and writes `ranking.json` and, when a prompt was chosen, `chosen.jsonl` and
+/// `top.jsonl`.
 fn write_selection(o: &SelectOptions, s: &Selection, pool: &screen::Pool) -> Result<()> {
     println!(
         "{:>4}  {:<24} {:>8} {:>18} {:>9} {:>9} {:>6}  call",
@@ -621,21 +623,127 @@ fn write_selection(o: &SelectOptions, s: &Selection, pool: &screen::Pool) -> Res
         &o.out.join("ranking.json"),
         serde_json::to_string_pretty(&ranking)? + "\n",
     )?;
-    let chosen_path = o.out.join("chosen.jsonl");
+    let line_of = |id: &str| -> Result<String> {
+        pool.problems
+            .iter()
+            .position(|p| p.id == id)
+            .map(|i| pool.raw[i].clone())
+            .context("a candidate is in the pool")
+    };
+    // Every candidate predicted to help, best first: `train --prompt top.jsonl --shots K`.
+    let helping: Vec<&Candidate> = s.ranking.iter().filter(|c| c.prediction.helps()).collect();
+    let (chosen_path, top_path) = (o.out.join("chosen.jsonl"), o.out.join("top.jsonl"));
     match &s.chosen {
         Some(id) => {
-            let line = pool
-                .problems
-                .iter()
-                .position(|p| &p.id == id)
-                .map(|i| pool.raw[i].clone())
-                .context("the chosen prompt is in the pool")?;
-            write_atomic(&chosen_path, format!("{line}\n"))?;
-            println!("chosen: {id} -> {}", chosen_path.display());
+            write_atomic(&chosen_path, line_of(id)? + "\n")?;
+            let mut top = String::new();
+            for c in &helping {
+                top += &(line_of(&c.id)? + "\n");
+            }
+            write_atomic(&top_path, top)?;
+            println!(
+                "chosen: {id} -> {} ({} predicted to help, best first, in {})",
+                chosen_path.display(),
+                helping.len(),
+                top_path.display()
+            );
         }
         None => {
             let _ = std::fs::remove_file(&chosen_path);
+            let _ = std::fs::remove_file(&top_path);
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A round over 8 prompts whose answered shares are `each`, at length `length`.
+    fn round(each: [f64; 8], length: f64, repetition: f64) -> Round {
+        Round {
+            weights_step: 0,
+            n: 32,
+            answered: each.iter().sum::<f64>() / 8.0,
+            length,
+            length_sd: 2.0,
+            repetition,
+            repetition_sd: 0.01,
+            majority: (0..8).map(|i| Some(i.to_string())).collect(),
+            answered_each: each.to_vec(),
+        }
+    }
+
+    fn trial(id: &str, r: Round) -> Trial {
+        Trial {
+            id: id.into(),
+            round: r,
+            entropy_first: 0.1,
+            entropy_last: 0.05,
+            seconds: 2.0,
+            update_seconds: 1.5,
+            responses: 48,
+        }
+    }
+
+    fn screened(id: &str) -> PromptResult {
+        serde_json::from_value(json!({
+            "id": id, "n": 4, "correct": 2, "pass_rate": 0.5, "ci95": [0.15, 0.85],
+            "variance": 0.25, "mean_entropy": 0.1, "mean_full_entropy": 0.1, "mean_length": 30.0,
+            "answers": ["1", "1", "2", null], "correct_each": [true, true, false, false],
+            "finish": ["eos", "eos", "eos", "length"], "unfinished_each": [false, false, false, true],
+            "gold": ["1"]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn the_effect_is_paired_over_prompts_and_alarms_rank_last() {
+        let half = [0.5; 8];
+        let baseline = Baseline {
+            round: round(half, 30.0, 0.05),
+            replicate: round(half, 30.0, 0.05),
+        };
+        // Every prompt answers more often: a clear effect.
+        let better = round([0.75, 0.75, 0.5, 0.75, 0.75, 0.75, 0.5, 0.75], 30.0, 0.05);
+        // The same model: exactly nothing.
+        let same = round(half, 30.0, 0.05);
+        // More answered still, but longer and more repetitive: the safeguard's alarm.
+        let rambling = round([1.0; 8], 40.0, 0.2);
+        let worse = round([0.25, 0.25, 0.5, 0.25, 0.25, 0.25, 0.25, 0.5], 30.0, 0.05);
+
+        let p = Prediction::new(&baseline, &better);
+        assert_eq!(p.call, "helps");
+        assert!((p.effect - 0.1875).abs() < 1e-12 && p.effect_ci95.0 > 0.0);
+        let p = Prediction::new(&baseline, &same);
+        assert_eq!(
+            (p.effect, p.effect_ci95, p.call.as_str()),
+            (0.0, (0.0, 0.0), "unclear")
+        );
+        let p = Prediction::new(&baseline, &rambling);
+        assert_eq!(p.call, "alarm");
+        assert!(p.alarm.unwrap().contains("longer"));
+        assert_eq!(Prediction::new(&baseline, &worse).call, "hurts");
+
+        let ids = ["a", "b", "c", "d"];
+        let results: Vec<PromptResult> = ids.iter().map(|id| screened(id)).collect();
+        let trials = [better, same, rambling, worse]
+            .into_iter()
+            .zip(&results)
+            .map(|(r, s)| (s, trial(&s.id, r)))
+            .collect::<Vec<_>>();
+        let selection = rank(&baseline, &trials);
+        let order: Vec<&str> = selection.ranking.iter().map(|c| c.id.as_str()).collect();
+        // By effect, the alarm last although its effect is the largest.
+        assert_eq!(order, ["a", "b", "d", "c"]);
+        assert_eq!(selection.chosen.as_deref(), Some("a"));
+        // Trials of 48 responses at 1.5 s: a full run of 640 at the same rate, plus one round.
+        assert!((selection.full_run_seconds - (1.5 / 48.0 * 640.0 + 0.5)).abs() < 1e-9);
+        assert!((selection.cost() - 8.0 / selection.full_run_seconds).abs() < 1e-12);
+
+        // Nothing predicted to help: nothing chosen.
+        let selection = rank(&baseline, &trials[1..]);
+        assert_eq!(selection.chosen, None);
+    }
 }

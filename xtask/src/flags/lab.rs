@@ -42,6 +42,17 @@ pub struct DemoFlags {
     /// from B = 0: it needs larger rates than full fine-tuning).
     #[arg(long, value_delimiter = ',', default_value = "1e-4,3e-4,1e-3,3e-3")]
     pub lora_lrs: Vec<f64>,
+    /// Instead of the demo, the trial study (`trial-study.md`): whether `select`'s trials
+    /// predict a full run's validation gain better than the screen's statistics (Spearman's ρ
+    /// with bootstrap intervals).
+    #[arg(long)]
+    pub trial_study: bool,
+    /// Prompts the trial study trains on.
+    #[arg(long, default_value_t = 30)]
+    pub study_prompts: usize,
+    /// Learning rates of the trial study's full runs.
+    #[arg(long, value_delimiter = ',', default_value = "3e-5,1e-4")]
+    pub study_lrs: Vec<f64>,
 }
 
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]

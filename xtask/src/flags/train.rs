@@ -25,9 +25,15 @@ pub struct TrainFlags {
     /// --prompt-id says otherwise.
     #[arg(long)]
     pub prompt: Option<PathBuf>,
-    /// Which record of the prompt file to train on.
+    /// Which record of the prompt file to train on, or several comma-separated (k-shot: each
+    /// update samples --samples / k responses to each).
     #[arg(long)]
     pub prompt_id: Option<String>,
+    /// Train on the first K records of --prompt (k-shot EM, as the reference's multi-shot runs:
+    /// each update samples --samples / K responses to each; `select`'s top.jsonl holds its
+    /// candidates predicted to help, best first).
+    #[arg(long, default_value_t = 1)]
+    pub shots: usize,
     /// Output directory (manifest.json, metrics.jsonl, checkpoint-*/, final/); the same run there
     /// resumes, another is refused.
     #[arg(long, default_value = "runs/em")]

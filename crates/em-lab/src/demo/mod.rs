@@ -29,6 +29,7 @@ mod prepare;
 mod prompts;
 mod report;
 mod seeds;
+mod study;
 mod train;
 
 use std::collections::BTreeMap;
@@ -72,6 +73,12 @@ pub struct DemoOptions {
     /// Learning rates tried for the adapter (LoRA's updates are scaled by alpha/rank and start
     /// from B = 0: it needs larger rates than full fine-tuning).
     pub lora_lrs: Vec<f64>,
+    /// Instead of the demo: the trial study (`trial-study.md`): whether `select`'s trials predict
+    /// a full run's validation gain better than the screen's statistics, over `study_prompts`
+    /// prompts, each trained at every rate of `study_lrs`.
+    pub trial_study: bool,
+    pub study_prompts: usize,
+    pub study_lrs: Vec<f64>,
 }
 
 /// Sizes of one demo run.
@@ -214,6 +221,15 @@ pub fn run(args: &DemoOptions, backend: &dyn Backend) -> Result<()> {
     let mut phases = Phases::new();
     let base_gguf = sampling_model(backend, &demo.subject, &demo.dir.join("base"), OutType::F32)?;
     phases.lap("convert");
+    if args.trial_study {
+        return study::run(
+            &demo,
+            &base_gguf,
+            &args.out,
+            args.study_prompts,
+            &args.study_lrs,
+        );
+    }
     let mut notes: Vec<String> = vec![];
 
     // 1. Screen, and the prompt each rule picks.

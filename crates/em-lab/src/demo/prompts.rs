@@ -28,21 +28,8 @@ pub(super) fn screen_and_choose(
     phases: &mut Phases,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Chosen>> {
-    // The organisms write one character a token: a repetition penalty would punish every
-    // repeated digit of a worked sum, so it is off (the reference's 1.15 suits real tokenizers).
-    let screen_dir = demo.dir.join("screen");
-    let screen_args = ScreenOptions {
-        k: demo.plan.k,
-        max_new_tokens: demo.plan.max_new_tokens,
-        repetition_penalty: 1.0,
-        prompt: organism::prompt_options(),
-        quant: OutType::F32,
-        ..ScreenOptions::reference(
-            demo.subject.clone(),
-            demo.data.pool_path.clone(),
-            screen_dir.clone(),
-        )
-    };
+    let screen_args = screen_options(demo);
+    let screen_dir = screen_args.out.clone();
     let screened = screen::run(&screen_args, demo.backend)?;
     phases.lap("screen");
     let chosen = choose(demo, &screened, &screen_dir, notes)?;
@@ -53,6 +40,24 @@ pub(super) fn screen_and_choose(
         bail!("screening found no prompt under any rule");
     }
     Ok(chosen)
+}
+
+/// The demo's screen of its pool, in `<dir>/screen`.
+pub(super) fn screen_options(demo: &Demo) -> ScreenOptions {
+    // The organisms write one character a token: a repetition penalty would punish every
+    // repeated digit of a worked sum, so it is off (the reference's 1.15 suits real tokenizers).
+    ScreenOptions {
+        k: demo.plan.k,
+        max_new_tokens: demo.plan.max_new_tokens,
+        repetition_penalty: 1.0,
+        prompt: organism::prompt_options(),
+        quant: OutType::F32,
+        ..ScreenOptions::reference(
+            demo.subject.clone(),
+            demo.data.pool_path.clone(),
+            demo.dir.join("screen"),
+        )
+    }
 }
 
 /// The prompt of each rule, its pool line written to `<screen_dir>/chosen-<rule>.jsonl`.

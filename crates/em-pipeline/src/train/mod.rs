@@ -47,8 +47,8 @@ pub use options::{
 };
 pub use publish::{AdapterRefresh, Publish, Publisher};
 pub use stages::{
-    load_model, metrics_line, prepare, run_identity, sample_update, take_update, train_config,
-    update_params, Prepared, Start, StepRecord, Update,
+    load_model, metrics_line, prepare, responses_for, run_identity, sample_update, take_update,
+    train_config, update_params, Prepared, Start, StepRecord, Update,
 };
 pub use store::{latest_checkpoint, write_checkpoint, write_final, ADAPTER_GGUF};
 
@@ -67,21 +67,38 @@ pub fn step_seed(seed: u64, step: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The prompt record to train on.
-pub fn load_prompt(path: &Path, id: Option<&str>) -> Result<Problem> {
+/// The prompt records to train on: those of `ids` (comma-separated) in that order, else the first
+/// `shots` of the file.
+pub fn load_prompts(path: &Path, ids: Option<&str>, shots: usize) -> Result<Vec<Problem>> {
     let path = &crate::assets::pool_path(path)?;
     let problems = em_data::load_pool(path)
         .or_else(|pool_err| em_data::load_suite(path).map_err(|_| pool_err))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    match id {
-        Some(id) => problems
-            .into_iter()
-            .find(|p| p.id == id)
-            .with_context(|| format!("{}: no record with id \"{id}\"", path.display())),
-        None => problems
-            .into_iter()
-            .next()
-            .with_context(|| format!("{}: no records", path.display())),
+    match ids {
+        Some(ids) => ids
+            .split(',')
+            .map(str::trim)
+            .map(|id| {
+                problems
+                    .iter()
+                    .find(|p| p.id == id)
+                    .cloned()
+                    .with_context(|| format!("{}: no record with id \"{id}\"", path.display()))
+            })
+            .collect(),
+        None => {
+            if problems.is_empty() {
+                anyhow::bail!("{}: no records", path.display());
+            }
+            if problems.len() < shots {
+                anyhow::bail!(
+                    "{}: {} records, fewer than --shots {shots}",
+                    path.display(),
+                    problems.len()
+                );
+            }
+            Ok(problems.into_iter().take(shots).collect())
+        }
     }
 }
 
@@ -164,22 +181,23 @@ pub fn run(options: &TrainOptions, backend: &dyn Backend) -> Result<Option<PathB
         let samples = sample_update(
             publisher.sampler(),
             &gguf,
-            &run.prompt,
+            &run.prompts,
             &o.sampling,
             step,
             &label,
         )?;
         let sample_seconds = t1.elapsed().as_secs_f64();
-        let pass = (!run.problem.answers.is_empty()).then(|| {
+        let pass = run.problems.iter().all(|p| !p.answers.is_empty()).then(|| {
             samples
                 .iter()
-                .filter(|s| em_grade::grade(&s.text, &run.problem.answers).correct)
+                .filter(|s| em_grade::grade(&s.text, &run.problems[s.request].answers).correct)
                 .count()
         });
         // 3. One update on them.
+        let prompt_ids: Vec<&[u32]> = run.prompts.iter().map(|p| p.ids.as_slice()).collect();
         let update = take_update(
             &mut trainer,
-            &run.prompt.ids,
+            &prompt_ids,
             &samples,
             &format!("{label} update"),
         )?;

@@ -22,9 +22,14 @@ pub struct TrainOptions {
     pub model: PathBuf,
     /// Prompt file (pool JSONL, e.g. `screen`'s chosen.jsonl) or a bundled pool's name.
     pub prompt: PathBuf,
-    /// Which record of the prompt file to train on (default: the first).
+    /// Which record of the prompt file to train on (default: the first), or several,
+    /// comma-separated (k-shot).
     #[serde(default)]
     pub prompt_id: Option<String>,
+    /// Without `prompt_id`: train on the first `shots` records of the prompt file (k-shot EM: each
+    /// update samples `samples / shots` responses to each, the remainder to the first ones).
+    #[serde(default = "one")]
+    pub shots: usize,
     /// Output directory (manifest.json, metrics.jsonl, checkpoint-*/, final/).
     #[serde(default = "default_out")]
     pub out: PathBuf,
@@ -49,6 +54,10 @@ pub struct TrainOptions {
     pub safeguard: WatchSettings,
     #[serde(flatten)]
     pub adapter: AdapterOptions,
+}
+
+fn one() -> usize {
+    1
 }
 
 fn default_out() -> PathBuf {
@@ -315,6 +324,7 @@ impl TrainOptions {
             model,
             prompt,
             prompt_id: None,
+            shots: 1,
             out,
             fresh: false,
             stop_after: None,

@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use super::guard::{watched_prompts, Guard, SAFEGUARD_FILE};
 use super::options::{RefreshType, SampleSettings, TrainOptions, UpdateSettings};
 use super::store::{checkpoints, latest_checkpoint, remove_leftovers, truncate_metrics};
-use super::{load_prompt, render_prompt, step_seed};
+use super::{load_prompts, render_prompt, step_seed};
 use crate::prompt::RenderedPrompt;
 use crate::safeguard::Verdict;
 use crate::{Backend, Result};
@@ -29,8 +29,9 @@ use crate::{Backend, Result};
 /// A run ready to train: its prompt rendered, its output directory claimed.
 pub struct Prepared {
     pub options: TrainOptions,
-    pub problem: Problem,
-    pub prompt: RenderedPrompt,
+    /// The prompts trained on (one, or k for k-shot EM), and each rendered.
+    pub problems: Vec<Problem>,
+    pub prompts: Vec<RenderedPrompt>,
     /// The safeguard's prompts, rendered (None: no safeguard).
     pub watched: Option<Vec<RenderedPrompt>>,
     pub lora: Option<LoraConfig>,
@@ -57,6 +58,10 @@ pub fn run_identity(o: &TrainOptions, backend: &dyn Backend) -> Value {
         "device": u.device, "refresh_type": o.refresh_type,
         "train_pad_row": u.train_pad_row,
     });
+    // Only when k-shot, so that one-shot runs made before it existed still resume.
+    if o.shots != 1 {
+        v["shots"] = json!(o.shots);
+    }
     // Only when on, so that runs made before the safeguard existed still resume.
     let w = &o.safeguard;
     if w.watch.is_some() {
@@ -76,8 +81,11 @@ fn check_options(o: &TrainOptions, backend: &dyn Backend) -> Result<Option<LoraC
         bail!("train samples on-policy from the weights it is training, so it needs an in-process backend (llama.cpp), not a server");
     }
     let (s, u) = (&o.sampling, &o.update);
-    if s.samples == 0 || u.steps == 0 || s.max_new_tokens == 0 {
-        bail!("--samples, --steps and --max-new-tokens must be positive");
+    if s.samples == 0 || u.steps == 0 || s.max_new_tokens == 0 || o.shots == 0 {
+        bail!("--samples, --steps, --max-new-tokens and --shots must be positive");
+    }
+    if o.shots != 1 && o.prompt_id.is_some() {
+        bail!("--shots and --prompt-id both choose the prompts: give one (--prompt-id a,b,c is k-shot too)");
     }
     if !(u.temperature.is_finite() && u.temperature > 0.0) {
         bail!("--temperature {} is not a finite number > 0", u.temperature);
@@ -102,9 +110,20 @@ fn check_options(o: &TrainOptions, backend: &dyn Backend) -> Result<Option<LoraC
 pub fn prepare(options: &TrainOptions, backend: &dyn Backend) -> Result<Start> {
     let o = options;
     let lora = check_options(o, backend)?;
-    let problem = load_prompt(&o.prompt, o.prompt_id.as_deref())?;
-    let prompt = render_prompt(backend, &o.model, &problem, &o.prompt_options)?;
-    say_window_note(&o.model, prompt.ids.len() + o.sampling.max_new_tokens);
+    let problems = load_prompts(&o.prompt, o.prompt_id.as_deref(), o.shots)?;
+    if problems.len() > o.sampling.samples {
+        bail!(
+            "{} prompts but --samples {}: each update needs a response to every prompt",
+            problems.len(),
+            o.sampling.samples
+        );
+    }
+    let prompts = problems
+        .iter()
+        .map(|p| render_prompt(backend, &o.model, p, &o.prompt_options))
+        .collect::<Result<Vec<_>>>()?;
+    let longest = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    say_window_note(&o.model, longest + o.sampling.max_new_tokens);
     let watched = watched_prompts(&o.safeguard, &o.model, &o.prompt_options, backend)?;
     let mut manifest = Manifest::new(
         "train",
@@ -129,8 +148,16 @@ pub fn prepare(options: &TrainOptions, backend: &dyn Backend) -> Result<Start> {
             map.remove(key);
         }
     }
-    manifest.info = json!({ "tool": crate::TOOL, "prompt_id": problem.id,
-        "prompt_text": prompt.text, "prompt_ids": prompt.ids, "settings": settings });
+    let (first, rendered) = (&problems[0], &prompts[0]);
+    manifest.info = json!({ "tool": crate::TOOL, "prompt_id": first.id,
+        "prompt_text": rendered.text, "prompt_ids": rendered.ids, "settings": settings });
+    if problems.len() > 1 {
+        manifest.info["prompts"] = problems
+            .iter()
+            .zip(&prompts)
+            .map(|(p, r)| json!({"id": p.id, "text": r.text, "ids": r.ids}))
+            .collect();
+    }
     manifest.claim(&o.out, o.fresh)?;
     remove_leftovers(&o.out)?;
     let final_dir = o.out.join("final");
@@ -148,8 +175,8 @@ pub fn prepare(options: &TrainOptions, backend: &dyn Backend) -> Result<Start> {
     }
     Ok(Start::Ready(Box::new(Prepared {
         options: o.clone(),
-        problem,
-        prompt,
+        problems,
+        prompts,
         watched,
         lora,
     })))
@@ -313,43 +340,67 @@ pub fn update_params(s: &SampleSettings, step: usize) -> SamplingParams {
     }
 }
 
-/// Samples update `step`'s responses to `prompt` from the model file `gguf`, with a progress
-/// line (responses done, tokens/s).
+/// How many of an update's `n` responses go to prompt `j` of `k`: `n / k`, the remainder to
+/// the first prompts.
+pub fn responses_for(n: usize, k: usize, j: usize) -> usize {
+    n / k + usize::from(j < n % k)
+}
+
+/// Samples update `step`'s responses to `prompts` (split by [`responses_for`]) from the model
+/// file `gguf`, with a progress line (responses done, tokens/s). Each sample's `request` is its
+/// prompt's index. The first prompt's seed is a one-shot run's; the others' derive from it.
 pub fn sample_update(
     sampler: &dyn Backend,
     gguf: &Path,
-    prompt: &RenderedPrompt,
+    prompts: &[RenderedPrompt],
     settings: &SampleSettings,
     step: usize,
     label: &str,
 ) -> Result<Vec<Sample>> {
     let n = settings.samples;
-    let request = Request {
-        prompt: prompt.to_prompt(),
-        n_samples: n,
-        params: update_params(settings, step),
-    };
+    let k = prompts.len();
+    let params = update_params(settings, step);
+    let requests: Vec<Request> = prompts
+        .iter()
+        .enumerate()
+        .map(|(j, p)| Request {
+            prompt: p.to_prompt(),
+            n_samples: responses_for(n, k, j),
+            params: SamplingParams {
+                seed: match j {
+                    0 => params.seed,
+                    j => crate::item_seed(params.seed, &format!("shot-{j}")),
+                },
+                ..params.clone()
+            },
+        })
+        .collect();
     let bar = crate::drive::progress_bar(n as u64, 0, "responses", label);
-    let mut out = Vec::new();
+    let mut by_prompt: Vec<Vec<Sample>> = vec![vec![]; k];
     sampler.with_sampler(gguf, &mut |sampler| {
         crate::drive::sample_each(
             sampler,
-            std::slice::from_ref(&request),
+            &requests,
             &bar,
             crate::drive::Count::Responses,
-            &mut |_, samples| {
-                out = samples;
+            &mut |j, samples| {
+                by_prompt[j] = samples;
                 Ok(true)
             },
         )?;
         Ok(())
     })?;
-    if out.len() != n {
-        bail!(
-            "{}: the sampler returned {} of {n} responses",
-            gguf.display(),
-            out.len()
-        );
+    let mut out = Vec::with_capacity(n);
+    for (j, samples) in by_prompt.into_iter().enumerate() {
+        if samples.len() != requests[j].n_samples {
+            bail!(
+                "{}: the sampler returned {} of {} responses to prompt {j}",
+                gguf.display(),
+                samples.len(),
+                requests[j].n_samples
+            );
+        }
+        out.extend(samples.into_iter().map(|s| Sample { request: j, ..s }));
     }
     Ok(out)
 }
@@ -364,11 +415,12 @@ pub struct Update {
     pub seconds: f64,
 }
 
-/// Takes one optimizer update on the token-mean entropy of `samples` (empty responses skipped)
-/// after `prompt_ids`, with a bar over its forward and backward passes.
+/// Takes one optimizer update on the token-mean entropy of `samples` (empty responses skipped),
+/// each after its prompt's ids (`prompt_ids[sample.request]`), with a bar over its forward and
+/// backward passes.
 pub fn take_update(
     trainer: &mut Trainer,
-    prompt_ids: &[u32],
+    prompt_ids: &[&[u32]],
     samples: &[Sample],
     label: &str,
 ) -> Result<Update> {
@@ -377,7 +429,7 @@ pub fn take_update(
         .iter()
         .filter(|s| !s.tokens.is_empty())
         .map(|s| Sequence {
-            prompt_ids: prompt_ids.to_vec(),
+            prompt_ids: prompt_ids[s.request].to_vec(),
             response_ids: s.tokens.clone(),
         })
         .collect();
@@ -480,4 +532,20 @@ fn say_window_note(model: &Path, longest: usize) {
              (sequences here reach {longest})"
         )
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn k_shot_responses_split_evenly_the_remainder_first() {
+        let split = |n, k| {
+            (0..k)
+                .map(|j| super::responses_for(n, k, j))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(split(64, 1), [64]);
+        assert_eq!(split(64, 4), [16, 16, 16, 16]);
+        assert_eq!(split(10, 4), [3, 3, 2, 2]);
+        assert_eq!(split(64, 16).iter().sum::<usize>(), 64);
+    }
 }
