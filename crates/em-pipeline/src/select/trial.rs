@@ -1,0 +1,215 @@
+//! A trial and its judgement: [`HeldOut`] (the held-out prompts and the base model's rounds on
+//! them), [`HeldOut::trial`] (a few updates on one candidate and the round of its weights with
+//! the base round's seeds), and the [`Prediction`] read from the two.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use em_sampler::SamplingParams;
+use em_store::{write_atomic, JsonlStore};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{file_stem, round_seed, SelectOptions};
+use crate::prompt::RenderedPrompt;
+use crate::safeguard::{self, Baseline, Round};
+use crate::train::{self, WatchSettings};
+use crate::{AdaptedBackend, Backend, Result};
+
+/// A trial, once complete (`trials/<id>.trial.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Trial {
+    pub id: String,
+    /// The held-out round sampled from the trial's weights, with the base round's seeds.
+    pub round: Round,
+    /// Token-mean entropy of the trial's first and last update.
+    pub entropy_first: f64,
+    pub entropy_last: f64,
+    /// Wall time of the trial: training and its round.
+    pub seconds: f64,
+    /// Wall time of its updates alone (sampling and training), and responses they drew.
+    pub update_seconds: f64,
+    pub responses: usize,
+}
+
+/// What the trials predict for one candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// Change of the held-out answered-and-stopped share from the base, paired over prompts.
+    pub effect: f64,
+    pub effect_ci95: (f64, f64),
+    /// The safeguard's reason to stop such a run, if it would.
+    pub alarm: Option<String>,
+    /// `helps`, `unclear`, `hurts` (by the interval) or `alarm`.
+    pub call: String,
+}
+
+impl Prediction {
+    /// `trial`'s round against the base `baseline`.
+    pub fn new(baseline: &Baseline, trial: &Round) -> Self {
+        let base = &baseline.round;
+        let (effect, lo, hi) = if base.answered_each.len() == trial.answered_each.len()
+            && !base.answered_each.is_empty()
+        {
+            em_grade::paired_difference(&trial.answered_each, &base.answered_each)
+        } else {
+            let d = trial.answered - base.answered;
+            (d, d, d)
+        };
+        let alarm = safeguard::judge(baseline, trial, &[]).alarm;
+        let call = match (&alarm, lo > 0.0, hi < 0.0) {
+            (Some(_), _, _) => "alarm",
+            (None, true, _) => "helps",
+            (None, _, true) => "hurts",
+            _ => "unclear",
+        };
+        Prediction {
+            effect,
+            effect_ci95: (lo, hi),
+            alarm,
+            call: call.into(),
+        }
+    }
+
+    /// Predicted to help: the effect's interval above zero and no alarm.
+    pub fn helps(&self) -> bool {
+        self.call == "helps"
+    }
+}
+
+/// The held-out prompts trials are judged on, and the base model's rounds on them.
+pub struct HeldOut {
+    prompts: Vec<RenderedPrompt>,
+    params: SamplingParams,
+    /// The base GGUF the rounds sample (with a trial's adapter applied, under LoRA).
+    base_gguf: PathBuf,
+    /// The base round and its second-seed replicate (`base-rounds.json`).
+    pub baseline: Baseline,
+}
+
+impl HeldOut {
+    /// Renders `o.held_out`, converts the base to `<out>/model`, and samples the base round and
+    /// its replicate (read back from `<out>/base-rounds.json` where done).
+    pub fn prepare(o: &SelectOptions, backend: &dyn Backend) -> Result<Self> {
+        let watch = WatchSettings {
+            watch: Some(o.held_out.clone()),
+            watch_limit: o.held_out_limit,
+            watch_samples: o.held_out_samples,
+            ..WatchSettings::default()
+        };
+        let prompts = train::watched_prompts(&watch, &o.model, &o.prompt, backend)?
+            .context("held-out prompts")?;
+        let base_gguf =
+            crate::sampling_model(backend, &o.model, &o.out, o.refresh_type.out_type())?;
+        let params = SamplingParams {
+            temperature: o.temperature,
+            top_p: o.top_p,
+            repetition_penalty: o.repetition_penalty,
+            max_new_tokens: o.max_new_tokens,
+            seed: round_seed(o.seed),
+            ..SamplingParams::default()
+        };
+        let path = o.out.join("base-rounds.json");
+        let baseline = match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("{}: not the base rounds; use --fresh", path.display()))?,
+            Err(_) => {
+                let sample = |seed: u64| -> Result<Round> {
+                    let samples = safeguard::sample_round(
+                        backend,
+                        &base_gguf,
+                        &prompts,
+                        o.held_out_samples,
+                        &SamplingParams {
+                            seed,
+                            ..params.clone()
+                        },
+                    )?;
+                    Ok(Round::from_samples(0, &samples))
+                };
+                let baseline = Baseline {
+                    round: sample(params.seed)?,
+                    replicate: sample(params.seed ^ 1)?,
+                };
+                write_atomic(&path, serde_json::to_string(&baseline)? + "\n")?;
+                baseline
+            }
+        };
+        eprintln!(
+            "select: base on {} held-out prompts × {}: answered {:.3}, length {:.1}, repetition {:.3}; a second seed gives answered {:.3}; the safeguard's alarms: {}",
+            prompts.len(),
+            o.held_out_samples,
+            baseline.round.answered,
+            baseline.round.length,
+            baseline.round.repetition,
+            baseline.replicate.answered,
+            baseline.thresholds()
+        );
+        Ok(Self {
+            prompts,
+            params,
+            base_gguf,
+            baseline,
+        })
+    }
+
+    /// The trial of the prompt `pool_line` (id `id`) in `<out>/trials`: trains (resuming),
+    /// samples the held-out round from its weights with the base round's seeds, and records both
+    /// (`<id>.trial.json`); a complete trial is read back.
+    pub fn trial(
+        &self,
+        o: &SelectOptions,
+        backend: &dyn Backend,
+        id: &str,
+        pool_line: &str,
+    ) -> Result<Trial> {
+        let trials_dir = o.out.join("trials");
+        std::fs::create_dir_all(&trials_dir)
+            .with_context(|| format!("{}: cannot create", trials_dir.display()))?;
+        let stem = file_stem(id);
+        let record = trials_dir.join(format!("{stem}.trial.json"));
+        if let Ok(text) = std::fs::read_to_string(&record) {
+            return serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a trial record; use --fresh", record.display()));
+        }
+        let t0 = Instant::now();
+        let prompt_file = trials_dir.join(format!("{stem}.jsonl"));
+        write_atomic(&prompt_file, format!("{pool_line}\n"))?;
+        let run_dir = trials_dir.join(&stem);
+        let trained = train::run(&o.trial(&prompt_file, &run_dir), backend)?
+            .with_context(|| format!("{}: the trial did not finish", run_dir.display()))?;
+        let metrics: Vec<Value> = JsonlStore::<Value>::read(&run_dir.join("metrics.jsonl"))?;
+        let updates: Vec<&Value> = metrics.iter().filter(|m| m.get("loss").is_some()).collect();
+        let field = |m: Option<&&Value>, key: &str| -> f64 {
+            m.and_then(|m| m.get(key))
+                .and_then(Value::as_f64)
+                .unwrap_or(f64::NAN)
+        };
+        let update_seconds: f64 = updates
+            .iter()
+            .filter_map(|m| m.get("seconds").and_then(Value::as_f64))
+            .sum();
+        let k = o.held_out_samples;
+        let samples = if o.adapter.kind.is_some() {
+            let adapter = trained.join(train::ADAPTER_GGUF);
+            let adapted = AdaptedBackend::new(backend, &self.base_gguf)?;
+            safeguard::sample_round(&adapted, &adapter, &self.prompts, k, &self.params)?
+        } else {
+            let gguf =
+                crate::sampling_model(backend, &trained, &run_dir, o.refresh_type.out_type())?;
+            safeguard::sample_round(backend, &gguf, &self.prompts, k, &self.params)?
+        };
+        let trial = Trial {
+            id: id.into(),
+            round: Round::from_samples(o.trial_steps, &samples),
+            entropy_first: field(updates.first(), "loss"),
+            entropy_last: field(updates.last(), "loss"),
+            seconds: t0.elapsed().as_secs_f64(),
+            update_seconds,
+            responses: updates.len() * o.trial_samples,
+        };
+        write_atomic(&record, serde_json::to_string_pretty(&trial)? + "\n")?;
+        Ok(trial)
+    }
+}
