@@ -19,6 +19,10 @@ fn quick_demo_runs_end_to_end() {
         fresh: false,
         adapter: Default::default(),
         lora_lrs: vec![1e-3],
+        trial_study: false,
+        study_prompts: 30,
+        study_lrs: vec![3e-5],
+        random_prompts: 0,
     };
     demo::run(&args, &xtask::backends::llama_default()).unwrap();
     let report: serde_json::Value =

@@ -47,6 +47,10 @@ pub struct DemoFlags {
     /// with bootstrap intervals).
     #[arg(long)]
     pub trial_study: bool,
+    /// Also train this many prompts drawn from the pool at random (seeded; at most 9), each like
+    /// a rule's pick: the floor a rule has to beat.
+    #[arg(long, default_value_t = 0)]
+    pub random_prompts: usize,
     /// Prompts the trial study trains on.
     #[arg(long, default_value_t = 30)]
     pub study_prompts: usize,

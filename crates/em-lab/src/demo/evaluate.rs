@@ -118,7 +118,7 @@ pub(super) fn baselines(demo: &Demo, base_gguf: &Path, rows: &mut Vec<Row>) -> R
     })
 }
 
-/// The safeguarded good run (`majority-right`, else `agreement`; seed 0, full fine-tuning)
+/// The safeguarded good run (`majority-right`, else `trial`; seed 0, full fine-tuning)
 /// served quantized, greedy on the test split, and a note on what EM did to its weights; nothing
 /// where the safeguard left the base model.
 pub(super) fn quantized_good_run(
@@ -131,7 +131,7 @@ pub(super) fn quantized_good_run(
     let guarded_dirs = &tally.guarded_dirs;
     let Some(good) = guarded_dirs
         .get("majority-right")
-        .or_else(|| guarded_dirs.get("agreement"))
+        .or_else(|| guarded_dirs.get("trial"))
         .filter(|d| d.as_path() != demo.subject.as_path())
     else {
         return Ok(());

@@ -3,7 +3,8 @@
 //!
 //! On `fixtures/organism-mixed` (whose style choice depends on the problem's first digit, with
 //! near-ties in between): screen its synthetic pool; pick a prompt by each rule — `majority-right`
-//! (needs labels), `agreement` (label-free) and `majority-wrong` (the worst prompt, on purpose);
+//! and `variance` (need labels), `trial` (label-free: `select`'s short trials judged on held-out
+//! unlabeled prompts; it may decline) and `majority-wrong` (the worst prompt, on purpose);
 //! for each, choose the learning rate on the validation split and EM-train over seeds with the
 //! safeguard watching held-out unlabeled prompts; evaluate on the test split the base model
 //! (greedy, low temperature, EM-INF), each tuned model, and each model as the safeguard would
@@ -77,6 +78,9 @@ pub struct DemoOptions {
     /// a full run's validation gain better than the screen's statistics, over `study_prompts`
     /// prompts, each trained at every rate of `study_lrs`.
     pub trial_study: bool,
+    /// Also train this many prompts drawn from the pool at random (seeded; at most 9), each
+    /// like a rule's pick: the floor a rule has to beat.
+    pub random_prompts: usize,
     pub study_prompts: usize,
     pub study_lrs: Vec<f64>,
 }
@@ -233,7 +237,7 @@ pub fn run(args: &DemoOptions, backend: &dyn Backend) -> Result<()> {
     let mut notes: Vec<String> = vec![];
 
     // 1. Screen, and the prompt each rule picks.
-    let chosen = prompts::screen_and_choose(&demo, &mut phases, &mut notes)?;
+    let chosen = prompts::screen_and_choose(&demo, args.random_prompts, &mut phases, &mut notes)?;
 
     // 2. Baselines on the test split: greedy, low temperature, sampling, EM-INF.
     let mut tally = Tally::default();

@@ -1,11 +1,15 @@
-//! Screening the pool and the prompt each rule picks: `majority-right` (needs labels),
-//! `agreement` (label-free) and `majority-wrong` (the worst prompt, on purpose).
+//! Screening the pool and the prompt each rule picks: `majority-right` and `variance` (need
+//! labels), `trial` (label-free: `select`'s trials of the `doubt` rule's first candidates)
+//! and `majority-wrong` (the worst prompt, on purpose), and with `--random-prompts` some prompts
+//! drawn at random.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use em_convert::OutType;
 use em_pipeline::screen::{self, PromptResult, Rule, ScreenOptions};
+use em_pipeline::select::{self, SelectOptions};
+use em_pipeline::train::RefreshType;
 use em_pipeline::Result;
 use em_store::write_atomic;
 
@@ -25,6 +29,7 @@ pub(super) struct Chosen {
 /// notes what screening found.
 pub(super) fn screen_and_choose(
     demo: &Demo,
+    random: usize,
     phases: &mut Phases,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Chosen>> {
@@ -32,7 +37,7 @@ pub(super) fn screen_and_choose(
     let screen_dir = screen_args.out.clone();
     let screened = screen::run(&screen_args, demo.backend)?;
     phases.lap("screen");
-    let chosen = choose(demo, &screened, &screen_dir, notes)?;
+    let chosen = choose(demo, &screened, &screen_dir, random, notes)?;
     for c in &chosen {
         notes.push(screening_note(c, screened.len(), demo.plan.k));
     }
@@ -60,28 +65,127 @@ pub(super) fn screen_options(demo: &Demo) -> ScreenOptions {
     }
 }
 
-/// The prompt of each rule, its pool line written to `<screen_dir>/chosen-<rule>.jsonl`.
+/// Labels of the random prompts (`--random-prompts`, at most this many).
+const RANDOM: [&str; 9] = [
+    "random-1", "random-2", "random-3", "random-4", "random-5", "random-6", "random-7", "random-8",
+    "random-9",
+];
+
+/// The trial rule's `select` settings: its candidates are the first of the label-free
+/// `doubt` rule, each trained for a few updates through a LoRA adapter and judged on the
+/// safeguard's held-out prompts (`<dir>/select`, its own manifest).
+fn trial_options(demo: &Demo) -> SelectOptions {
+    let quick = demo.plan.k < 16;
+    let mut o = SelectOptions::reference(
+        demo.subject.clone(),
+        demo.data.pool_path.clone(),
+        demo.data.watch_path.clone(),
+        demo.dir.join("select"),
+    );
+    o.k = demo.plan.k;
+    o.by = Rule::Doubt;
+    o.candidates = if quick { 2 } else { 8 };
+    o.trial_steps = if quick { 2 } else { 3 };
+    o.trial_samples = if quick { 8 } else { 16 };
+    o.held_out_limit = demo.plan.watch;
+    o.held_out_samples = demo.plan.watch_samples;
+    o.refresh_type = RefreshType::F32;
+    o.max_new_tokens = demo.plan.max_new_tokens;
+    o.repetition_penalty = 1.0;
+    o.prompt = organism::prompt_options();
+    o
+}
+
+/// The trial rule's pick (None where no candidate is predicted to help), with a note of the
+/// trials and their cost.
+fn trial_pick<'a>(
+    demo: &Demo,
+    screened: &'a [PromptResult],
+    raw: &[String],
+    notes: &mut Vec<String>,
+) -> Result<Option<&'a PromptResult>> {
+    let o = trial_options(demo);
+    select::claim(&o, demo.backend)?;
+    let selection = select::try_candidates(&o, demo.backend, screened, &demo.data.pool, raw)?;
+    let calls: Vec<String> = selection
+        .ranking
+        .iter()
+        .map(|c| {
+            let p = &c.prediction;
+            format!(
+                "{} {:+.3} [{:+.3}, {:+.3}] {}",
+                c.id, p.effect, p.effect_ci95.0, p.effect_ci95.1, p.call
+            )
+        })
+        .collect();
+    notes.push(format!(
+        "trial ({} candidates by doubt, {} updates × {} responses each, LoRA lr {:e}, judged by the held-out answered-and-stopped share against the base's, paired over {} prompts): {}; {}; the trials took {:.0} s, {:.2}× one full run",
+        selection.ranking.len(),
+        o.trial_steps,
+        o.trial_samples,
+        o.trial_lr,
+        o.held_out_limit,
+        calls.join(", "),
+        match &selection.chosen {
+            Some(id) => format!("picks {id}"),
+            None => "no candidate is predicted to help: the rule declines".into(),
+        },
+        selection.trials_seconds,
+        selection.cost(),
+    ));
+    Ok(selection
+        .chosen
+        .as_ref()
+        .and_then(|id| screened.iter().find(|r| &r.id == id)))
+}
+
+/// The prompt of each rule, its pool line written to `<screen_dir>/chosen-<rule>.jsonl`: the
+/// screen's rules, the trial rule, and `random` prompts drawn with a fixed seed.
 fn choose(
     demo: &Demo,
     screened: &[PromptResult],
     screen_dir: &Path,
+    random: usize,
     notes: &mut Vec<String>,
 ) -> Result<Vec<Chosen>> {
     let raw: Vec<String> = std::fs::read_to_string(&demo.data.pool_path)?
         .lines()
         .map(String::from)
         .collect();
+    if random > RANDOM.len() {
+        bail!("--random-prompts {random}: at most {}", RANDOM.len());
+    }
+    let mut picks: Vec<(&'static str, Option<&PromptResult>)> = vec![
+        (
+            "majority-right",
+            screen::choose(screened, Rule::MajorityRight),
+        ),
+        ("variance", screen::choose(screened, Rule::Variance)),
+        ("trial", trial_pick(demo, screened, &raw, notes)?),
+        (
+            "majority-wrong",
+            screen::choose(screened, Rule::MajorityWrong),
+        ),
+    ];
+    // Random prompts: a seeded shuffle of the screened pool, the first `random`.
+    let mut order: Vec<&PromptResult> = screened.iter().collect();
+    order.sort_by_key(|r| em_pipeline::item_seed(17, &r.id));
+    picks.extend(
+        RANDOM
+            .iter()
+            .zip(order)
+            .take(random)
+            .map(|(l, r)| (*l, Some(r))),
+    );
     let mut chosen: Vec<Chosen> = vec![];
-    for (label, rule) in [
-        ("majority-right", Rule::MajorityRight),
-        ("agreement", Rule::Agreement),
-        ("majority-wrong", Rule::MajorityWrong),
-    ] {
-        let Some(r) = screen::choose(screened, rule) else {
-            notes.push(format!(
-                "screen: rule {label} finds no qualifying prompt among {}",
-                screened.len()
-            ));
+    for (label, pick) in picks {
+        let Some(r) = pick else {
+            if label != "trial" {
+                notes.push(format!(
+                    "screen: rule {label} finds no qualifying prompt among {}",
+                    screened.len()
+                ));
+            }
             continue;
         };
         if let Some(c) = chosen.iter_mut().find(|c| c.result.id == r.id) {

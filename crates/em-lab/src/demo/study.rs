@@ -43,6 +43,8 @@ const NAMED: [&str; 6] = [
 /// A trial setting the study compares.
 struct TrialSetting {
     name: String,
+    /// Its directory under `study/`.
+    dir: String,
     adapter: Option<AdapterKind>,
     lr: f64,
     steps: usize,
@@ -50,28 +52,28 @@ struct TrialSetting {
 }
 
 fn trial_settings() -> Vec<TrialSetting> {
+    let setting = |name: &str, dir: &str, adapter, lr| TrialSetting {
+        name: name.into(),
+        dir: dir.into(),
+        adapter,
+        lr,
+        steps: 3,
+        samples: 16,
+    };
     vec![
-        TrialSetting {
-            name: "LoRA 3×16 lr 1e-3 (select's default)".into(),
-            adapter: Some(AdapterKind::Lora),
-            lr: 1e-3,
-            steps: 3,
-            samples: 16,
-        },
-        TrialSetting {
-            name: "LoRA 3×16 lr 1e-2".into(),
-            adapter: Some(AdapterKind::Lora),
-            lr: 1e-2,
-            steps: 3,
-            samples: 16,
-        },
-        TrialSetting {
-            name: "full 3×16 lr 1e-4".into(),
-            adapter: None,
-            lr: 1e-4,
-            steps: 3,
-            samples: 16,
-        },
+        setting(
+            "LoRA 3×16 lr 1e-2 (select's default)",
+            "trials-lora-lr1e-2",
+            Some(AdapterKind::Lora),
+            1e-2,
+        ),
+        setting(
+            "LoRA 3×16 lr 1e-3",
+            "trials-lora-lr1e-3",
+            Some(AdapterKind::Lora),
+            1e-3,
+        ),
+        setting("full 3×16 lr 1e-4", "trials-full-lr1e-4", None, 1e-4),
     ]
 }
 
@@ -204,10 +206,9 @@ pub(super) fn run(demo: &Demo, base_gguf: &Path, out: &Path, n: usize, lrs: &[f6
     let settings = trial_settings();
     let held_outs = settings
         .iter()
-        .enumerate()
-        .map(|(i, t)| {
+        .map(|t| {
             HeldOut::prepare(
-                &select_options(demo, t, &study_dir.join(format!("trials-{i}"))),
+                &select_options(demo, t, &study_dir.join(&t.dir)),
                 demo.backend,
             )
         })
@@ -245,8 +246,8 @@ pub(super) fn run(demo: &Demo, base_gguf: &Path, out: &Path, n: usize, lrs: &[f6
         }
         let mut predictions = vec![];
         let mut trial_seconds = vec![];
-        for ((t, held_out), k) in settings.iter().zip(&held_outs).zip(0..) {
-            let o = select_options(demo, t, &study_dir.join(format!("trials-{k}")));
+        for (t, held_out) in settings.iter().zip(&held_outs) {
+            let o = select_options(demo, t, &study_dir.join(&t.dir));
             let trial: Trial = held_out.trial(&o, demo.backend, &r.id, &line)?;
             predictions.push(Prediction::new(&held_out.baseline, &trial.round));
             trial_seconds.push(trial.seconds);

@@ -23,12 +23,16 @@ pub enum Rule {
     /// Highest variance among prompts whose pass rate is below 0.5 with its 95% interval: the
     /// prompt EM should *not* be trained on, for demonstrating what it does to a model.
     MajorityWrong,
+    /// No labels: among prompts whose answers mostly terminate, the most doubt a(1−a) about the
+    /// most common final answer, whatever its share; ties: higher entropy. A wide net: the
+    /// candidates `select` tries by default.
+    Doubt,
 }
 
 impl Rule {
     /// Whether the rule reads gold answers.
     pub fn needs_labels(self) -> bool {
-        !matches!(self, Rule::Agreement)
+        !matches!(self, Rule::Agreement | Rule::Doubt)
     }
 }
 
@@ -202,33 +206,36 @@ pub fn choose(ranked: &[PromptResult], rule: Rule) -> Option<&PromptResult> {
     candidates(ranked, rule, 1).into_iter().next()
 }
 
+/// `prompts` by most doubt a(1−a) about their most common answer, ties by higher entropy, then
+/// in the order given.
+fn by_doubt<'a>(prompts: impl Iterator<Item = &'a PromptResult>) -> Vec<&'a PromptResult> {
+    let mut scored: Vec<(&PromptResult, f64)> = prompts
+        .map(|r| {
+            let a = r.agreement().1;
+            (r, a * (1.0 - a))
+        })
+        .collect();
+    scored.sort_by(|(r1, d1), (r2, d2)| {
+        d2.total_cmp(d1).then(
+            r2.mean_entropy
+                .unwrap_or(0.0)
+                .total_cmp(&r1.mean_entropy.unwrap_or(0.0)),
+        )
+    });
+    scored.into_iter().map(|(r, _)| r).collect()
+}
+
 /// The first `m` prompts in `rule`'s order of preference: the ranking itself (`variance`), the
-/// ranking's prompts that qualify (`majority-right`, `majority-wrong`), or the prompts that agree
-/// by most doubt a(1−a), ties by higher entropy then rank (`agreement`).
+/// ranking's prompts that qualify (`majority-right`, `majority-wrong`), or by most doubt a(1−a),
+/// ties by higher entropy then rank, the prompts that agree (`agreement`) or that mostly
+/// terminate (`doubt`).
 pub fn candidates(ranked: &[PromptResult], rule: Rule, m: usize) -> Vec<&PromptResult> {
     let mut out: Vec<&PromptResult> = match rule {
         Rule::Variance => ranked.iter().collect(),
         Rule::MajorityRight => ranked.iter().filter(|r| r.majority_right()).collect(),
         Rule::MajorityWrong => ranked.iter().filter(|r| r.majority_wrong()).collect(),
-        Rule::Agreement => {
-            let mut agree: Vec<(&PromptResult, f64)> = ranked
-                .iter()
-                .filter(|r| r.agrees())
-                .map(|r| {
-                    let a = r.agreement().1;
-                    (r, a * (1.0 - a))
-                })
-                .collect();
-            // Stable: equal doubt and entropy keep the ranking's order.
-            agree.sort_by(|(r1, d1), (r2, d2)| {
-                d2.total_cmp(d1).then(
-                    r2.mean_entropy
-                        .unwrap_or(0.0)
-                        .total_cmp(&r1.mean_entropy.unwrap_or(0.0)),
-                )
-            });
-            agree.into_iter().map(|(r, _)| r).collect()
-        }
+        Rule::Agreement => by_doubt(ranked.iter().filter(|r| r.agrees())),
+        Rule::Doubt => by_doubt(ranked.iter().filter(|r| r.terminated() > 0.5)),
     };
     out.truncate(m);
     out
@@ -377,6 +384,9 @@ mod tests {
         assert_eq!(ids(candidates(&all, Rule::Agreement, 8)), ["a", "e", "b"]);
         assert_eq!(ids(candidates(&all, Rule::Agreement, 2)), ["a", "e"]);
         assert_eq!(ids(candidates(&all, Rule::Variance, 2)), ["b", "c"]);
+        // Doubt: every prompt that mostly terminates, c (8/16, the most doubt) first; d does not.
+        assert_eq!(ids(candidates(&all, Rule::Doubt, 8)), ["c", "a", "e", "b"]);
+        assert!(!Rule::Doubt.needs_labels());
         assert!(!Rule::Agreement.needs_labels() && Rule::MajorityRight.needs_labels());
     }
 }

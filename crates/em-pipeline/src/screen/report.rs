@@ -152,5 +152,6 @@ fn why_none(rule: Rule) -> &'static str {
         Rule::MajorityRight => "no pass rate is above 0.5 with its 95% interval",
         Rule::MajorityWrong => "no pass rate is below 0.5 with its 95% interval",
         Rule::Agreement => "no prompt's most common answer holds above 0.5 of the samples with its 95% interval while most answers terminate",
+        Rule::Doubt => "no prompt's answers mostly terminate",
     }
 }

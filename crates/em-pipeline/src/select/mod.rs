@@ -26,12 +26,13 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use em_data::Problem;
 use em_store::Manifest;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::prompt::PromptOptions;
-use crate::screen::{self, Rule, ScreenOptions};
+use crate::screen::{self, PromptResult, Rule, ScreenOptions};
 use crate::train::{
     self, AdapterKind, AdapterOptions, RefreshType, SampleSettings, TrainOptions, UpdateSettings,
     WatchSettings,
@@ -100,14 +101,14 @@ impl SelectOptions {
             out,
             limit: None,
             k: 8,
-            by: Rule::Agreement,
+            by: Rule::Doubt,
             candidates: 8,
             held_out,
             held_out_limit: 32,
             held_out_samples: 4,
             trial_steps: 3,
             trial_samples: 16,
-            trial_lr: 1e-3,
+            trial_lr: 1e-2,
             adapter: AdapterOptions {
                 kind: Some(AdapterKind::Lora),
                 ..AdapterOptions::default()
@@ -170,6 +171,18 @@ impl SelectOptions {
         }
     }
 
+    /// Every setting that changes a trial and its round.
+    pub fn trial_settings(&self) -> Value {
+        json!({
+            "steps": self.trial_steps, "samples": self.trial_samples, "lr": self.trial_lr,
+            "adapter": self.adapter, "refresh_type": self.refresh_type,
+            "max_new_tokens": self.max_new_tokens, "temperature": self.temperature,
+            "top_p": self.top_p, "repetition_penalty": self.repetition_penalty, "seed": self.seed,
+            "prompt": self.prompt, "held_out_limit": self.held_out_limit,
+            "held_out_samples": self.held_out_samples,
+        })
+    }
+
     /// Every setting that changes the selection (the manifest's settings).
     fn settings(&self, backend: &dyn Backend) -> Value {
         let mut v = serde_json::to_value(self).expect("options serialise");
@@ -220,8 +233,9 @@ fn check(o: &SelectOptions, backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
-/// Screens, tries the candidates and ranks them (see the module documentation).
-pub fn run(o: &SelectOptions, backend: &dyn Backend) -> Result<Selection> {
+/// Checks the options and claims the output directory with the selection's manifest (the
+/// model, the pool, the held-out prompts, every setting): another selection there is refused.
+pub fn claim(o: &SelectOptions, backend: &dyn Backend) -> Result<()> {
     check(o, backend)?;
     let mut manifest = Manifest::new(
         "select",
@@ -238,8 +252,12 @@ pub fn run(o: &SelectOptions, backend: &dyn Backend) -> Result<Selection> {
         .insert("held_out".into(), em_store::file_identity(&held_out_path)?);
     manifest.info = json!({ "tool": crate::TOOL });
     manifest.claim(&o.out, o.fresh)?;
+    Ok(())
+}
 
-    // 1. The screen and the candidates.
+/// Screens, tries the candidates and ranks them (see the module documentation).
+pub fn run(o: &SelectOptions, backend: &dyn Backend) -> Result<Selection> {
+    claim(o, backend)?;
     let screen_options = o.screen();
     let ranked = screen::run(&screen_options, backend)?;
     let pool = screen::Pool::load(&screen_options, backend)?;
@@ -249,7 +267,30 @@ pub fn run(o: &SelectOptions, backend: &dyn Backend) -> Result<Selection> {
             screen_options.out.display()
         );
     }
-    let candidates = screen::candidates(&ranked, o.by, o.candidates);
+    try_candidates(o, backend, &ranked, &pool.problems, &pool.raw)
+}
+
+/// The trials of `ranked`'s first `o.candidates` prompts by `o.by` (a claimed output), their
+/// ranking and the choice, written as the module documentation says. `problems` and `raw` are
+/// the pool's records and their lines in its own format.
+pub fn try_candidates(
+    o: &SelectOptions,
+    backend: &dyn Backend,
+    ranked: &[PromptResult],
+    problems: &[Problem],
+    raw: &[String],
+) -> Result<Selection> {
+    let line_of = |id: &str| -> Result<String> {
+        problems
+            .iter()
+            .position(|p| p.id == id)
+            .map(|i| raw[i].clone())
+            .with_context(|| format!("{id} is not in the pool"))
+    };
+    let candidates = screen::candidates(ranked, o.by, o.candidates);
+    if candidates.is_empty() {
+        bail!("no prompt qualifies under rule {:?} to be tried", o.by);
+    }
     eprintln!(
         "select: {} candidate{} by {:?}: {}",
         candidates.len(),
@@ -261,24 +302,13 @@ pub fn run(o: &SelectOptions, backend: &dyn Backend) -> Result<Selection> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-
-    // 2. The base rounds on the held-out prompts, then the trials.
     let held_out = HeldOut::prepare(o, backend)?;
     let mut trials = vec![];
     for (i, c) in candidates.iter().enumerate() {
-        let line = pool
-            .problems
-            .iter()
-            .position(|p| p.id == c.id)
-            .map(|i| pool.raw[i].clone())
-            .context("a candidate is in the pool")?;
         eprintln!("select: trial {}/{}: {}", i + 1, candidates.len(), c.id);
-        trials.push((*c, held_out.trial(o, backend, &c.id, &line)?));
+        trials.push((*c, held_out.trial(o, backend, &c.id, &line_of(&c.id)?)?));
     }
-    let baseline = held_out.baseline;
-
-    // 4. The ranking.
-    let selection = rank(&baseline, &trials);
-    write_selection(o, &selection, &pool)?;
+    let selection = rank(&held_out.baseline, &trials);
+    write_selection(o, &selection, &line_of)?;
     Ok(selection)
 }

@@ -3,14 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use em_store::write_atomic;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{Prediction, SelectOptions, Trial};
 use crate::safeguard::Baseline;
-use crate::screen::{self, PromptResult};
+use crate::screen::PromptResult;
 use crate::train::TrainOptions;
 use crate::Result;
 
@@ -120,7 +119,11 @@ pub fn rank(baseline: &Baseline, trials: &[(&PromptResult, Trial)]) -> Selection
 
 /// Prints the ranking and writes `ranking.json` and, when a prompt was chosen, `chosen.jsonl` and
 /// `top.jsonl`.
-pub(super) fn write_selection(o: &SelectOptions, s: &Selection, pool: &screen::Pool) -> Result<()> {
+pub(super) fn write_selection(
+    o: &SelectOptions,
+    s: &Selection,
+    line_of: &dyn Fn(&str) -> Result<String>,
+) -> Result<()> {
     println!(
         "{:>4}  {:<24} {:>8} {:>18} {:>9} {:>9} {:>6}  call",
         "rank", "prompt", "effect", "95% CI", "answered", "length", "drift"
@@ -161,13 +164,6 @@ pub(super) fn write_selection(o: &SelectOptions, s: &Selection, pool: &screen::P
         &o.out.join("ranking.json"),
         serde_json::to_string_pretty(&ranking)? + "\n",
     )?;
-    let line_of = |id: &str| -> Result<String> {
-        pool.problems
-            .iter()
-            .position(|p| p.id == id)
-            .map(|i| pool.raw[i].clone())
-            .context("a candidate is in the pool")
-    };
     // Every candidate predicted to help, best first: `train --prompt top.jsonl --shots K`.
     let helping: Vec<&Candidate> = s.ranking.iter().filter(|c| c.prediction.helps()).collect();
     let (chosen_path, top_path) = (o.out.join("chosen.jsonl"), o.out.join("top.jsonl"));
@@ -223,6 +219,7 @@ mod tests {
             seconds: 2.0,
             update_seconds: 1.5,
             responses: 48,
+            settings: Value::Null,
         }
     }
 

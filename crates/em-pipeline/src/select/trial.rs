@@ -31,6 +31,9 @@ pub struct Trial {
     /// Wall time of its updates alone (sampling and training), and responses they drew.
     pub update_seconds: f64,
     pub responses: usize,
+    /// The settings the trial ran with ([`SelectOptions::trial_settings`]): a record of other
+    /// settings is refused, not reused.
+    pub settings: Value,
 }
 
 /// What the trials predict for one candidate.
@@ -169,9 +172,19 @@ impl HeldOut {
             .with_context(|| format!("{}: cannot create", trials_dir.display()))?;
         let stem = file_stem(id);
         let record = trials_dir.join(format!("{stem}.trial.json"));
+        let settings = o.trial_settings();
         if let Ok(text) = std::fs::read_to_string(&record) {
-            return serde_json::from_str(&text)
-                .with_context(|| format!("{}: not a trial record; use --fresh", record.display()));
+            let done: Trial = serde_json::from_str(&text).with_context(|| {
+                format!("{}: not a trial record; use --fresh", record.display())
+            })?;
+            if done.settings != settings {
+                anyhow::bail!(
+                    "{}: a trial of other settings ({} there, {settings} now); use --fresh or another output directory",
+                    record.display(),
+                    done.settings
+                );
+            }
+            return Ok(done);
         }
         let t0 = Instant::now();
         let prompt_file = trials_dir.join(format!("{stem}.jsonl"));
@@ -208,6 +221,7 @@ impl HeldOut {
             seconds: t0.elapsed().as_secs_f64(),
             update_seconds,
             responses: updates.len() * o.trial_samples,
+            settings,
         };
         write_atomic(&record, serde_json::to_string_pretty(&trial)? + "\n")?;
         Ok(trial)
