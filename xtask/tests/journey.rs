@@ -1,6 +1,7 @@
 //! The README's journey on a real model, through the command line as a user types it, at small
 //! sizes: fetch SmolLM2-135M → convert it to an HF directory and back to an f16 GGUF → screen the
 //! bundled `dsr` pool → train full and LoRA on the chosen prompt with the safeguard watching →
+//! select a prompt by short trials judged on held-out prompts (which may decline) →
 //! eval the base, the adapter on its base against the base GGUF (the paired table), the fully
 //! tuned model against the base HF directory, the merged adapter against the adapter's eval
 //! folder → merge → analyze curves, fidelity and logits. Every command's exit status, outputs and
@@ -41,6 +42,18 @@ impl Journey {
     /// Runs `cargo xtask <args>` in the journey's directory; it must succeed. Returns (stdout,
     /// stderr).
     fn run<S: AsRef<str>>(&mut self, args: &[S]) -> (String, String) {
+        let (ok, stdout, stderr) = self.try_run(args);
+        assert!(
+            ok,
+            "cargo xtask {}: failed\n{stdout}\n{stderr}",
+            args.iter().map(AsRef::as_ref).collect::<Vec<_>>().join(" ")
+        );
+        (stdout, stderr)
+    }
+
+    /// Runs `cargo xtask <args>`, which may fail but never panics. Returns (success, stdout,
+    /// stderr).
+    fn try_run<S: AsRef<str>>(&mut self, args: &[S]) -> (bool, String, String) {
         let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
         let t0 = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
@@ -54,19 +67,13 @@ impl Journey {
             String::from_utf8_lossy(&out.stderr).into_owned(),
         );
         assert!(
-            out.status.success(),
-            "cargo xtask {}: exit {:?}\n{stdout}\n{stderr}",
-            args.join(" "),
-            out.status.code()
-        );
-        assert!(
             !stderr.contains("panicked") && !stdout.contains("panicked"),
             "{args:?}: {stderr}"
         );
         let secs = t0.elapsed().as_secs_f64();
         eprintln!("journey: {secs:6.1} s  cargo xtask {}", args.join(" "));
         self.steps.push((args[..2.min(args.len())].join(" "), secs));
-        (stdout, stderr)
+        (out.status.success(), stdout, stderr)
     }
 }
 
@@ -287,6 +294,60 @@ fn the_readme_journey_on_smollm2() {
     ] {
         assert!(j.path("lora/final").join(f).is_file(), "lora/final/{f}");
     }
+
+    // select: the label-free choice, on the same 4 prompts: the first 2 by variance each trained
+    // for one LoRA update, judged on the 2 dsr prompts after the screened ones. It may decline
+    // (no trial predicted to help): then it exits non-zero and hands back no prompt.
+    let (chose, stdout, stderr) = j.try_run(&[
+        "select",
+        "--model",
+        "hf",
+        "--pool",
+        "dsr",
+        "--limit",
+        "4",
+        "--k",
+        "4",
+        "--by",
+        "variance",
+        "--candidates",
+        "2",
+        "--held-out",
+        "dsr",
+        "--held-out-limit",
+        "2",
+        "--held-out-samples",
+        "2",
+        "--trial-steps",
+        "1",
+        "--trial-samples",
+        "2",
+        "--max-new-tokens",
+        "16",
+        "--out",
+        "select",
+    ]);
+    let selection = json(&j.path("select/ranking.json"));
+    let tried = selection["ranking"].as_array().unwrap();
+    assert_eq!(tried.len(), 2, "{selection}");
+    for c in tried {
+        let p = &c["prediction"];
+        assert!(p["effect"].as_f64().unwrap().is_finite(), "{c}");
+        assert!(["helps", "unclear", "hurts", "alarm"].contains(&p["call"].as_str().unwrap()));
+    }
+    assert_eq!(
+        chose,
+        j.path("select/chosen.jsonl").is_file(),
+        "{stdout}\n{stderr}"
+    );
+    if !chose {
+        assert!(
+            stderr.contains("no candidate is predicted to help"),
+            "{stderr}"
+        );
+    }
+    assert!(stdout.contains("× one full run"), "{stdout}");
+    manifest(&j.path("select"), "select");
 
     // eval: the base alone, the adapter on its base against the base GGUF (the command),
     // the full model against the base HF directory, the merged adapter against the adapter's

@@ -25,7 +25,8 @@ pub struct SelectFlags {
     #[arg(long)]
     pub pool: PathBuf,
     /// Unlabeled held-out prompts the trials are judged on (pool JSONL or a bundled pool's name;
-    /// answers, if any, are never read). Keep them out of the pool.
+    /// answers, if any, are never read). The pool itself takes the prompts after the screened
+    /// ones (`--pool dsr --limit 200 --held-out dsr`: dsr's next --held-out-limit prompts).
     #[arg(long)]
     pub held_out: PathBuf,
     /// Output directory (rerun the same command to resume).

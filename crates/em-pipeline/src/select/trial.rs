@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::{file_stem, round_seed, SelectOptions};
 use crate::prompt::RenderedPrompt;
 use crate::safeguard::{self, Baseline, Round};
-use crate::train::{self, WatchSettings};
+use crate::train;
 use crate::{AdaptedBackend, Backend, Result};
 
 /// A trial, once complete (`trials/<id>.trial.json`).
@@ -81,6 +81,37 @@ impl Prediction {
     }
 }
 
+/// The held-out prompts, rendered: the first `held_out_limit` of `held_out`, or where that is the
+/// pool itself, the first after the screened ones (`--limit`), so that no held-out prompt is a
+/// candidate.
+fn held_out_prompts(o: &SelectOptions, backend: &dyn Backend) -> Result<Vec<RenderedPrompt>> {
+    if o.held_out_limit == 0 || o.held_out_samples == 0 {
+        anyhow::bail!("--held-out-limit and --held-out-samples must be positive");
+    }
+    let path = crate::assets::pool_path(&o.held_out)?;
+    let mut problems = em_data::load_pool(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if path == crate::assets::pool_path(&o.pool)? {
+        let Some(skip) = o.limit.filter(|&n| n < problems.len()) else {
+            anyhow::bail!(
+                "{}: --held-out is the pool, and the screen takes all of it: give --limit N to keep the prompts after the first N held out",
+                path.display()
+            );
+        };
+        problems.drain(..skip);
+    }
+    problems.truncate(o.held_out_limit);
+    if problems.is_empty() {
+        anyhow::bail!("{}: no held-out prompts", path.display());
+    }
+    let mut prompts = vec![];
+    crate::with_vocab(backend, &o.model, &mut |vocab| {
+        let renderer = crate::prompt::PromptRenderer::new(vocab, &o.prompt)?;
+        prompts = renderer.render_all(&problems, &path)?;
+        Ok(())
+    })?;
+    Ok(prompts)
+}
+
 /// The held-out prompts trials are judged on, and the base model's rounds on them.
 pub struct HeldOut {
     prompts: Vec<RenderedPrompt>,
@@ -95,14 +126,7 @@ impl HeldOut {
     /// Renders `o.held_out`, converts the base to `<out>/model`, and samples the base round and
     /// its replicate (read back from `<out>/base-rounds.json` where done).
     pub fn prepare(o: &SelectOptions, backend: &dyn Backend) -> Result<Self> {
-        let watch = WatchSettings {
-            watch: Some(o.held_out.clone()),
-            watch_limit: o.held_out_limit,
-            watch_samples: o.held_out_samples,
-            ..WatchSettings::default()
-        };
-        let prompts = train::watched_prompts(&watch, &o.model, &o.prompt, backend)?
-            .context("held-out prompts")?;
+        let prompts = held_out_prompts(o, backend)?;
         let base_gguf =
             crate::sampling_model(backend, &o.model, &o.out, o.refresh_type.out_type())?;
         let params = SamplingParams {
