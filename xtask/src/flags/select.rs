@@ -56,6 +56,9 @@ pub struct SelectFlags {
     /// Responses sampled per trial update.
     #[arg(long, default_value_t = 16)]
     pub trial_samples: usize,
+    /// Responses per forward/backward pass of a trial update (memory, not results).
+    #[arg(long, default_value_t = 2)]
+    pub micro_batch: usize,
     /// The trials' learning rate: a probe, larger than a full run's (LoRA starts from B = 0; on
     /// organism-mixed, LoRA trials at 1e-3 barely moved the held-out prompts, at 1e-2 they
     /// ranked the full runs' gains best; see the README).
@@ -120,6 +123,7 @@ impl SelectFlags {
             held_out_samples: self.held_out_samples,
             trial_steps: self.trial_steps,
             trial_samples: self.trial_samples,
+            micro_batch: self.micro_batch,
             trial_lr: self.trial_lr,
             adapter,
             refresh_type: self.refresh_type,

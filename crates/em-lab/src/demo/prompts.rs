@@ -87,6 +87,8 @@ fn trial_options(demo: &Demo) -> SelectOptions {
     o.candidates = if quick { 2 } else { 8 };
     o.trial_steps = if quick { 2 } else { 3 };
     o.trial_samples = if quick { 8 } else { 16 };
+    // One pass per update: the organism is tiny.
+    o.micro_batch = o.trial_samples;
     o.held_out_limit = demo.plan.watch;
     o.held_out_samples = demo.plan.watch_samples;
     o.refresh_type = RefreshType::F32;

@@ -161,6 +161,8 @@ fn select_options(demo: &Demo, t: &TrialSetting, out: &Path) -> SelectOptions {
     o.held_out_samples = demo.plan.watch_samples;
     o.trial_steps = t.steps;
     o.trial_samples = t.samples;
+    // One pass per update: the organism is tiny.
+    o.micro_batch = t.samples;
     o.trial_lr = t.lr;
     o.adapter = AdapterOptions {
         kind: t.adapter,

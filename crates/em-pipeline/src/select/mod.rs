@@ -73,6 +73,8 @@ pub struct SelectOptions {
     pub trial_steps: usize,
     /// Responses per trial update.
     pub trial_samples: usize,
+    /// Responses per forward/backward pass of a trial update (memory, not results).
+    pub micro_batch: usize,
     /// The trials' learning rate.
     pub trial_lr: f64,
     /// `lora` (the default) or none: full fine-tuning trials.
@@ -108,6 +110,7 @@ impl SelectOptions {
             held_out_samples: 4,
             trial_steps: 3,
             trial_samples: 16,
+            micro_batch: 2,
             trial_lr: 1e-2,
             adapter: AdapterOptions {
                 kind: Some(AdapterKind::Lora),
@@ -145,8 +148,9 @@ impl SelectOptions {
         }
     }
 
-    /// The trial of the prompt in `prompt` (a one-line pool file), trained in `out`.
-    pub fn trial(&self, prompt: &Path, out: &Path) -> TrainOptions {
+    /// The trial of the prompt in `prompt` (a one-line pool file), trained in `out`, under an
+    /// adapter sampling the base GGUF `base`.
+    pub fn trial(&self, prompt: &Path, out: &Path, base: &Path) -> TrainOptions {
         let reference = TrainOptions::reference(self.model.clone(), prompt.into(), out.into());
         TrainOptions {
             prompt_options: self.prompt.clone(),
@@ -162,11 +166,13 @@ impl SelectOptions {
             update: UpdateSettings {
                 steps: self.trial_steps,
                 lr: self.trial_lr,
+                micro_batch: self.micro_batch,
                 ..reference.update.clone()
             },
             refresh_type: self.refresh_type,
             adapter: self.adapter.clone(),
             safeguard: WatchSettings::default(),
+            adapter_base: Some(base.to_path_buf()),
             ..reference
         }
     }

@@ -214,7 +214,7 @@ impl HeldOut {
         let prompt_file = trials_dir.join(format!("{stem}.jsonl"));
         write_atomic(&prompt_file, format!("{pool_line}\n"))?;
         let run_dir = trials_dir.join(&stem);
-        let trained = train::run(&o.trial(&prompt_file, &run_dir), backend)?
+        let trained = train::run(&o.trial(&prompt_file, &run_dir, &self.base_gguf), backend)?
             .with_context(|| format!("{}: the trial did not finish", run_dir.display()))?;
         let metrics: Vec<Value> = JsonlStore::<Value>::read(&run_dir.join("metrics.jsonl"))?;
         let updates: Vec<&Value> = metrics.iter().filter(|m| m.get("loss").is_some()).collect();

@@ -148,7 +148,14 @@ pub fn run(options: &TrainOptions, backend: &dyn Backend) -> Result<Option<PathB
     let (mut trainer, start) = run.load_trainer()?;
     let params = trainer.model.parameters();
     let work = o.out.join(".sampling");
-    let mut publisher = Publisher::new(backend, &o.model, &trainer.model, o.refresh_type, &work)?;
+    let mut publisher = Publisher::new(
+        backend,
+        &o.model,
+        &trainer.model,
+        o.refresh_type,
+        &work,
+        o.adapter_base.as_deref(),
+    )?;
     let mut guard = run.guard(start, &params)?;
     let metrics_path = o.out.join("metrics.jsonl");
     let save_every = o.checkpoints.save_every.unwrap_or(steps).max(1);

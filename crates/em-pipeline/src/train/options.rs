@@ -54,6 +54,12 @@ pub struct TrainOptions {
     pub safeguard: WatchSettings,
     #[serde(flatten)]
     pub adapter: AdapterOptions,
+    /// Under an adapter, the base GGUF to sample with: `model` already converted at
+    /// `refresh_type` by the caller (`select` shares one among its trials, so llama.cpp keeps it
+    /// loaded). None: written into the run's scratch directory. Not a setting: the same bytes
+    /// either way.
+    #[serde(skip)]
+    pub adapter_base: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -335,6 +341,7 @@ impl TrainOptions {
             checkpoints: CheckpointSettings::default(),
             safeguard: WatchSettings::default(),
             adapter: AdapterOptions::default(),
+            adapter_base: None,
         }
     }
 

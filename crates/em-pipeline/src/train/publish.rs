@@ -96,13 +96,15 @@ pub struct Publisher<'b> {
 
 impl<'b> Publisher<'b> {
     /// Publishes `model` (the trained weights, or a model under an adapter) from the HF directory
-    /// `source` into the scratch directory `work`.
+    /// `source` into the scratch directory `work`; under an adapter, on the base GGUF `base`
+    /// (`source` converted at `refresh_type`), else one written into `work` once.
     pub fn new(
         backend: &'b dyn Backend,
         source: &Path,
         model: &CausalLm,
         refresh_type: RefreshType,
         work: &Path,
+        base: Option<&Path>,
     ) -> Result<Self> {
         std::fs::create_dir_all(work)
             .with_context(|| format!("{}: cannot create", work.display()))?;
@@ -121,13 +123,19 @@ impl<'b> Publisher<'b> {
             });
         }
         // The base is written once; only the adapter changes between updates.
-        let base = work.join(format!(
-            "base.{}.gguf",
-            format!("{out_type:?}").to_lowercase()
-        ));
-        if !base.is_file() {
-            em_convert::hf_to_gguf(source, &base, out_type)?;
-        }
+        let base = match base {
+            Some(base) => base.to_path_buf(),
+            None => {
+                let base = work.join(format!(
+                    "base.{}.gguf",
+                    format!("{out_type:?}").to_lowercase()
+                ));
+                if !base.is_file() {
+                    em_convert::hf_to_gguf(source, &base, out_type)?;
+                }
+                base
+            }
+        };
         Ok(Self {
             publish: Box::new(AdapterRefresh::new(model, &work.join(ADAPTER_GGUF))?),
             backend,
