@@ -23,6 +23,7 @@
 //! verdict in words, `demo.md`), `phases` (wall time per kind of work).
 
 mod evaluate;
+mod kshot;
 mod learning_rate;
 mod phases;
 mod plots;

@@ -49,31 +49,48 @@ struct TrialSetting {
     lr: f64,
     steps: usize,
     samples: usize,
+    /// Responses per held-out prompt and round.
+    held_out_samples: usize,
 }
 
 fn trial_settings() -> Vec<TrialSetting> {
-    let setting = |name: &str, dir: &str, adapter, lr| TrialSetting {
+    let setting = |name: &str, dir: &str, adapter, lr, steps, held_out_samples| TrialSetting {
         name: name.into(),
         dir: dir.into(),
         adapter,
         lr,
-        steps: 3,
+        steps,
         samples: 16,
+        held_out_samples,
     };
+    let lora = Some(AdapterKind::Lora);
     vec![
         setting(
             "LoRA 3×16 lr 1e-2 (select's default)",
             "trials-lora-lr1e-2",
-            Some(AdapterKind::Lora),
+            lora,
             1e-2,
+            3,
+            4,
+        ),
+        setting("LoRA 3×16 lr 1e-3", "trials-lora-lr1e-3", lora, 1e-3, 3, 4),
+        setting("full 3×16 lr 1e-4", "trials-full-lr1e-4", None, 1e-4, 3, 4),
+        setting(
+            "LoRA 2×16 lr 1e-2",
+            "trials-lora-lr1e-2-steps2",
+            lora,
+            1e-2,
+            2,
+            4,
         ),
         setting(
-            "LoRA 3×16 lr 1e-3",
-            "trials-lora-lr1e-3",
-            Some(AdapterKind::Lora),
-            1e-3,
+            "LoRA 3×16 lr 1e-2, 2 per held-out prompt",
+            "trials-lora-lr1e-2-held2",
+            lora,
+            1e-2,
+            3,
+            2,
         ),
-        setting("full 3×16 lr 1e-4", "trials-full-lr1e-4", None, 1e-4),
     ]
 }
 
@@ -112,15 +129,24 @@ fn study_prompts(ranked: &[PromptResult], n: usize) -> Vec<&PromptResult> {
         .collect()
 }
 
-/// One full EM run on the prompt in `prompt_file` at `lr` (seed 0, no safeguard), in `out`.
-fn full_run(demo: &Demo, prompt_file: &Path, out: &Path, lr: f64) -> Result<PathBuf> {
+/// One full EM run on the first `shots` prompts in `prompt_file` at `lr` (no safeguard), seeded
+/// by `seed`, in `out`.
+pub(super) fn full_run(
+    demo: &Demo,
+    prompt_file: &Path,
+    out: &Path,
+    lr: f64,
+    shots: usize,
+    seed: u64,
+) -> Result<PathBuf> {
     let plan = &demo.plan;
     let reference =
         TrainOptions::reference(demo.subject.clone(), prompt_file.into(), out.to_path_buf());
     let options = TrainOptions {
+        shots,
         sampling: SampleSettings {
             samples: plan.samples_per_update,
-            seed: 15,
+            seed: 15 + seed,
             max_new_tokens: plan.max_new_tokens,
             repetition_penalty: 1.0,
             ..reference.sampling.clone()
@@ -158,7 +184,7 @@ fn select_options(demo: &Demo, t: &TrialSetting, out: &Path) -> SelectOptions {
     );
     o.k = demo.plan.k;
     o.held_out_limit = demo.plan.watch;
-    o.held_out_samples = demo.plan.watch_samples;
+    o.held_out_samples = t.held_out_samples;
     o.trial_steps = t.steps;
     o.trial_samples = t.samples;
     // One pass per update: the organism is tiny.
@@ -232,7 +258,7 @@ pub(super) fn run(demo: &Demo, base_gguf: &Path, out: &Path, n: usize, lrs: &[f6
         let mut full_seconds = vec![];
         for &lr in lrs {
             let run_dir = study_dir.join(format!("full-lr{lr:e}")).join(&r.id);
-            let tuned = full_run(demo, &prompt_file, &run_dir, lr)?;
+            let tuned = full_run(demo, &prompt_file, &run_dir, lr, 1, 0)?;
             full_seconds.push(updates_seconds(&run_dir.join("metrics.jsonl"))?);
             let gguf = sampling_model(demo.backend, &tuned, &run_dir.join("gguf"), OutType::F32)?;
             let items = eval_setting(
@@ -262,6 +288,7 @@ pub(super) fn run(demo: &Demo, base_gguf: &Path, out: &Path, n: usize, lrs: &[f6
             full_seconds,
         });
     }
+    let k_shot = super::kshot::run(demo, base_gguf, &screened, &raw, lrs[0])?;
     report(
         demo,
         out,
@@ -270,10 +297,12 @@ pub(super) fn run(demo: &Demo, base_gguf: &Path, out: &Path, n: usize, lrs: &[f6
         lrs,
         mean_score(&base_items),
         base_items.len(),
+        &k_shot,
     )
 }
 
 /// Writes `trial-study.md` and `trial-study.json`.
+#[allow(clippy::too_many_arguments)]
 fn report(
     demo: &Demo,
     out: &Path,
@@ -282,6 +311,7 @@ fn report(
     lrs: &[f64],
     base_accuracy: f64,
     n_validation: usize,
+    k_shot: &str,
 ) -> Result<()> {
     let mut predictors: Vec<(String, Vec<f64>)> = settings
         .iter()
@@ -404,6 +434,7 @@ fn report(
         );
     }
     md += "\nWall times as recorded when each ran: a full run's updates (sampling and training) from its metrics.jsonl; a trial's updates and its held-out round.\n";
+    md += k_shot;
     let stem = out.join("trial-study");
     write_atomic(&stem.with_extension("md"), &md)?;
     write_atomic(
