@@ -104,6 +104,9 @@ impl BackendArgs {
     }
 }
 
+/// A loaded base GGUF: its path, its file's size and mtime when loaded, and the model.
+type LoadedBase = (PathBuf, (u64, Option<SystemTime>), GgufModel);
+
 /// llama.cpp in-process: every plain sampler loads the GGUF it is given; a base under adapters
 /// stays loaded while the same unchanged file is asked for.
 pub struct LlamaBackend {
@@ -111,7 +114,7 @@ pub struct LlamaBackend {
     /// Layers offloaded to the GPU.
     pub gpu_layers: u32,
     /// The base model adapters were last applied to, with its file's size and mtime.
-    base: RefCell<Option<(PathBuf, (u64, Option<SystemTime>), GgufModel)>>,
+    base: RefCell<Option<LoadedBase>>,
 }
 
 impl LlamaBackend {

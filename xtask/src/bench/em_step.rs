@@ -105,7 +105,7 @@ const PROBLEM: &str = "Natalia sold clips to 48 of her friends in April, and the
 /// Where the benchmark's weights come from.
 enum Source {
     /// Random weights of a configuration.
-    Random(em_train::models::ModelConfig),
+    Random(Box<em_train::models::ModelConfig>),
     /// An HF checkpoint.
     Hf(std::path::PathBuf),
 }
@@ -201,7 +201,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         }
         let prompt = random_ids(&mut rng, args.prompt_len, cfg.vocab_size);
         (
-            Source::Random(cfg.clone()),
+            Source::Random(Box::new(cfg.clone())),
             cfg,
             prompt,
             format!("{label} (random weights)"),
@@ -244,7 +244,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
         let cfg = memory::config(&smollm2_config(), "SmolLM2-135M config")?;
         let prompt = random_ids(&mut rng, args.prompt_len, cfg.vocab_size);
         (
-            Source::Random(cfg.clone()),
+            Source::Random(Box::new(cfg.clone())),
             cfg,
             prompt,
             "SmolLM2-135M (random weights)".to_string(),
