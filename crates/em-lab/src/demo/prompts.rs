@@ -171,7 +171,9 @@ fn choose(
     ];
     // Random prompts: a seeded shuffle of the screened pool, the first `random`.
     let mut order: Vec<&PromptResult> = screened.iter().collect();
-    order.sort_by_key(|r| em_pipeline::item_seed(17, &r.id));
+    // FNV-1a of ids that differ in their last digits differs in its low bits alone: mixed
+    // through splitmix64 before sorting, or neighbouring ids would sort together.
+    order.sort_by_key(|r| em_pipeline::train::step_seed(em_pipeline::item_seed(17, &r.id), 0));
     picks.extend(
         RANDOM
             .iter()
