@@ -168,3 +168,65 @@ fn trials_are_judged_against_the_base_on_the_same_seeds() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bad_selections_are_refused_in_one_line_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pool = split_as_problems(0, Split::Pool, 50);
+    write_pool(&pool[..40], &tmp.path().join("pool.jsonl"), true);
+    write_pool(&pool[40..], &tmp.path().join("held.jsonl"), false);
+    std::fs::write(tmp.path().join("model.gguf"), b"GGUF").unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .arg("select")
+            .args(args)
+            .current_dir(tmp.path())
+            .env("EM_NO_PROGRESS", "1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(lines[0].starts_with("error: "), "{stderr}");
+        lines[0].to_string()
+    };
+    let subject = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/organism-mixed");
+    let subject = subject.to_str().unwrap();
+    let common = ["--pool", "pool.jsonl", "--out", "out"];
+    let e = run(&[
+        &["--model", "model.gguf", "--held-out", "held.jsonl"],
+        &common[..],
+    ]
+    .concat());
+    assert!(
+        e.contains("model.gguf") && e.contains("not an HF model directory"),
+        "{e}"
+    );
+    let e = run(&[
+        &["--model", subject, "--held-out", "pool.jsonl"],
+        &common[..],
+    ]
+    .concat());
+    assert!(e.contains("--limit"), "{e}");
+    let e = run(&[
+        &[
+            "--model",
+            subject,
+            "--held-out",
+            "held.jsonl",
+            "--candidates",
+            "0",
+        ],
+        &common[..],
+    ]
+    .concat());
+    assert!(e.contains("--candidates"), "{e}");
+    let e = run(&[
+        &["--model", subject, "--held-out", "missing.jsonl"],
+        &common[..],
+    ]
+    .concat());
+    assert!(e.contains("missing.jsonl"), "{e}");
+    assert!(!tmp.path().join("out").exists(), "nothing written");
+}

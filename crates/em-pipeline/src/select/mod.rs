@@ -233,6 +233,16 @@ fn check(o: &SelectOptions, backend: &dyn Backend) -> Result<()> {
     if o.candidates == 0 || o.trial_steps == 0 || o.trial_samples == 0 || o.k == 0 {
         bail!("--candidates, --trial-steps, --trial-samples and --k must be positive");
     }
+    if o.held_out_limit == 0 || o.held_out_samples == 0 {
+        bail!("--held-out-limit and --held-out-samples must be positive");
+    }
+    let pool = crate::assets::pool_path(&o.pool)?;
+    if crate::assets::pool_path(&o.held_out)? == pool && o.limit.is_none() {
+        bail!(
+            "{}: --held-out is the pool, and the screen takes all of it: give --limit N to keep the prompts after the first N held out",
+            pool.display()
+        );
+    }
     if o.adapter.kind.is_some() && !backend.applies_adapters() {
         bail!("this backend cannot apply LoRA adapters; use --adapter none or --backend llama");
     }
