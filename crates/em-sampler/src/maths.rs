@@ -213,6 +213,26 @@ fn entropy(weights: &[f64], shifted: impl Iterator<Item = f32>) -> f32 {
     (z.ln() - mean).max(0.0) as f32
 }
 
+/// Drops from `cand` (aligned with `weights`) the tokens top-p cannot keep, so that only the
+/// heavy head is ordered: where the tokens of weight at least t hold `need` of the mass, the mass
+/// strictly above any lighter token is at least that, and HF's rule drops it. t starts at 1e-3 of
+/// the most likely token's weight and falls until that holds (with a margin far above rounding).
+fn drop_light_tokens(cand: &mut Vec<(u32, f32)>, weights: &[f64], need: f64) {
+    if cand.len() < 256 {
+        return;
+    }
+    let mut t = 1e-3;
+    while t > 1e-15 {
+        let heavy: f64 = weights.iter().filter(|&&w| w >= t).sum();
+        if heavy >= need * (1.0 + 1e-9) {
+            let mut w = weights.iter();
+            cand.retain(|_| *w.next().expect("aligned") >= t);
+            return;
+        }
+        t *= 1e-3;
+    }
+}
+
 /// Draws the next token from `logits` under `params` (see [`SamplingParams`] for the order).
 pub fn pick(
     logits: &[f32],
@@ -239,7 +259,12 @@ pub fn pick(
     // The plausible tokens, in vocabulary order; logits shifted so the best is 0.
     cand.clear();
     let floor = max - CUTOFF_NATS;
+    // A logit far below the floor is skipped without its division; the rest take the exact test.
+    let rough = floor * temperature - (floor * temperature).abs() * 1e-5 - 1e-5;
     for (i, &l) in buf.iter().enumerate() {
+        if l < rough {
+            continue;
+        }
         let s = l / temperature;
         if s >= floor {
             cand.push((i as u32, s - max));
@@ -299,6 +324,9 @@ pub fn pick(
     let mut keep = cand.len();
     // top-p: keep a token while the mass strictly above it is below top_p (HF's rule), at least one.
     if params.top_p < 1.0 {
+        if params.top_k == 0 {
+            drop_light_tokens(cand, weights, params.top_p as f64 * z);
+        }
         let mut m = cand.len().min(64);
         loop {
             head(cand, m);
@@ -613,5 +641,170 @@ mod tests {
         assert!(a.iter().all(|&x| x == a[0]));
         assert_ne!(Rng::new(1, 0).next_u64(), Rng::new(1, 1).next_u64());
         assert_ne!(Rng::new(1, 0).next_u64(), Rng::new(2, 0).next_u64());
+    }
+
+    /// `pick` as it was before its fast paths: the oracle they must match bit for bit.
+    fn reference_pick(
+        logits: &[f32],
+        params: &SamplingParams,
+        seen: &[u32],
+        rng: &mut Rng,
+        scratch: &mut Scratch,
+    ) -> Picked {
+        let Scratch {
+            logits: buf,
+            cand,
+            weights,
+            em_inf: adjusted,
+        } = scratch;
+        buf.clear();
+        buf.extend_from_slice(logits);
+        apply_repetition_penalty(buf, seen, params.repetition_penalty);
+
+        let greedy = params.is_greedy();
+        let temperature = if greedy { 1.0 } else { params.temperature };
+        let best = argmax(buf);
+        let max = buf[best] / temperature;
+
+        // The plausible tokens, in vocabulary order; logits shifted so the best is 0.
+        cand.clear();
+        let floor = max - CUTOFF_NATS;
+        for (i, &l) in buf.iter().enumerate() {
+            let s = l / temperature;
+            if s >= floor {
+                cand.push((i as u32, s - max));
+            }
+        }
+        weights.clear();
+        weights.extend(cand.iter().map(|&(_, s)| (s as f64).exp()));
+        let full_entropy = entropy(weights, cand.iter().map(|c| c.1));
+
+        let mut best = best;
+        if let Some(settings) = params.em_inf.as_ref().filter(|e| e.steps > 0) {
+            adjusted.clear();
+            adjusted.extend(cand.iter().map(|c| c.1 as f64));
+            em_inf(adjusted, settings);
+            let top = adjusted.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            for (c, a) in cand.iter_mut().zip(adjusted.iter()) {
+                c.1 = (a - top) as f32;
+            }
+            // The adjusted argmax; ties: the lower id, as `argmax` does.
+            best = cand
+                .iter()
+                .fold(
+                    (0u32, f32::NEG_INFINITY),
+                    |b, c| if c.1 > b.1 { *c } else { b },
+                )
+                .0 as usize;
+            weights.clear();
+            weights.extend(cand.iter().map(|&(_, s)| (s as f64).exp()));
+        }
+
+        if greedy {
+            // Continue the random stream anyway, so greedy and sampled steps stay aligned.
+            rng.next_u64();
+            return Picked {
+                token: best as u32,
+                logprob: 0.0,
+                entropy: 0.0,
+                full_entropy,
+            };
+        }
+
+        // Most likely first; ties: lower id first. Only the head that top-k/top-p look at is ordered.
+        let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let head = |cand: &mut Vec<(u32, f32)>, m: usize| {
+            if m < cand.len() {
+                cand.select_nth_unstable_by(m - 1, desc);
+            }
+            cand[..m].sort_unstable_by(desc);
+        };
+        // top-k
+        let mut z: f64 = weights.iter().sum();
+        if params.top_k > 0 && params.top_k < cand.len() {
+            cand.select_nth_unstable_by(params.top_k - 1, desc);
+            cand.truncate(params.top_k);
+            z = cand.iter().map(|&(_, s)| (s as f64).exp()).sum();
+        }
+        let mut keep = cand.len();
+        // top-p: keep a token while the mass strictly above it is below top_p (HF's rule), at least one.
+        if params.top_p < 1.0 {
+            let mut m = cand.len().min(64);
+            loop {
+                head(cand, m);
+                let (mut above, mut n) = (0.0, 0);
+                while n < m && (n == 0 || above < params.top_p as f64) {
+                    above += (cand[n].1 as f64).exp() / z;
+                    n += 1;
+                }
+                if n < m || above >= params.top_p as f64 || m == cand.len() {
+                    keep = n;
+                    break;
+                }
+                m = (m * 4).min(cand.len());
+            }
+        }
+        cand.truncate(keep);
+        // min-p: relative to the most likely token (weight 1), so the renormalisation does not matter.
+        if params.min_p > 0.0 {
+            let threshold = (params.min_p as f64).ln() as f32;
+            cand.retain(|&(_, s)| s >= threshold);
+        }
+
+        weights.clear();
+        weights.extend(cand.iter().map(|&(_, s)| (s as f64).exp()));
+        let z: f64 = weights.iter().sum();
+        let target = rng.uniform() * z;
+        let mut acc = 0.0;
+        let mut chosen = weights.len() - 1;
+        for (j, w) in weights.iter().enumerate() {
+            acc += w;
+            if target < acc {
+                chosen = j;
+                break;
+            }
+        }
+        Picked {
+            token: cand[chosen].0,
+            logprob: (weights[chosen] / z).ln() as f32,
+            entropy: entropy(weights, cand.iter().map(|c| c.1)),
+            full_entropy,
+        }
+    }
+
+    /// The fast paths (the division skipped far below the floor, light tokens dropped before
+    /// top-p orders the head) draw what the plain pass drew, bit for bit, on vocabulary-sized
+    /// logits: flat ones (every token a candidate) and peaked ones, under every setting mix.
+    #[test]
+    fn fast_paths_change_no_draw() {
+        let mut s1 = Scratch::default();
+        let mut s2 = Scratch::default();
+        for case in 0..60u64 {
+            let mut g = Rng::new(case, 7);
+            let spread = [0.5, 3.0, 8.0, 20.0][case as usize % 4];
+            let logits: Vec<f32> = (0..49_152)
+                .map(|i| (spread * g.uniform()) as f32 + if i % 997 == 0 { 6.0 } else { 0.0 })
+                .collect();
+            let p = SamplingParams {
+                temperature: [0.0, 0.5, 1.0, 0.7][case as usize % 4],
+                top_p: [0.95, 1.0, 0.5, 0.9][(case / 4) as usize % 4],
+                top_k: [0, 0, 40][case as usize % 3],
+                repetition_penalty: [1.15, 1.0][case as usize % 2],
+                ..SamplingParams::default()
+            };
+            let seen = [3u32, 997, 1994, 40_000];
+            for draw in 0..4 {
+                let a = pick(&logits, &p, &seen, &mut Rng::new(case, draw), &mut s1);
+                let b = reference_pick(&logits, &p, &seen, &mut Rng::new(case, draw), &mut s2);
+                assert_eq!(a.token, b.token, "case {case} draw {draw}");
+                assert_eq!(a.logprob.to_bits(), b.logprob.to_bits(), "case {case}");
+                assert_eq!(a.entropy.to_bits(), b.entropy.to_bits(), "case {case}");
+                assert_eq!(
+                    a.full_entropy.to_bits(),
+                    b.full_entropy.to_bits(),
+                    "case {case}"
+                );
+            }
+        }
     }
 }

@@ -169,6 +169,10 @@ pub fn bench_sample(work: &Path) -> Result<()> {
         o_pp.push(t_ours);
         saved = (decoded, unshared);
     }
+    // Each rep's ratio against the anchor run just before it: the paired figure, which the
+    // machine's drift between reps does not move.
+    let paired: Vec<f64> = o_tg.iter().zip(&a_pps_tg).map(|(o, a)| o / a).collect();
+    let paired_median = median(paired.clone());
     let (a_tg, a_pps_tg, o_tg) = (median(a_tg), median(a_pps_tg), median(o_tg));
     let (a_pp, a_pps_pp, o_pp) = (median(a_pp), median(a_pps_pp), median(o_pp));
     println!("medians: anchor TG {a_tg:.1} t/s (B separate prompts), {a_pps_tg:.1} t/s (shared prompt); ours {o_tg:.1} t/s with sampling");
@@ -179,6 +183,14 @@ pub fn bench_sample(work: &Path) -> Result<()> {
     println!(
         "generated tokens/s, ours / anchor (separate prompts): {:.3}",
         o_tg / a_tg
+    );
+    println!(
+        "generated tokens/s, ours / anchor (shared prompt), rep by rep: {} (median {paired_median:.3})",
+        paired
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     println!(
         "prompt tokens decoded with prefix sharing: {} of {} ({:.3} of unshared; {:.1}x fewer)",
@@ -196,6 +208,7 @@ pub fn bench_sample(work: &Path) -> Result<()> {
         "model": model_path, "threads": threads, "b": b, "pp": pp, "tg": tg, "reps": reps,
         "anchor_tg_tps": a_tg, "anchor_pps_tg_tps": a_pps_tg, "ours_tg_tps": o_tg,
         "ratio_tg_vs_pps": o_tg / a_pps_tg, "ratio_tg_vs_separate": o_tg / a_tg,
+        "ratio_tg_vs_pps_per_rep": paired, "ratio_tg_vs_pps_per_rep_median": paired_median,
         "prompt_tokens": saved.0, "prompt_tokens_unshared": saved.1,
         "anchor_pp_s": a_pp, "anchor_pps_pp_s": a_pps_pp, "ours_pp_s": o_pp,
     });
