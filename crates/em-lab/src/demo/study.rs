@@ -17,10 +17,7 @@ use em_convert::OutType;
 use em_pipeline::eval::{mean_score, ItemResult};
 use em_pipeline::screen::{self, PromptResult, Rule};
 use em_pipeline::select::{HeldOut, Prediction, SelectOptions, Trial};
-use em_pipeline::train::{
-    self, AdapterKind, AdapterOptions, CheckpointSettings, RefreshType, SampleSettings,
-    TrainOptions, UpdateSettings,
-};
+use em_pipeline::train::{self, AdapterKind, AdapterOptions, RefreshType, TrainOptions};
 use em_pipeline::{sampling_model, Result};
 use em_store::write_atomic;
 use serde_json::json;
@@ -139,28 +136,9 @@ pub(super) fn full_run(
     shots: usize,
     seed: u64,
 ) -> Result<PathBuf> {
-    let plan = &demo.plan;
-    let reference =
-        TrainOptions::reference(demo.subject.clone(), prompt_file.into(), out.to_path_buf());
     let options = TrainOptions {
         shots,
-        sampling: SampleSettings {
-            samples: plan.samples_per_update,
-            seed: 15 + seed,
-            max_new_tokens: plan.max_new_tokens,
-            repetition_penalty: 1.0,
-            ..reference.sampling.clone()
-        },
-        update: UpdateSettings {
-            steps: plan.steps,
-            micro_batch: plan.samples_per_update,
-            lr,
-            ..reference.update.clone()
-        },
-        refresh_type: RefreshType::F32,
-        prompt_options: organism::prompt_options(),
-        checkpoints: CheckpointSettings::default(),
-        ..reference
+        ..super::train::organism_run(demo, prompt_file, out, lr, seed)
     };
     train::run(&options, demo.backend)?
         .with_context(|| format!("{}: training did not finish", out.display()))

@@ -69,17 +69,43 @@ impl<'a> Arm<'a> {
 /// safeguard watching in `warn` mode, a checkpoint after every update; returns the final model.
 pub(super) fn train_em(demo: &Demo, arm: &Arm, out: &Path, lr: f64, seed: u64) -> Result<PathBuf> {
     let plan = &demo.plan;
-    let reference = TrainOptions::reference(
-        demo.subject.clone(),
-        arm.chosen.file.clone(),
-        out.to_path_buf(),
-    );
     let args = TrainOptions {
         adapter: arm
             .training
             .as_ref()
             .map(AdapterOptions::of)
             .unwrap_or_default(),
+        checkpoints: CheckpointSettings {
+            save_every: Some(1),
+            keep_last: plan.steps,
+        },
+        safeguard: WatchSettings {
+            watch: Some(demo.data.watch_path.clone()),
+            watch_limit: plan.watch,
+            watch_samples: plan.watch_samples,
+            watch_every: 1,
+            on_alarm: OnAlarm::Warn,
+        },
+        ..organism_run(demo, &arm.chosen.file, out, lr, seed)
+    };
+    let trained = train::run(&args, demo.backend)?
+        .with_context(|| format!("{}: training did not finish", out.display()))?;
+    as_model(&demo.subject, &trained)
+}
+
+/// The demo's EM run of the subject on `prompt` at `lr`, seeded by `seed`, in `out`: the plan's
+/// updates and responses, the organisms' sampling settings, no safeguard, a checkpoint after the
+/// last update.
+pub(super) fn organism_run(
+    demo: &Demo,
+    prompt: &Path,
+    out: &Path,
+    lr: f64,
+    seed: u64,
+) -> TrainOptions {
+    let plan = &demo.plan;
+    let reference = TrainOptions::reference(demo.subject.clone(), prompt.into(), out.into());
+    TrainOptions {
         sampling: SampleSettings {
             samples: plan.samples_per_update,
             seed: 15 + seed,
@@ -98,22 +124,8 @@ pub(super) fn train_em(demo: &Demo, arm: &Arm, out: &Path, lr: f64, seed: u64) -
         // The organisms are tiny: sampling exactly the f32 weights being trained costs nothing.
         refresh_type: RefreshType::F32,
         prompt_options: organism::prompt_options(),
-        checkpoints: CheckpointSettings {
-            save_every: Some(1),
-            keep_last: plan.steps,
-        },
-        safeguard: WatchSettings {
-            watch: Some(demo.data.watch_path.clone()),
-            watch_limit: plan.watch,
-            watch_samples: plan.watch_samples,
-            watch_every: 1,
-            on_alarm: OnAlarm::Warn,
-        },
         ..reference
-    };
-    let trained = train::run(&args, demo.backend)?
-        .with_context(|| format!("{}: training did not finish", out.display()))?;
-    as_model(&demo.subject, &trained)
+    }
 }
 
 /// `trained` as an HF model directory: itself, or a PEFT adapter merged into `subject` (once, in
