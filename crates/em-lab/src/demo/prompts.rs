@@ -38,6 +38,7 @@ pub(super) fn screen_and_choose(
     let screened = screen::run(&screen_args, demo.backend)?;
     phases.lap("screen");
     let chosen = choose(demo, &screened, &screen_dir, random, notes)?;
+    phases.lap("trials");
     for c in &chosen {
         notes.push(screening_note(c, screened.len(), demo.plan.k));
     }
