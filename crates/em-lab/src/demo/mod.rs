@@ -187,6 +187,8 @@ impl Schedule {
 struct Demo<'a> {
     backend: &'a dyn Backend,
     plan: Plan,
+    /// The reduced form (`--quick`).
+    quick: bool,
     /// The subject's HF model directory.
     subject: PathBuf,
     /// `<out>/<subject name>`.
@@ -218,6 +220,7 @@ pub fn run(args: &DemoOptions, backend: &dyn Backend) -> Result<()> {
     let demo = Demo {
         backend,
         plan,
+        quick: args.quick,
         subject,
         dir,
         data,

@@ -76,7 +76,7 @@ const RANDOM: [&str; 9] = [
 /// `doubt` rule, each trained for a few updates through a LoRA adapter and judged on the
 /// safeguard's held-out prompts (`<dir>/select`, its own manifest).
 fn trial_options(demo: &Demo) -> SelectOptions {
-    let quick = demo.plan.k < 16;
+    let quick = demo.quick;
     let mut o = SelectOptions::reference(
         demo.subject.clone(),
         demo.data.pool_path.clone(),

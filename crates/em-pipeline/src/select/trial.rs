@@ -85,9 +85,6 @@ impl Prediction {
 /// pool itself, the first after the screened ones (`--limit`), so that no held-out prompt is a
 /// candidate.
 fn held_out_prompts(o: &SelectOptions, backend: &dyn Backend) -> Result<Vec<RenderedPrompt>> {
-    if o.held_out_limit == 0 || o.held_out_samples == 0 {
-        anyhow::bail!("--held-out-limit and --held-out-samples must be positive");
-    }
     let path = crate::assets::pool_path(&o.held_out)?;
     let mut problems = em_data::load_pool(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
     if path == crate::assets::pool_path(&o.pool)? {
