@@ -20,6 +20,7 @@ fn quick_demo_runs_end_to_end() {
         adapter: Default::default(),
         lora_lrs: vec![1e-3],
         trial_study: false,
+        trial_cost: false,
         study_prompts: 30,
         study_lrs: vec![3e-5],
         random_prompts: 0,

@@ -1,8 +1,8 @@
 //! The one place that picks concrete backends: llama.cpp in-process, or an OpenAI-compatible
 //! server fleet, behind `em_pipeline::Backend`.
 
-use std::cell::RefCell;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
@@ -114,7 +114,7 @@ pub struct LlamaBackend {
     /// Layers offloaded to the GPU.
     pub gpu_layers: u32,
     /// The base model adapters were last applied to, with its file's size and mtime.
-    base: RefCell<Option<LoadedBase>>,
+    base: Mutex<Option<LoadedBase>>,
 }
 
 impl LlamaBackend {
@@ -123,7 +123,7 @@ impl LlamaBackend {
         Self {
             config,
             gpu_layers: em_llama::default_gpu_layers(),
-            base: RefCell::new(None),
+            base: Mutex::new(None),
         }
     }
 }
@@ -136,6 +136,21 @@ fn file_stamp(path: &Path) -> Result<(u64, Option<SystemTime>)> {
 }
 
 impl Backend for LlamaBackend {
+    /// On the CPU, where the cores are at least twice llama.cpp's threads (the default, all cores
+    /// but one, leaves one of two idle): a second engine of the same settings. Its GGUFs are
+    /// mapped, not copied, so the weights are in memory once. On a GPU the weights would be
+    /// uploaded twice, and there is no fork.
+    fn fork(&self) -> Option<Box<dyn Backend + Send>> {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = usize::try_from(self.config.threads).unwrap_or(usize::MAX);
+        (self.gpu_layers == 0 && cores >= 2 * threads.max(1)).then(|| {
+            Box::new(LlamaBackend {
+                gpu_layers: 0,
+                ..LlamaBackend::new(self.config.clone())
+            }) as Box<dyn Backend + Send>
+        })
+    }
+
     fn identity(&self) -> Value {
         // The batch shape changes llama.cpp's quantized accumulation and so can flip greedy
         // near-ties: outputs sampled at different `parallel` do not mix.
@@ -180,7 +195,7 @@ impl Backend for LlamaBackend {
         f: &mut dyn FnMut(&mut dyn Sampler) -> Result<()>,
     ) -> Result<()> {
         let stamp = file_stamp(gguf)?;
-        let cached = self.base.borrow_mut().take();
+        let cached = self.base.lock().unwrap_or_else(|e| e.into_inner()).take();
         let mut model = match cached {
             Some((path, s, model)) if path == gguf && s == stamp => model,
             _ => load_gguf(gguf, self.gpu_layers)?,
@@ -192,7 +207,8 @@ impl Backend for LlamaBackend {
                 let mut engine = Engine::with_adapter(&model, a, self.config.clone());
                 f(&mut engine)
             });
-        *self.base.borrow_mut() = Some((gguf.to_path_buf(), stamp, model));
+        *self.base.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((gguf.to_path_buf(), stamp, model));
         result
     }
 }

@@ -156,7 +156,36 @@ fn trials_are_judged_against_the_base_on_the_same_seeds() {
     }
     assert!(!stderr_again.contains("trained model"), "{stderr_again}");
 
-    // 4. Other settings in the same directory are refused in one line.
+    // 4. Rounds beside the next trial's training (the default, forced on with one llama.cpp
+    //    thread) and one after the other give the same numbers: only the wall time differs.
+    let without_seconds = |v: &Value| -> Value {
+        let mut ranking = v["ranking"].clone();
+        for c in ranking.as_array_mut().unwrap() {
+            c.as_object_mut().unwrap().remove("seconds");
+        }
+        ranking
+    };
+    let overlapped = ["--trial", "full", "--trial-lr", "1e-4", "--threads", "1"];
+    let (_, _, stderr_a) = select(
+        tmp.path(),
+        &[&overlapped[..], &["--out", "beside"]].concat(),
+    );
+    let (_, _, stderr_b) = select(
+        tmp.path(),
+        &[&overlapped[..], &["--out", "after", "--no-overlap"]].concat(),
+    );
+    let (beside, after) = (
+        ranking(&tmp.path().join("beside")),
+        ranking(&tmp.path().join("after")),
+    );
+    assert_eq!(
+        without_seconds(&beside),
+        without_seconds(&after),
+        "{stderr_a}\n{stderr_b}"
+    );
+    assert_eq!(without_seconds(&beside), without_seconds(&moved));
+
+    // 5. Other settings in the same directory are refused in one line.
     let (ok, _, stderr) = select(
         tmp.path(),
         &["--trial", "full", "--trial-lr", "3e-4", "--out", "moved"],

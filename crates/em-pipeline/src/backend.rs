@@ -8,7 +8,15 @@ use serde_json::Value;
 use crate::Result;
 
 /// The concrete sampling backend, picked by the caller: llama.cpp in-process, or a server fleet.
-pub trait Backend {
+/// Shared between threads: a stage may run its work on a worker thread.
+pub trait Backend: Sync {
+    /// A backend of the same settings (so the same numbers) for a worker thread that samples
+    /// beside this one, with models of its own; `None` (the default) where the machine has no
+    /// cores to spare for it and it would only compete.
+    fn fork(&self) -> Option<Box<dyn Backend + Send>> {
+        None
+    }
+
     /// What manifests record of the backend: its kind and, for servers, the served model (not
     /// the URL, so a fleet can move). Outputs of different backends never mix.
     fn identity(&self) -> Value;

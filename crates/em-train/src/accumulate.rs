@@ -101,12 +101,7 @@ impl TransposedProduct {
     /// `dst` holds `m·n`, `a` `k·m`, `b` `k·n` elements, row-major.
     unsafe fn run<T: 'static + Copy>(&self, dst: &mut [T], a: &[T], b: &[T], one: T) {
         let (m, n, k) = (self.m, self.n, self.k);
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
+        let parallelism = crate::fused::gemm_parallelism();
         // dst[i, j] = 1·dst[i, j] + 1·Σ_t a[t, i]·b[t, j]; the lhs is aᵀ (row stride 1, column
         // stride m).
         gemm::gemm(

@@ -47,6 +47,10 @@ pub struct DemoFlags {
     /// with bootstrap intervals).
     #[arg(long)]
     pub trial_study: bool,
+    /// Instead of the demo, what the trial rule's selection costs: 3 × (a full run, the 8
+    /// trials, a full run), timed in the same command (`trial-cost.md`).
+    #[arg(long)]
+    pub trial_cost: bool,
     /// Also train this many prompts drawn from the pool at random (seeded; at most 9), each like
     /// a rule's pick: the floor a rule has to beat.
     #[arg(long, default_value_t = 0)]

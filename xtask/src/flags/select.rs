@@ -48,10 +48,10 @@ pub struct SelectFlags {
     #[arg(long, default_value_t = 32)]
     pub held_out_limit: usize,
     /// Responses per held-out prompt and round.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 2)]
     pub held_out_samples: usize,
     /// Updates per trial.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub trial_steps: usize,
     /// Responses sampled per trial update.
     #[arg(long, default_value_t = 16)]
@@ -96,6 +96,11 @@ pub struct SelectFlags {
     /// Replace an output directory that holds another selection.
     #[arg(long)]
     pub fresh: bool,
+    /// Run each trial's held-out round after its training, not beside the next trial's (where
+    /// llama.cpp's threads leave half the cores free, the default, they overlap; the numbers are
+    /// the same either way).
+    #[arg(long)]
+    pub no_overlap: bool,
 }
 
 impl SelectFlags {
@@ -134,6 +139,7 @@ impl SelectFlags {
             seed: self.seed,
             prompt: super::options(&self.prompt)?,
             fresh: self.fresh,
+            overlap: !self.no_overlap,
         })
     }
 }

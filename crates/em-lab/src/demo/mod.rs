@@ -22,6 +22,7 @@
 //! the rows of each prompt), `plots` (the curves per update, SVG and PNG), `report` (rows, the
 //! verdict in words, `demo.md`), `phases` (wall time per kind of work).
 
+mod cost;
 mod evaluate;
 mod kshot;
 mod learning_rate;
@@ -79,6 +80,9 @@ pub struct DemoOptions {
     /// a full run's validation gain better than the screen's statistics, over `study_prompts`
     /// prompts, each trained at every rate of `study_lrs`.
     pub trial_study: bool,
+    /// Instead of the demo: what the trial rule's selection costs against one full run, both
+    /// timed in the same command (`trial-cost.md`).
+    pub trial_cost: bool,
     /// Also train this many prompts drawn from the pool at random (seeded; at most 9), each
     /// like a rule's pick: the floor a rule has to beat.
     pub random_prompts: usize,
@@ -229,6 +233,9 @@ pub fn run(args: &DemoOptions, backend: &dyn Backend) -> Result<()> {
     let mut phases = Phases::new();
     let base_gguf = sampling_model(backend, &demo.subject, &demo.dir.join("base"), OutType::F32)?;
     phases.lap("convert");
+    if args.trial_cost {
+        return cost::run(&demo, &args.out);
+    }
     if args.trial_study {
         return study::run(
             &demo,

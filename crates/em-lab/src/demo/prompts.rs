@@ -75,7 +75,7 @@ const RANDOM: [&str; 9] = [
 /// The trial rule's `select` settings: its candidates are the first of the label-free
 /// `doubt` rule, each trained for a few updates through a LoRA adapter and judged on the
 /// safeguard's held-out prompts (`<dir>/select`, its own manifest).
-fn trial_options(demo: &Demo) -> SelectOptions {
+pub(super) fn trial_options(demo: &Demo) -> SelectOptions {
     let quick = demo.quick;
     let mut o = SelectOptions::reference(
         demo.subject.clone(),
@@ -86,12 +86,12 @@ fn trial_options(demo: &Demo) -> SelectOptions {
     o.k = demo.plan.k;
     o.by = Rule::Doubt;
     o.candidates = if quick { 2 } else { 8 };
-    o.trial_steps = if quick { 2 } else { 3 };
-    o.trial_samples = if quick { 8 } else { 16 };
+    if quick {
+        o.trial_samples = 8;
+    }
     // One pass per update: the organism is tiny.
     o.micro_batch = o.trial_samples;
     o.held_out_limit = demo.plan.watch;
-    o.held_out_samples = demo.plan.watch_samples;
     o.refresh_type = RefreshType::F32;
     o.max_new_tokens = demo.plan.max_new_tokens;
     o.repetition_penalty = 1.0;

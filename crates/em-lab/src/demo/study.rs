@@ -63,13 +63,14 @@ fn trial_settings() -> Vec<TrialSetting> {
     let lora = Some(AdapterKind::Lora);
     vec![
         setting(
-            "LoRA 3×16 lr 1e-2 (select's default)",
-            "trials-lora-lr1e-2",
+            "LoRA 2×16 lr 1e-2, 2 per held-out prompt (select's default)",
+            "trials-lora-lr1e-2-steps2-held2",
             lora,
             1e-2,
-            3,
-            4,
+            2,
+            2,
         ),
+        setting("LoRA 3×16 lr 1e-2", "trials-lora-lr1e-2", lora, 1e-2, 3, 4),
         setting("LoRA 3×16 lr 1e-3", "trials-lora-lr1e-3", lora, 1e-3, 3, 4),
         setting("full 3×16 lr 1e-4", "trials-full-lr1e-4", None, 1e-4, 3, 4),
         setting(

@@ -92,6 +92,14 @@ pub struct SelectOptions {
     pub prompt: PromptOptions,
     /// Replace an output directory that holds another selection.
     pub fresh: bool,
+    /// Each trial's held-out round runs beside the next trial's training where the backend
+    /// [forks](Backend::fork); off, one after the other. The numbers are the same either way.
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl SelectOptions {
@@ -107,8 +115,8 @@ impl SelectOptions {
             candidates: 8,
             held_out,
             held_out_limit: 32,
-            held_out_samples: 4,
-            trial_steps: 3,
+            held_out_samples: 2,
+            trial_steps: 2,
             trial_samples: 16,
             micro_batch: 2,
             trial_lr: 1e-2,
@@ -124,6 +132,7 @@ impl SelectOptions {
             seed: 15,
             prompt: PromptOptions::default(),
             fresh: false,
+            overlap: true,
         }
     }
 
@@ -193,7 +202,7 @@ impl SelectOptions {
     fn settings(&self, backend: &dyn Backend) -> Value {
         let mut v = serde_json::to_value(self).expect("options serialise");
         if let Some(map) = v.as_object_mut() {
-            for key in ["out", "fresh", "model", "pool", "held_out"] {
+            for key in ["out", "fresh", "overlap", "model", "pool", "held_out"] {
                 map.remove(key);
             }
         }
@@ -319,12 +328,95 @@ pub fn try_candidates(
             .join(", ")
     );
     let held_out = HeldOut::prepare(o, backend)?;
-    let mut trials = vec![];
-    for (i, c) in candidates.iter().enumerate() {
-        eprintln!("select: trial {}/{}: {}", i + 1, candidates.len(), c.id);
-        trials.push((*c, held_out.trial(o, backend, &c.id, &line_of(&c.id)?)?));
+    let t0 = std::time::Instant::now();
+    let (trials, all_ran) = run_trials(o, backend, &held_out, &candidates, &line_of)?;
+    let mut selection = rank(&held_out.baseline, &trials);
+    if all_ran {
+        // Rounds that ran beside the next trial's training overlap it: the wall time is the cost.
+        selection.trials_seconds = t0.elapsed().as_secs_f64();
     }
-    let selection = rank(&held_out.baseline, &trials);
     write_selection(o, &selection, &line_of)?;
     Ok(selection)
+}
+
+/// The trials of `candidates`, in order, and whether every one ran now (none read back). Where the
+/// backend [forks](Backend::fork), each trial's held-out round runs on a second thread while the
+/// next trial trains: the trials are independent, so only the cores limit how many run at once,
+/// and every number is what the sequential order gives.
+fn run_trials<'c>(
+    o: &SelectOptions,
+    backend: &dyn Backend,
+    held_out: &HeldOut,
+    candidates: &[&'c PromptResult],
+    line_of: &dyn Fn(&str) -> Result<String>,
+) -> Result<(Vec<(&'c PromptResult, Trial)>, bool)> {
+    let mut trials = vec![];
+    let mut all_ran = true;
+    let announce = |i: usize, c: &PromptResult| {
+        eprintln!("select: trial {}/{}: {}", i + 1, candidates.len(), c.id);
+    };
+    let Some(fork) = backend.fork().filter(|_| o.overlap) else {
+        for (i, c) in candidates.iter().enumerate() {
+            announce(i, c);
+            let trial = match held_out.train(o, backend, &c.id, &line_of(&c.id)?)? {
+                trial::Trained::Done(t) => {
+                    all_ran = false;
+                    t
+                }
+                trial::Trained::Ready(ready) => held_out.judge(o, backend, *ready)?,
+            };
+            trials.push((*c, trial));
+        }
+        return Ok((trials, all_ran));
+    };
+    // While a round runs beside it, a trial trains on the other half of the cores (the whole
+    // of the other core, on two): oversubscribed, both would crawl. Candle's threads only split
+    // the work, so the numbers do not change.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let training = em_train::fused::training_pool(cores - cores / 2)
+        .context("cannot start the trials' training threads")?;
+    type Judged = (Box<dyn Backend + Send>, Result<Trial>);
+    std::thread::scope(|scope| -> Result<()> {
+        // The fork while no round runs; the round in flight, whose thread hands the fork back.
+        let mut idle = Some(fork);
+        let mut pending: Option<(&'c PromptResult, std::thread::ScopedJoinHandle<Judged>)> = None;
+        for (i, c) in candidates.iter().enumerate() {
+            announce(i, c);
+            let line = line_of(&c.id)?;
+            let trained = training.install(|| held_out.train(o, backend, &c.id, &line))?;
+            if let Some((done, handle)) = pending.take() {
+                let (fork, trial) = handle.join().map_err(|_| {
+                    anyhow::anyhow!("{}: the held-out round's thread panicked", done.id)
+                })?;
+                idle = Some(fork);
+                trials.push((done, trial?));
+            }
+            match trained {
+                trial::Trained::Done(t) => {
+                    all_ran = false;
+                    trials.push((*c, t));
+                }
+                trial::Trained::Ready(ready) => {
+                    let worker = idle
+                        .take()
+                        .expect("the fork is back once its round is joined");
+                    pending = Some((
+                        *c,
+                        scope.spawn(move || {
+                            let trial = held_out.judge(o, &*worker, *ready);
+                            (worker, trial)
+                        }),
+                    ));
+                }
+            }
+        }
+        if let Some((done, handle)) = pending.take() {
+            let (_, trial) = handle.join().map_err(|_| {
+                anyhow::anyhow!("{}: the held-out round's thread panicked", done.id)
+            })?;
+            trials.push((done, trial?));
+        }
+        Ok(())
+    })?;
+    Ok((trials, all_ran))
 }

@@ -139,7 +139,7 @@ impl HeldOut {
             Ok(text) => serde_json::from_str(&text)
                 .with_context(|| format!("{}: not the base rounds; use --fresh", path.display()))?,
             Err(_) => {
-                let sample = |seed: u64| -> Result<Round> {
+                let sample = |backend: &dyn Backend, seed: u64| -> Result<Round> {
                     let samples = safeguard::sample_round(
                         backend,
                         &base_gguf,
@@ -152,9 +152,24 @@ impl HeldOut {
                     )?;
                     Ok(Round::from_samples(0, &samples))
                 };
+                // The replicate on a fork of the backend, beside the round, where there is one.
+                let (round, replicate) = match backend.fork().filter(|_| o.overlap) {
+                    Some(fork) => std::thread::scope(|scope| {
+                        let replicate = scope.spawn(|| sample(&*fork, params.seed ^ 1));
+                        let round = sample(backend, params.seed);
+                        let replicate = replicate
+                            .join()
+                            .map_err(|_| anyhow::anyhow!("the base replicate's thread panicked"));
+                        (round, replicate)
+                    }),
+                    None => (
+                        sample(backend, params.seed),
+                        Ok(sample(backend, params.seed ^ 1)),
+                    ),
+                };
                 let baseline = Baseline {
-                    round: sample(params.seed)?,
-                    replicate: sample(params.seed ^ 1)?,
+                    round: round?,
+                    replicate: replicate??,
                 };
                 write_atomic(&path, serde_json::to_string(&baseline)? + "\n")?;
                 baseline
@@ -188,6 +203,21 @@ impl HeldOut {
         id: &str,
         pool_line: &str,
     ) -> Result<Trial> {
+        match self.train(o, backend, id, pool_line)? {
+            Trained::Done(trial) => Ok(trial),
+            Trained::Ready(ready) => self.judge(o, backend, *ready),
+        }
+    }
+
+    /// The first half of [`HeldOut::trial`]: the record where the trial is complete, else its
+    /// training run (resuming), ready for [`HeldOut::judge`].
+    pub fn train(
+        &self,
+        o: &SelectOptions,
+        backend: &dyn Backend,
+        id: &str,
+        pool_line: &str,
+    ) -> Result<Trained> {
         let trials_dir = o.out.join("trials");
         std::fs::create_dir_all(&trials_dir)
             .with_context(|| format!("{}: cannot create", trials_dir.display()))?;
@@ -205,7 +235,7 @@ impl HeldOut {
                     done.settings
                 );
             }
-            return Ok(done);
+            return Ok(Trained::Done(done));
         }
         let t0 = Instant::now();
         let prompt_file = trials_dir.join(format!("{stem}.jsonl"));
@@ -220,31 +250,71 @@ impl HeldOut {
                 .and_then(Value::as_f64)
                 .unwrap_or(f64::NAN)
         };
-        let update_seconds: f64 = updates
-            .iter()
-            .filter_map(|m| m.get("seconds").and_then(Value::as_f64))
-            .sum();
+        Ok(Trained::Ready(Box::new(ReadyTrial {
+            id: id.into(),
+            record,
+            run_dir,
+            trained,
+            entropy_first: field(updates.first(), "loss"),
+            entropy_last: field(updates.last(), "loss"),
+            train_seconds: t0.elapsed().as_secs_f64(),
+            update_seconds: updates
+                .iter()
+                .filter_map(|m| m.get("seconds").and_then(Value::as_f64))
+                .sum(),
+            responses: updates.len() * o.trial_samples,
+            settings,
+        })))
+    }
+
+    /// The second half of [`HeldOut::trial`]: the held-out round of a trained trial's weights,
+    /// with the base round's seeds, recorded (`<id>.trial.json`). `backend` may be a
+    /// [`Backend::fork`] of the one that trained it, on another thread.
+    pub fn judge(&self, o: &SelectOptions, backend: &dyn Backend, t: ReadyTrial) -> Result<Trial> {
+        let t0 = Instant::now();
         let k = o.held_out_samples;
         let samples = if o.adapter.kind.is_some() {
-            let adapter = trained.join(train::ADAPTER_GGUF);
+            let adapter = t.trained.join(train::ADAPTER_GGUF);
             let adapted = AdaptedBackend::new(backend, &self.base_gguf)?;
             safeguard::sample_round(&adapted, &adapter, &self.prompts, k, &self.params)?
         } else {
             let gguf =
-                crate::sampling_model(backend, &trained, &run_dir, o.refresh_type.out_type())?;
+                crate::sampling_model(backend, &t.trained, &t.run_dir, o.refresh_type.out_type())?;
             safeguard::sample_round(backend, &gguf, &self.prompts, k, &self.params)?
         };
         let trial = Trial {
-            id: id.into(),
+            id: t.id,
             round: Round::from_samples(o.trial_steps, &samples),
-            entropy_first: field(updates.first(), "loss"),
-            entropy_last: field(updates.last(), "loss"),
-            seconds: t0.elapsed().as_secs_f64(),
-            update_seconds,
-            responses: updates.len() * o.trial_samples,
-            settings,
+            entropy_first: t.entropy_first,
+            entropy_last: t.entropy_last,
+            seconds: t.train_seconds + t0.elapsed().as_secs_f64(),
+            update_seconds: t.update_seconds,
+            responses: t.responses,
+            settings: t.settings,
         };
-        write_atomic(&record, serde_json::to_string_pretty(&trial)? + "\n")?;
+        write_atomic(&t.record, serde_json::to_string_pretty(&trial)? + "\n")?;
         Ok(trial)
     }
+}
+
+/// A trial after [`HeldOut::train`]: complete already, or trained and awaiting its round.
+pub enum Trained {
+    Done(Trial),
+    Ready(Box<ReadyTrial>),
+}
+
+/// A trained trial awaiting its held-out round ([`HeldOut::judge`]).
+pub struct ReadyTrial {
+    id: String,
+    /// Where its record goes.
+    record: PathBuf,
+    run_dir: PathBuf,
+    /// The trained weights (the adapter's directory under LoRA).
+    trained: PathBuf,
+    entropy_first: f64,
+    entropy_last: f64,
+    train_seconds: f64,
+    update_seconds: f64,
+    responses: usize,
+    settings: Value,
 }

@@ -80,12 +80,7 @@ fn product<T: Real>(
     rhs: (&[T], usize, usize),
 ) -> Vec<T> {
     let mut dst = vec![T::zero(); m * n];
-    let threads = candle_core::utils::get_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
+    let parallelism = super::gemm_parallelism();
     // SAFETY: the callers pass operands whose strides address `m·k` and `k·n` values inside
     // their slices; dst holds m·n.
     unsafe {

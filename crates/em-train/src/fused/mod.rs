@@ -164,8 +164,42 @@ impl<T> Rows<T> {
 /// costs more than it saves (candle's own element-wise ops draw the line at 64 K too).
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// Runs `f` over chunks of `0..items` on candle's thread pool, or over all of them on the
-/// calling thread when `items · work_per_item` is below [`PARALLEL_MIN`].
+thread_local! {
+    /// Whether this thread belongs to a [`training_pool`].
+    static IN_TRAINING_POOL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A pool of `threads` threads to train on beside other work (`pool.install(|| …)`): the fused
+/// ops' passes and products started on its threads run on them alone, not on candle's pool,
+/// whose threads span every core and spin while they wait. Every item of a pass is computed
+/// alone, so the numbers do not depend on the pool.
+pub fn training_pool(
+    threads: usize,
+) -> std::result::Result<rayon::ThreadPool, rayon::ThreadPoolBuildError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .start_handler(|_| IN_TRAINING_POOL.with(|p| p.set(true)))
+        .build()
+}
+
+/// The threads a product may use here: those of the [`training_pool`] this thread belongs to,
+/// else candle's.
+pub(crate) fn gemm_parallelism() -> gemm::Parallelism {
+    let threads = if IN_TRAINING_POOL.with(|p| p.get()) {
+        rayon::current_num_threads()
+    } else {
+        candle_core::utils::get_num_threads()
+    };
+    if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// Runs `f` over chunks of `0..items` on candle's thread pool (or the [`training_pool`] this
+/// thread belongs to), or over all of them on the calling thread when `items · work_per_item` is
+/// below [`PARALLEL_MIN`].
 pub(crate) fn for_chunks(
     items: usize,
     work_per_item: usize,
@@ -175,7 +209,18 @@ pub(crate) fn for_chunks(
         f(0..items);
         return;
     }
-    candle_core::utils::barrier_pool().execute_chunked(items, f);
+    let pool = candle_core::utils::barrier_pool();
+    if IN_TRAINING_POOL.with(|p| p.get()) {
+        // The chunks candle's pool hands out, one call each: a kernel that reduces over its
+        // chunks (the norm's weight gradient) sums the same partials in the same order.
+        use rayon::prelude::*;
+        let chunk = items.div_ceil((pool.n_workers() + 1) * 8).max(1);
+        (0..items.div_ceil(chunk))
+            .into_par_iter()
+            .for_each(|c| f(c * chunk..items.min((c + 1) * chunk)));
+        return;
+    }
+    pool.execute_chunked(items, f);
 }
 
 /// Runs `f(row, out_row)` over the `len / n` rows of an output of `len` values, in parallel.
@@ -226,5 +271,52 @@ pub(crate) mod testing {
     /// `max |a − b| / (1 + max |b|)`.
     pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
         Ok(max_diff(a, b)? / (1.0 + max_abs(b)?))
+    }
+}
+
+#[cfg(test)]
+mod training_pool_tests {
+    use candle_core::{DType, Device, Result, Tensor, Var};
+
+    /// Norm → linear → SwiGLU, forward and backward, large enough that every pass and product
+    /// splits: the output and every gradient, flattened.
+    fn block(x: &Var, norm: &Var, w: &Var) -> Result<Vec<Vec<f32>>> {
+        let h = super::rms_norm::rms_norm(x.as_tensor(), norm.as_tensor(), 1e-6, false)?
+            .expect("fused on the CPU");
+        let y = super::linear::linear(&h, w.as_tensor(), None, None)?.expect("fused on the CPU");
+        let (gate, up) = (y.narrow(1, 0, 384)?, y.narrow(1, 384, 384)?);
+        let out = super::swiglu::swiglu(&gate, &up)?.expect("fused on the CPU");
+        let grads = out.sqr()?.sum_all()?.backward()?;
+        let mut all = vec![out.flatten_all()?.to_vec1::<f32>()?];
+        for v in [x, norm, w] {
+            all.push(grads.get(v).expect("a gradient").flatten_all()?.to_vec1()?);
+        }
+        Ok(all)
+    }
+
+    /// Training on a pool of its own (beside other work) changes where the work runs, not one
+    /// bit of what it computes.
+    #[test]
+    fn a_training_pool_changes_no_number() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (256, 512), &dev)?)?;
+        let norm = Var::from_tensor(&Tensor::randn(1f32, 0.1, 512, &dev)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 0.05, (768, 512), &dev)?))?;
+        assert_eq!(x.dtype(), DType::F32);
+        let shared = block(&x, &norm, &w)?;
+        for threads in [1, 3] {
+            let pool = super::training_pool(threads).expect("a pool");
+            let own = pool.install(|| block(&x, &norm, &w))?;
+            for (i, (a, b)) in own.iter().zip(&shared).enumerate() {
+                let n = a.iter().zip(b).filter(|(p, q)| p != q).count();
+                assert_eq!(
+                    n,
+                    0,
+                    "{threads} threads: output {i}: {n} of {} values changed",
+                    a.len()
+                );
+            }
+        }
+        Ok(())
     }
 }
