@@ -212,6 +212,8 @@ struct Tally {
     /// Test items of the tuned models (each item's mean over seeds) per (rules, decoding), one
     /// entry per training.
     tuned_items: BTreeMap<(String, String), Vec<Option<Vec<ItemResult>>>>,
+    /// The directories of the full fine-tuning runs (the trial rule's cost is measured on them).
+    full_runs: Vec<PathBuf>,
 }
 
 /// Runs the demo (see the module documentation) and writes `demo.md` and `demo.json`.
@@ -263,6 +265,10 @@ pub fn run(args: &DemoOptions, backend: &dyn Backend) -> Result<()> {
         let arm = Arm::new(c, training, &schedule);
         let lr = learning_rate::choose(&demo, &arm, base.validation, &mut phases, &mut notes)?;
         seeds::train_over_seeds(&demo, &arm, lr, &base, &mut phases, &mut tally)?;
+    }
+
+    if let Some(note) = report::trial_cost_note(&demo.dir, &tally.full_runs)? {
+        notes.push(note);
     }
 
     // 4. What the good run looks like served quantized, and what EM did to it.

@@ -122,7 +122,7 @@ fn trial_pick<'a>(
         })
         .collect();
     notes.push(format!(
-        "trial ({} candidates by doubt, {} updates × {} responses each, LoRA lr {:e}, judged by the held-out answered-and-stopped share against the base's, paired over {} prompts): {}; {}; the trials took {:.0} s, {:.2}× one full run",
+        "trial ({} candidates by doubt, {} updates × {} responses each, LoRA lr {:e}, judged by the held-out answered-and-stopped share against the base's, paired over {} prompts): {}; {}; the trials took {:.1} s",
         selection.ranking.len(),
         o.trial_steps,
         o.trial_samples,
@@ -134,7 +134,6 @@ fn trial_pick<'a>(
             None => "no candidate is predicted to help: the rule declines".into(),
         },
         selection.trials_seconds,
-        selection.cost(),
     ));
     Ok(selection
         .chosen

@@ -341,3 +341,39 @@ fn runs_table(runs: &[RunSummary]) -> String {
     }
     md
 }
+
+/// The trial rule's cost, measured: the wall time of `select`'s trials (`<dir>/select`) against the
+/// updates of this demo's full fine-tuning runs (sampling, publishing and training; not the
+/// safeguard's rounds, which a bare run does not have). None where no trial or no run ran.
+pub(super) fn trial_cost_note(dir: &Path, runs: &[PathBuf]) -> Result<Option<String>> {
+    let Ok(text) = std::fs::read_to_string(dir.join("select/ranking.json")) else {
+        return Ok(None);
+    };
+    let ranking: serde_json::Value = serde_json::from_str(&text)?;
+    let Some(trials) = ranking["trials_seconds"].as_f64() else {
+        return Ok(None);
+    };
+    let mut per_run = vec![];
+    for run in runs {
+        let lines = em_store::JsonlStore::<serde_json::Value>::read(&run.join("metrics.jsonl"))?;
+        per_run.push(
+            lines
+                .iter()
+                .filter(|m| m.get("loss").is_some())
+                .flat_map(|m| {
+                    ["sample_seconds", "refresh_seconds", "train_seconds"]
+                        .map(|k| m[k].as_f64().unwrap_or(0.0))
+                })
+                .sum::<f64>(),
+        );
+    }
+    if per_run.is_empty() {
+        return Ok(None);
+    }
+    let full = per_run.iter().sum::<f64>() / per_run.len() as f64;
+    Ok(Some(format!(
+        "trial cost: select's trials took {trials:.1} s against {full:.1} s for a full run's updates (the mean of this demo's {} full fine-tuning runs: sampling, publishing and training, without the safeguard's rounds): {:.2}×; `demo --trial-cost` times both in one command",
+        per_run.len(),
+        trials / full.max(1e-9)
+    )))
+}

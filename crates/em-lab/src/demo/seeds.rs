@@ -52,6 +52,9 @@ pub(super) fn train_over_seeds(
     for seed in 0..arm.seeds as u64 {
         let run_dir = demo.dir.join(format!("{runs_dir}/lr{lr:e}-seed{seed}"));
         let tuned = train_em(demo, arm, &run_dir, lr, seed)?;
+        if arm.training.is_none() {
+            tally.full_runs.push(run_dir.clone());
+        }
         phases.lap("train");
         let guarded = guarded_model(demo, &run_dir, &tuned)?;
         let greedy = evaluate_models(demo, &run_dir, &tuned, &guarded.model, phases, &mut results)?;

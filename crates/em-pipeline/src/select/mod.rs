@@ -14,12 +14,18 @@
 //! largest effect among trials whose interval lies above zero and that raise no alarm; when there
 //! is none, the selection says so and chooses nothing.
 //!
+//! The trials are independent, so where the backend [forks](Backend::fork) (on the CPU, when
+//! llama.cpp's threads leave half the cores free) each trial's held-out round runs on the fork
+//! while the next trial trains on an [`em_train::fused::training_pool`] of the other cores: the
+//! same numbers, in less time (`options.overlap`, on by default).
+//!
 //! Output directory (resumable: a rerun skips what is done; another model, pool or setting is
 //! refused):
 //! - `manifest.json`; `screen/` (the screen, resumable itself); `model/` (the base GGUF the rounds
 //!   sample); `base-rounds.json` (the base round and a second-seed replicate: the noise);
 //! - `trials/<id>.jsonl` (the candidate's pool line), `trials/<id>/` (its training run),
 //!   `trials/<id>.trial.json` (its round and wall time, written when the trial is complete);
+//! - `trials-seconds.json` (the trials' wall time, where they all ran in one invocation);
 //! - `ranking.json` (every candidate, every signal, the decision), `chosen.jsonl` and `top.jsonl`
 //!   (every candidate predicted to help, best first, for k-shot training).
 
@@ -331,9 +337,21 @@ pub fn try_candidates(
     let t0 = std::time::Instant::now();
     let (trials, all_ran) = run_trials(o, backend, &held_out, &candidates, &line_of)?;
     let mut selection = rank(&held_out.baseline, &trials);
+    // Rounds that ran beside the next trial's training overlap it: the wall time is the cost,
+    // kept for a rerun that reads the trials back (a partial rerun sums the trials' own times).
+    let wall = o.out.join("trials-seconds.json");
     if all_ran {
-        // Rounds that ran beside the next trial's training overlap it: the wall time is the cost.
         selection.trials_seconds = t0.elapsed().as_secs_f64();
+        em_store::write_atomic(
+            &wall,
+            json!({"seconds": selection.trials_seconds}).to_string() + "\n",
+        )?;
+    } else if let Some(seconds) = std::fs::read_to_string(&wall)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["seconds"].as_f64())
+    {
+        selection.trials_seconds = seconds;
     }
     write_selection(o, &selection, &line_of)?;
     Ok(selection)

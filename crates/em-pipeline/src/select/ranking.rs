@@ -146,7 +146,7 @@ pub(super) fn write_selection(
         );
     }
     println!(
-        "select: {} trials took {:.0} s, {:.2}× one full run ({} updates × {} responses, {:.0} s projected from the trials' own time per response)",
+        "select: {} trials took {:.0} s, {:.2}× one full run ({} updates × {} responses, {:.0} s projected at the trials' own seconds per response, which their small updates inflate)",
         s.ranking.len(),
         s.trials_seconds,
         s.cost(),

@@ -26,7 +26,7 @@ pub struct Trial {
     /// Token-mean entropy of the trial's first and last update.
     pub entropy_first: f64,
     pub entropy_last: f64,
-    /// Wall time of the trial: training and its round.
+    /// Wall time of the trial: its training and its round, each timed on its own thread.
     pub seconds: f64,
     /// Wall time of its updates alone (sampling and training), and responses they drew.
     pub update_seconds: f64,
