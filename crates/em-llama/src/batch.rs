@@ -18,7 +18,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
-use em_sampler::maths::{pick, Rng, Scratch, Seen};
+use em_sampler::maths::{pick, Picked, Rng, Scratch, Seen};
 use em_sampler::{
     Event, FinishReason, Prompt, Request, RunStats, Sample, Sampler, SamplerError, TokenStats,
 };
@@ -58,7 +58,8 @@ pub struct Engine<'m> {
     adapter: Option<Adapter>,
     config: EngineConfig,
     ctx: Option<(LlamaContext<'m>, usize, u32)>,
-    scratch: Scratch,
+    /// One per thread that draws tokens (see [`draw_all`]).
+    scratches: Vec<Scratch>,
 }
 
 struct ReqState {
@@ -117,7 +118,7 @@ impl<'m> Engine<'m> {
             adapter: None,
             config,
             ctx: None,
-            scratch: Scratch::default(),
+            scratches: Vec::new(),
         }
     }
 
@@ -265,7 +266,9 @@ impl Sampler for Engine<'_> {
         let path = model.path().to_path_buf();
         let run_err = |m: String| SamplerError::backend(path.display(), m);
         let (ctx, _, _) = self.ctx.as_mut().expect("context created above");
-        let scratch = &mut self.scratch;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.scratches.resize_with(cores, Scratch::default);
+        let scratches = &mut self.scratches[..];
 
         let mut reqs: Vec<ReqState> = prompts
             .into_iter()
@@ -299,7 +302,7 @@ impl Sampler for Engine<'_> {
         let mut ctx_run = Ctx {
             requests,
             vocab: &vocab,
-            scratch,
+            scratches,
             piece: &mut piece,
             finished: &mut finished,
             samples_done: 0,
@@ -375,17 +378,28 @@ impl Sampler for Engine<'_> {
                 ctx.decode(&mut batch)
                     .map_err(|e| run_err(format!("llama_decode: {e}")))?;
                 stats.decode_time += t0.elapsed();
+                // The live samples' next tokens, drawn together (across the cores when the
+                // vocabulary makes it worth it), then each sample moves on in slot order.
+                let mut live_here = vec![];
+                for (i, (_, _, _, want)) in chunk.iter().enumerate() {
+                    if let Some(Want::Gen(s)) = want {
+                        let State::Live(live) =
+                            std::mem::replace(&mut slots[*s].state, State::Idle)
+                        else {
+                            unreachable!("only live slots decode generated tokens")
+                        };
+                        live_here.push((*s, live, ctx.get_logits_ith(i as i32)));
+                    }
+                }
+                let t1 = Instant::now();
+                let picks = ctx_run.draw_all(&mut live_here);
+                stats.sample_time += t1.elapsed();
+                for ((s, live, _), picked) in live_here.into_iter().zip(picks) {
+                    slots[s].state = ctx_run.advance(live, picked, &mut reqs, &mut stats);
+                }
                 for (i, (_, _, _, want)) in chunk.iter().enumerate() {
                     match want {
-                        Some(Want::Gen(s)) => {
-                            let State::Live(live) =
-                                std::mem::replace(&mut slots[*s].state, State::Idle)
-                            else {
-                                unreachable!("only live slots decode generated tokens")
-                            };
-                            let logits = ctx.get_logits_ith(i as i32);
-                            slots[*s].state = ctx_run.advance(live, logits, &mut reqs, &mut stats);
-                        }
+                        Some(Want::Gen(_)) => {}
                         Some(Want::PromptEnd(s)) => {
                             let logits = Rc::new(ctx.get_logits_ith(i as i32).to_vec());
                             let State::Prefill { req, .. } = slots[*s].state else {
@@ -454,7 +468,7 @@ impl Sampler for Engine<'_> {
 struct Ctx<'a, 'v> {
     requests: &'a [Request],
     vocab: &'a llama_cpp_2::vocab::LlamaVocab<'v>,
-    scratch: &'a mut Scratch,
+    scratches: &'a mut [Scratch],
     piece: &'a mut Vec<u8>,
     /// Requests whose last sample just ended.
     finished: &'a mut Vec<usize>,
@@ -483,20 +497,29 @@ impl Ctx<'_, '_> {
             stats: r.params.logprobs.then(TokenStats::default),
             pending: 0,
         });
-        self.advance(live, logits, reqs, stats)
+        let mut one = [(0, live, logits)];
+        let t0 = Instant::now();
+        let picked = self.draw_all(&mut one)[0];
+        stats.sample_time += t0.elapsed();
+        let [(_, live, _)] = one;
+        self.advance(live, picked, reqs, stats)
     }
 
-    /// Draws the next token of `live` from `logits`; returns the slot's state (Idle when it ended).
+    /// The next token of each live sample from its logits ([`draw_all`]).
+    fn draw_all(&mut self, live: &mut [(usize, Box<Live>, &[f32])]) -> Vec<Picked> {
+        draw_all(self.requests, self.scratches, live, DRAW_PER_THREAD_MIN)
+    }
+
+    /// Moves `live` on by its drawn token; returns the slot's state (Idle when it ended).
     fn advance(
         &mut self,
         mut live: Box<Live>,
-        logits: &[f32],
+        picked: Picked,
         reqs: &mut [ReqState],
         stats: &mut RunStats,
     ) -> State {
         let t0 = Instant::now();
         let p = &self.requests[live.req].params;
-        let picked = pick(logits, p, live.seen.ids(), &mut live.rng, self.scratch);
         let token = picked.token;
         live.tokens.push(token);
         live.seen.insert(token);
@@ -570,6 +593,124 @@ impl Ctx<'_, '_> {
     }
 }
 
+/// The fewest logits a thread of [`draw_all`] draws from: below that, a thread costs more than
+/// it saves (one decode step of SmolLM2's 8 samples, 393 K logits, takes two).
+const DRAW_PER_THREAD_MIN: usize = 1 << 17;
+
+/// The next token of each live sample (slot, sample, its logits), one thread per scratch at
+/// most, each drawing from `per_thread_min` logits at least. Each sample draws from its own
+/// random stream, so splitting them among threads changes no draw.
+fn draw_all(
+    requests: &[Request],
+    scratches: &mut [Scratch],
+    live: &mut [(usize, Box<Live>, &[f32])],
+    per_thread_min: usize,
+) -> Vec<Picked> {
+    let draw = |(_, live, logits): &mut (usize, Box<Live>, &[f32]), scratch: &mut Scratch| {
+        let p = &requests[live.req].params;
+        pick(logits, p, live.seen.ids(), &mut live.rng, scratch)
+    };
+    let logits: usize = live.iter().map(|l| l.2.len()).sum();
+    let threads = scratches.len().min(logits / per_thread_min.max(1)).max(1);
+    if threads == 1 {
+        let scratch = &mut scratches[0];
+        return live.iter_mut().map(|l| draw(l, scratch)).collect();
+    }
+    let per = live.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let mut parts = live.chunks_mut(per).zip(scratches.iter_mut());
+        let (first, scratch) = parts.next().expect("at least one sample");
+        let others: Vec<_> = parts
+            .map(|(part, scratch)| {
+                scope.spawn(move || {
+                    part.iter_mut()
+                        .map(|l| draw(l, scratch))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut picks: Vec<Picked> = first.iter_mut().map(|l| draw(l, scratch)).collect();
+        for h in others {
+            picks.extend(h.join().expect("a drawing thread panicked"));
+        }
+        picks
+    })
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use em_sampler::SamplingParams;
+
+    /// Ten samples of `requests`, each with its own stream and tokens seen, and their logits.
+    fn lives(requests: &[Request], n_vocab: usize) -> (Vec<Box<Live>>, Vec<Vec<f32>>) {
+        let mut noise = Rng::new(7, 0);
+        (0..10)
+            .map(|i| {
+                let req = i % requests.len();
+                let mut seen = Seen::new(n_vocab);
+                for t in 0..20 {
+                    seen.insert(((i * 37 + t * 101) % n_vocab) as u32);
+                }
+                let logits = (0..n_vocab)
+                    .map(|_| (noise.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 16.0 - 4.0)
+                    .collect();
+                let live = Box::new(Live {
+                    req,
+                    index: i,
+                    rng: Rng::new(requests[req].params.seed, i as u64),
+                    seen,
+                    tokens: vec![],
+                    bytes: vec![],
+                    stats: None,
+                    pending: 0,
+                });
+                (live, logits)
+            })
+            .unzip()
+    }
+
+    /// Drawing a step's samples on several threads gives every sample the token, log-prob and
+    /// entropies it draws on one, and leaves its stream where one thread leaves it (three steps).
+    #[test]
+    fn threads_change_no_draw() {
+        let n_vocab = 4096;
+        let request = |seed, top_p| Request {
+            prompt: em_sampler::Prompt::Tokens(vec![1]),
+            n_samples: 5,
+            params: SamplingParams {
+                top_p,
+                ..SamplingParams::reference(8, seed)
+            },
+        };
+        let requests = [request(3, 0.95), request(11, 1.0)];
+        let run = |threads: usize, per_thread_min: usize| {
+            let (mut boxes, logits) = lives(&requests, n_vocab);
+            let mut scratches: Vec<Scratch> = (0..threads).map(|_| Scratch::default()).collect();
+            let mut picks = vec![];
+            for _ in 0..3 {
+                let mut live: Vec<(usize, Box<Live>, &[f32])> = boxes
+                    .drain(..)
+                    .zip(&logits)
+                    .map(|(l, g)| (0, l, g.as_slice()))
+                    .collect();
+                picks.push(draw_all(
+                    &requests,
+                    &mut scratches,
+                    &mut live,
+                    per_thread_min,
+                ));
+                boxes = live.into_iter().map(|(_, l, _)| l).collect();
+            }
+            picks
+        };
+        let one = run(1, 1);
+        assert!(one.iter().flatten().any(|p| p.token != one[0][0].token));
+        assert_eq!(run(3, 1), one);
+        assert_eq!(run(4, 1 << 30), one, "below the threshold: one thread");
+    }
 }
