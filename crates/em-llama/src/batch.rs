@@ -646,7 +646,9 @@ mod tests {
     use super::*;
     use em_sampler::SamplingParams;
 
-    /// Ten samples of `requests`, each with its own stream and tokens seen, and their logits.
+    /// Ten samples of `requests`, each with its own stream and tokens seen, and their logits
+    /// (boxed, as the engine holds them).
+    #[allow(clippy::vec_box)]
     fn lives(requests: &[Request], n_vocab: usize) -> (Vec<Box<Live>>, Vec<Vec<f32>>) {
         let mut noise = Rng::new(7, 0);
         (0..10)
