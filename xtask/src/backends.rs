@@ -138,8 +138,9 @@ fn file_stamp(path: &Path) -> Result<(u64, Option<SystemTime>)> {
 impl Backend for LlamaBackend {
     /// On the CPU, where the cores are at least twice llama.cpp's threads (the default, all cores
     /// but one, leaves one of two idle): a second engine of the same settings. Its GGUFs are
-    /// mapped, not copied, so the weights are in memory once. On a GPU the weights would be
-    /// uploaded twice, and there is no fork.
+    /// mapped, not copied, so f16/f32 weights are in memory once; quantized weights that
+    /// llama.cpp repacks for the CPU (q8_0, q4_0) are held twice (`select --no-overlap` avoids
+    /// it). On a GPU the weights would be uploaded twice, and there is no fork.
     fn fork(&self) -> Option<Box<dyn Backend + Send>> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = usize::try_from(self.config.threads).unwrap_or(usize::MAX);
