@@ -6,6 +6,7 @@
 
 pub mod accumulate;
 mod adapter;
+pub mod flops;
 pub mod fused;
 mod grads;
 pub mod layers;

@@ -316,7 +316,13 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
             trainer.config = train_config(&update, vocab);
             let profile = args.profile.then(|| Profile {
                 work,
-                flops: step_flops(&cfg, &sequences, recompute, training.is_some(), fused),
+                flops: em_train::flops::update_flops(
+                    &cfg,
+                    &sequences,
+                    recompute,
+                    training.is_some(),
+                    fused,
+                ),
                 peak_per_core: peak.as_ref().map(|(p, _)| p / threads as f64),
             });
             let (secs, peak_mb) =
@@ -351,7 +357,13 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     println!("| implementation | s / update | peak RSS MB | TFLOP | GFLOP/s | of CPU peak | vs PyTorch time | vs PyTorch RSS |");
     println!("|---|---|---|---|---|---|---|---|");
     for row in &rows {
-        let flops = step_flops(&cfg, &sequences, row.recompute, row.lora.is_some(), fused);
+        let flops = em_train::flops::update_flops(
+            &cfg,
+            &sequences,
+            row.recompute,
+            row.lora.is_some(),
+            fused,
+        );
         let (t_ratio, m_ratio) = torch.as_ref().map_or(("—".into(), "—".into()), |(t, m)| {
             (
                 format!("{:.2}x", row.secs / t),
@@ -372,7 +384,7 @@ pub fn bench_em_step(work: &Path, args: &EmStepArgs) -> Result<()> {
     }
     match &torch {
         Some((secs, rss)) => {
-            let flops = step_flops(&cfg, &sequences, false, false, false);
+            let flops = em_train::flops::update_flops(&cfg, &sequences, false, false, false);
             println!(
                 "| PyTorch (torch_em_step.py) | {secs:.2} | {rss:.0} | {:.2} | {:.0} | {} | 1.00x | 1.00x |",
                 flops / 1e12,
@@ -638,53 +650,6 @@ fn smollm2_config() -> serde_json::Value {
         "num_key_value_heads": 3, "rope_theta": 100000.0, "tie_word_embeddings": true,
         "rms_norm_eps": 1e-5, "max_position_embeddings": 8192
     })
-}
-
-/// FLOPs of one update over `sequences` (padded per micro-batch to equal lengths here); with
-/// `frozen` weights the backward forms no weight gradient (the adapter's own products are
-/// negligible at small ranks and not counted). `fused`: em-train's CPU path, whose attention
-/// computes only the causal blocks (two products forward; five backward, one recomputing the
-/// scores) and whose recomputation replays the projections' products (full fine-tuning).
-fn step_flops(
-    cfg: &em_train::models::ModelConfig,
-    sequences: &[Sequence],
-    recompute: bool,
-    frozen: bool,
-    fused: bool,
-) -> f64 {
-    let (h, i) = (cfg.hidden_size as f64, cfg.intermediate_size as f64);
-    let (q, kv) = (
-        (cfg.num_attention_heads * cfg.head_dim) as f64,
-        (cfg.num_key_value_heads * cfg.head_dim) as f64,
-    );
-    let linear_per_layer = h * q + 2.0 * h * kv + q * h + 3.0 * h * i;
-    let layers = cfg.num_hidden_layers as f64;
-    let (mut trunk, mut attention, mut head) = (0.0, 0.0, 0.0);
-    for s in sequences {
-        let t = s.len() as f64;
-        trunk += 2.0 * t * linear_per_layer * layers;
-        // One product (QKᵀ or PV) over the scores computed, for every head and layer.
-        let scores = if fused {
-            em_train::fused::scores_computed(s.len(), None) as f64
-        } else {
-            t * t
-        };
-        attention += 2.0 * scores * q * layers;
-        head += 2.0 * s.response_ids.len() as f64 * cfg.vocab_size as f64 * h;
-    }
-    let weight_passes = if frozen { 2.0 } else { 3.0 };
-    let (attention_products, replays_trunk) = if fused {
-        (7.0 + if recompute { 2.0 } else { 0.0 }, !frozen)
-    } else {
-        (6.0 + if recompute { 2.0 } else { 0.0 }, false)
-    };
-    weight_passes * (trunk + head)
-        + attention_products * attention
-        + if recompute && !replays_trunk {
-            trunk
-        } else {
-            0.0
-        }
 }
 
 /// The CPU's f32 peak over `threads` cores in GFLOP/s, with how it was found: the larger of the

@@ -15,6 +15,7 @@ use em_pipeline::screen::{self, Rule};
 use em_pipeline::select;
 use em_pipeline::Result;
 use em_store::write_atomic;
+use serde::Serialize;
 use serde_json::json;
 
 use super::Demo;
@@ -53,40 +54,43 @@ pub(super) fn run(demo: &Demo, out: &Path) -> Result<()> {
         super::study::full_run(demo, &prompt_file, &dir.join(name), 3e-5, 1, 0)?;
         Ok(t0.elapsed().as_secs_f64())
     };
-    let mut rows = vec![];
+    let mut reps: Vec<Rep> = vec![];
     for rep in 0..REPS {
-        let before = full(format!("full-{rep}a"))?;
+        let full_before = full(format!("full-{rep}a"))?;
         let mut o = super::prompts::trial_options(demo);
         o.out = dir.join(format!("select-{rep}"));
         let t0 = Instant::now();
         select::claim(&o, demo.backend)?;
         let selection = select::try_candidates(&o, demo.backend, &screened, &demo.data.pool, &raw)?;
-        let selection_seconds = t0.elapsed().as_secs_f64();
-        let after = full(format!("full-{rep}b"))?;
-        let full_mean = (before + after) / 2.0;
+        let r = Rep {
+            full_before,
+            trials: selection.trials_seconds,
+            selection: t0.elapsed().as_secs_f64(),
+            full_after: full(format!("full-{rep}b"))?,
+        };
         println!(
-            "cost: rep {}: full runs {before:.1} s and {after:.1} s; {} trials {:.1} s ({:.2}×); the selection with its base rounds {selection_seconds:.1} s ({:.2}×)",
+            "cost: rep {}: full runs {:.1} s and {:.1} s; {} trials {:.1} s ({:.2}×); the selection with its base rounds {:.1} s ({:.2}×)",
             rep + 1,
+            r.full_before,
+            r.full_after,
             selection.ranking.len(),
-            selection.trials_seconds,
-            selection.trials_seconds / full_mean,
-            selection_seconds / full_mean,
+            r.trials,
+            r.trials_ratio(),
+            r.selection,
+            r.selection_ratio(),
         );
-        rows.push(json!({
-            "full_before": before, "full_after": after, "candidates": selection.ranking.len(),
-            "trials": selection.trials_seconds, "selection": selection_seconds,
-            "trials_ratio": selection.trials_seconds / full_mean,
-            "selection_ratio": selection_seconds / full_mean,
-        }));
+        reps.push(r);
     }
-    let median = |key: &str| {
-        let mut xs: Vec<f64> = rows.iter().filter_map(|r| r[key].as_f64()).collect();
+    let median = |ratio: fn(&Rep) -> f64| {
+        let mut xs: Vec<f64> = reps.iter().map(ratio).collect();
         xs.sort_by(f64::total_cmp);
         xs[xs.len() / 2]
     };
+    let (trials_median, selection_median) =
+        (median(Rep::trials_ratio), median(Rep::selection_ratio));
     let o = super::prompts::trial_options(demo);
     let md = format!(
-        "# What the trial rule costs on {}\n\n{} candidates by `doubt`, each {} updates × {} responses (LoRA, lr {:e}) and a held-out round of {} prompts × {}, against one full run ({} updates × {} responses, no safeguard), timed in the same command, {REPS} repetitions of (full run, selection, full run).\n\n| rep | full run before (s) | trials (s) | selection with base rounds (s) | full run after (s) | trials / full | selection / full |\n|---|---|---|---|---|---|---|\n{}\nMedian: the trials take **{:.2}×** one full run; the whole selection with its base rounds {:.2}× (the screen, which every rule needs, not counted).\n",
+        "# What the trial rule costs on {}\n\n{} candidates by `doubt`, each {} updates × {} responses (LoRA, lr {:e}) and a held-out round of {} prompts × {}, against one full run ({} updates × {} responses, no safeguard), timed in the same command, {REPS} repetitions of (full run, selection, full run).\n\n| rep | full run before (s) | trials (s) | selection with base rounds (s) | full run after (s) | trials / full | selection / full |\n|---|---|---|---|---|---|---|\n{}\nMedian: the trials take **{trials_median:.2}×** one full run; the whole selection with its base rounds {selection_median:.2}× (the screen, which every rule needs, not counted).\n",
         demo.dir.file_name().unwrap_or_default().to_string_lossy(),
         o.candidates,
         o.trial_steps,
@@ -96,22 +100,20 @@ pub(super) fn run(demo: &Demo, out: &Path) -> Result<()> {
         o.held_out_samples,
         demo.plan.steps,
         demo.plan.samples_per_update,
-        rows.iter()
+        reps.iter()
             .enumerate()
             .map(|(i, r)| format!(
                 "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} |",
                 i + 1,
-                r["full_before"].as_f64().unwrap_or(f64::NAN),
-                r["trials"].as_f64().unwrap_or(f64::NAN),
-                r["selection"].as_f64().unwrap_or(f64::NAN),
-                r["full_after"].as_f64().unwrap_or(f64::NAN),
-                r["trials_ratio"].as_f64().unwrap_or(f64::NAN),
-                r["selection_ratio"].as_f64().unwrap_or(f64::NAN),
+                r.full_before,
+                r.trials,
+                r.selection,
+                r.full_after,
+                r.trials_ratio(),
+                r.selection_ratio(),
             ))
             .collect::<Vec<_>>()
             .join("\n"),
-        median("trials_ratio"),
-        median("selection_ratio"),
     );
     print!("{md}");
     let stem = out.join("trial-cost");
@@ -119,9 +121,33 @@ pub(super) fn run(demo: &Demo, out: &Path) -> Result<()> {
     write_atomic(
         &stem.with_extension("json"),
         serde_json::to_string_pretty(&json!({
-            "reps": rows, "trials_ratio_median": median("trials_ratio"),
-            "selection_ratio_median": median("selection_ratio"), "settings": o.trial_settings(),
+            "reps": reps, "trials_ratio_median": trials_median,
+            "selection_ratio_median": selection_median, "settings": o.trial_settings(),
         }))? + "\n",
     )?;
     Ok(())
+}
+
+/// One repetition's wall seconds: a full run, the trials, the whole selection (the trials and
+/// the base rounds), another full run.
+#[derive(Serialize)]
+struct Rep {
+    full_before: f64,
+    trials: f64,
+    selection: f64,
+    full_after: f64,
+}
+
+impl Rep {
+    fn full(&self) -> f64 {
+        (self.full_before + self.full_after) / 2.0
+    }
+
+    fn trials_ratio(&self) -> f64 {
+        self.trials / self.full()
+    }
+
+    fn selection_ratio(&self) -> f64 {
+        self.selection / self.full()
+    }
 }

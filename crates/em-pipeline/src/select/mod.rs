@@ -370,70 +370,68 @@ fn run_trials<'c>(
 ) -> Result<(Vec<(&'c PromptResult, Trial)>, bool)> {
     let mut trials = vec![];
     let mut all_ran = true;
-    let announce = |i: usize, c: &PromptResult| {
-        eprintln!("select: trial {}/{}: {}", i + 1, candidates.len(), c.id);
-    };
-    let Some(fork) = backend.fork().filter(|_| o.overlap) else {
-        for (i, c) in candidates.iter().enumerate() {
-            announce(i, c);
-            let trial = match held_out.train(o, backend, &c.id, &line_of(&c.id)?)? {
-                trial::Trained::Done(t) => {
-                    all_ran = false;
-                    t
-                }
-                trial::Trained::Ready(ready) => held_out.judge(o, backend, *ready)?,
-            };
-            trials.push((*c, trial));
+    // The fork, while no round runs on it; with it, a trial trains on the other half of the
+    // cores (the whole of the other core, on two): oversubscribed, both would crawl. Candle's
+    // threads only split the work, so the numbers do not change.
+    let mut idle = backend.fork().filter(|_| o.overlap);
+    let training = match idle {
+        Some(_) => {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Some(
+                em_train::fused::training_pool(cores - cores / 2)
+                    .context("cannot start the trials' training threads")?,
+            )
         }
-        return Ok((trials, all_ran));
+        None => None,
     };
-    // While a round runs beside it, a trial trains on the other half of the cores (the whole
-    // of the other core, on two): oversubscribed, both would crawl. Candle's threads only split
-    // the work, so the numbers do not change.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let training = em_train::fused::training_pool(cores - cores / 2)
-        .context("cannot start the trials' training threads")?;
     type Judged = (Box<dyn Backend + Send>, Result<Trial>);
     std::thread::scope(|scope| -> Result<()> {
-        // The fork while no round runs; the round in flight, whose thread hands the fork back.
-        let mut idle = Some(fork);
+        // The round in flight on the fork, whose thread hands the fork back.
         let mut pending: Option<(&'c PromptResult, std::thread::ScopedJoinHandle<Judged>)> = None;
-        for (i, c) in candidates.iter().enumerate() {
-            announce(i, c);
-            let line = line_of(&c.id)?;
-            let trained = training.install(|| held_out.train(o, backend, &c.id, &line))?;
-            if let Some((done, handle)) = pending.take() {
+        let join =
+            |pending: &mut Option<(&'c PromptResult, std::thread::ScopedJoinHandle<Judged>)>,
+             trials: &mut Vec<(&'c PromptResult, Trial)>|
+             -> Result<Option<Box<dyn Backend + Send>>> {
+                let Some((done, handle)) = pending.take() else {
+                    return Ok(None);
+                };
                 let (fork, trial) = handle.join().map_err(|_| {
                     anyhow::anyhow!("{}: the held-out round's thread panicked", done.id)
                 })?;
-                idle = Some(fork);
                 trials.push((done, trial?));
+                Ok(Some(fork))
+            };
+        for (i, c) in candidates.iter().enumerate() {
+            eprintln!("select: trial {}/{}: {}", i + 1, candidates.len(), c.id);
+            let line = line_of(&c.id)?;
+            let train = || held_out.train(o, backend, &c.id, &line);
+            let trained = match &training {
+                Some(pool) => pool.install(train)?,
+                None => train()?,
+            };
+            if let Some(fork) = join(&mut pending, &mut trials)? {
+                idle = Some(fork);
             }
             match trained {
                 trial::Trained::Done(t) => {
                     all_ran = false;
                     trials.push((*c, t));
                 }
-                trial::Trained::Ready(ready) => {
-                    let worker = idle
-                        .take()
-                        .expect("the fork is back once its round is joined");
-                    pending = Some((
-                        *c,
-                        scope.spawn(move || {
-                            let trial = held_out.judge(o, &*worker, *ready);
-                            (worker, trial)
-                        }),
-                    ));
-                }
+                trial::Trained::Ready(ready) => match idle.take() {
+                    Some(worker) => {
+                        pending = Some((
+                            *c,
+                            scope.spawn(move || {
+                                let trial = held_out.judge(o, &*worker, *ready);
+                                (worker, trial)
+                            }),
+                        ));
+                    }
+                    None => trials.push((*c, held_out.judge(o, backend, *ready)?)),
+                },
             }
         }
-        if let Some((done, handle)) = pending.take() {
-            let (_, trial) = handle.join().map_err(|_| {
-                anyhow::anyhow!("{}: the held-out round's thread panicked", done.id)
-            })?;
-            trials.push((done, trial?));
-        }
+        join(&mut pending, &mut trials)?;
         Ok(())
     })?;
     Ok((trials, all_ran))
